@@ -1,0 +1,24 @@
+//! mistguard: streaming content-safety classification for Mistral-powered applications.
+//!
+//! The core of the crate is transport-free: [`Engine`] holds a compiled ruleset, classifies whole
+//! texts ([`Engine::classify`]) and opens [`StreamSession`]s that carry automaton state from chunk
+//! to chunk. The data flow, one module per step:
+//!
+//! `rules` (load + validate) → `normalize` → `lang` → `scan` → `score` → `decide`
+//!
+//! Only `grpc` (the daemon) knows about tonic and prost.
+
+pub mod action;
+pub mod decide;
+pub mod engine;
+pub mod eval;
+pub mod lang;
+pub mod normalize;
+pub mod rules;
+pub mod scan;
+pub mod score;
+pub mod validate;
+
+pub use action::Action;
+pub use engine::{ClassifyOptions, Engine, Hit, StepResult, StreamSession, Verdict};
+pub use rules::LoadError;
