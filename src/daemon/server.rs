@@ -282,8 +282,9 @@ pub async fn serve_with(
     }));
 
     let metrics_task = listeners.metrics.map(|l| {
-        let addr = l.local_addr().ok();
-        tracing::info!(addr = ?addr, "metrics listening on /metrics");
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(metrics_addr = %addr, "metrics listening on /metrics");
+        }
         tokio::spawn(m::serve(l, handle))
     });
     let sweeper = {
