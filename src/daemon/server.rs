@@ -166,19 +166,21 @@ impl Interceptor for BearerAuth {
     }
 }
 
-/// Rewrites tonic's OUT_OF_RANGE for an oversized unary request into RESOURCE_EXHAUSTED, the
-/// status gRPC specifies for it. (Streams map it themselves: the error reaches their task.)
+/// Rewrites the decoder's statuses for a unary request the client got wrong: OUT_OF_RANGE for an
+/// oversized message becomes RESOURCE_EXHAUSTED (what gRPC specifies for it), INTERNAL for a
+/// message that does not decode (bad wire format, invalid UTF-8 in a string) becomes
+/// INVALID_ARGUMENT, as on streams (whose task maps the same errors itself).
 #[derive(Clone)]
-struct SizeStatus<S> {
+struct ClientErrorStatus<S> {
     inner: S,
     limit: usize,
 }
 
-impl<S: NamedService> NamedService for SizeStatus<S> {
+impl<S: NamedService> NamedService for ClientErrorStatus<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for SizeStatus<S>
+impl<S, B> Service<http::Request<B>> for ClientErrorStatus<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
@@ -201,9 +203,21 @@ where
                 && headers
                     .get("grpc-message")
                     .is_some_and(|v| v.as_bytes().starts_with(b"Error,%20decoded%20message%20length%20too%20large"));
-            if too_large {
+            let undecodable = headers.get("grpc-status").is_some_and(|v| v == "13")
+                && headers.get("grpc-message").is_some_and(|v| {
+                    let m = v.as_bytes();
+                    m.starts_with(b"failed%20to%20decode") || m.windows(6).any(|w| w == b"decode")
+                });
+            let replacement = if too_large {
                 metrics::counter!("mistguard_rejected_total", "reason" => "message_too_large").increment(1);
-                let status = Status::resource_exhausted(format!("message larger than {limit} bytes (max_message_bytes)"));
+                Some(Status::resource_exhausted(format!("message larger than {limit} bytes (max_message_bytes)")))
+            } else if undecodable {
+                metrics::counter!("mistguard_rejected_total", "reason" => "malformed").increment(1);
+                Some(Status::invalid_argument(MALFORMED))
+            } else {
+                None
+            };
+            if let Some(status) = replacement {
                 headers.remove("grpc-message");
                 let _ = status.add_header(headers);
             }
@@ -211,6 +225,8 @@ where
         })
     }
 }
+
+const MALFORMED: &str = "malformed message (invalid protobuf or UTF-8)";
 
 /// Room for the metadata fields next to a text of `max_message_bytes`.
 const ENVELOPE_BYTES: usize = 16 * 1024;
@@ -251,7 +267,7 @@ pub async fn serve_with(
 
     let guard = GuardServer::new(GuardService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes + ENVELOPE_BYTES);
-    let guard = SizeStatus { inner: guard, limit: limits.max_message_bytes };
+    let guard = ClientErrorStatus { inner: guard, limit: limits.max_message_bytes };
     let auth = BearerAuth { tokens: prepared.tokens.map(Arc::new) };
     let guard = tonic::service::interceptor::InterceptedService::new(guard, auth);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -264,7 +280,13 @@ pub async fn serve_with(
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
     }
     let grpc_addr = listeners.grpc.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself; set it here, or Nagle's
+    // algorithm and delayed ACKs add tens of milliseconds to small responses.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), |conn| {
+        conn.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = builder
         .tcp_nodelay(true)
