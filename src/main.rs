@@ -1,9 +1,22 @@
-use clap::{Parser, Subcommand};
-use std::process::ExitCode;
+//! The `mistguard` command line: check rulesets, classify text, evaluate on a corpus, serve.
 
-/// Streaming content-safety classification for Mistral-powered applications.
+use clap::{Parser, Subcommand};
+use mistguard::{ClassifyOptions, Engine, LoadError};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
 #[derive(Parser)]
-#[command(name = "mistguard", version)]
+#[command(
+    name = "mistguard",
+    version,
+    about = "Streaming content-safety classification for Mistral-powered applications",
+    long_about = "Classifies text against the RULE-MIST safety rules (compiled per language into \
+                  multi-pattern automata) and answers with an action: allow, flag, warn, sanitize, \
+                  restrict, rate_limit, block or hard_block.\n\nThe bundled rulesets are embedded in \
+                  the binary; --rulesets DIR uses a directory of TOML files instead."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,16 +24,266 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the gRPC daemon.
+    /// Validate a rulesets directory and print what it compiles to (exit 1 on the first error).
+    Check {
+        /// Directory of rule files; the bundled rulesets when omitted.
+        dir: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify one text (from --text or standard input) and print the verdict as JSON.
+    Classify {
+        /// The text; read from standard input when omitted.
+        #[arg(long)]
+        text: Option<String>,
+        /// Language hint (ISO 639-1, e.g. fr); detected when omitted.
+        #[arg(long)]
+        lang: Option<String>,
+        /// Rulesets directory (default: bundled).
+        #[arg(long, env = "MISTGUARD_RULESETS")]
+        rulesets: Option<PathBuf>,
+        /// Feed the text as a stream in chunks of N bytes and print each step (at char boundaries).
+        #[arg(long, value_name = "N")]
+        chunk: Option<usize>,
+    },
+    /// Run a labelled JSONL corpus through the engine: per-rule precision and recall, benign
+    /// false-positive rates overall, per language and on hard negatives.
+    Eval {
+        /// The corpus (JSON lines with text, lang, labels, alt_labels, meta).
+        #[arg(long)]
+        corpus: PathBuf,
+        /// Rulesets directory (default: bundled).
+        #[arg(long, env = "MISTGUARD_RULESETS")]
+        rulesets: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only show this rule's row in the table.
+        #[arg(long)]
+        rule: Option<String>,
+        /// List the false positives of this rule (id, lang, triggers, text).
+        #[arg(long, value_name = "RULE")]
+        show_fp: Option<String>,
+        /// List the misses of this rule.
+        #[arg(long, value_name = "RULE")]
+        show_fn: Option<String>,
+        /// Pass each item's `lang` as the language hint instead of detecting it.
+        #[arg(long)]
+        lang_hint: bool,
+    },
+    /// Run the gRPC daemon (see docs/DAEMON.md).
     Serve(mistguard::daemon::ServeArgs),
-    /// Load-tests a daemon over real gRPC on 127.0.0.1.
+    /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
     Bench(mistguard::daemon::BenchArgs),
+}
+
+fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, LoadError> {
+    let e = match rulesets {
+        Some(d) => Engine::from_dir(d)?,
+        None => Engine::bundled()?,
+    };
+    Ok(Arc::new(e))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check { dir, json } => check(dir, json),
+        Command::Classify {
+            text,
+            lang,
+            rulesets,
+            chunk,
+        } => classify(text, lang, rulesets, chunk),
+        Command::Eval {
+            corpus,
+            rulesets,
+            json,
+            rule,
+            show_fp,
+            show_fn,
+            lang_hint,
+        } => eval(corpus, rulesets, json, rule, show_fp, show_fn, lang_hint),
         Command::Serve(args) => mistguard::daemon::serve_main(args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
+}
+
+fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
+    let started = std::time::Instant::now();
+    let engine = match load(dir.as_ref()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rs = engine.ruleset();
+    let stats = engine.scanner().stats();
+    let counts = mistguard::rules::pattern_counts(rs);
+    let langs = mistguard::rules::languages(rs);
+    if json {
+        let v = serde_json::json!({
+            "source": rs.source,
+            "version": rs.version,
+            "rules": rs.rules.iter().map(|r| serde_json::json!({"id": &*r.id, "name": r.name, "action": r.action, "threshold": r.threshold})).collect::<Vec<_>>(),
+            "triggers": rs.triggers.len(),
+            "languages": langs,
+            "patterns": counts,
+            "automata": stats,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        return ExitCode::SUCCESS;
+    }
+    println!("rulesets: {} (version {})", rs.source, rs.version);
+    println!(
+        "rules: {}   triggers: {}   languages: {} ({})",
+        rs.rules.len(),
+        rs.triggers.len(),
+        langs.len(),
+        langs.join(" ")
+    );
+    println!(
+        "word view: {} phrases in an aho-corasick DFA of {} KiB, {} regexes in a dense DFA of {} KiB; ring {} bytes",
+        stats.word_phrases,
+        stats.word_ac_bytes / 1024,
+        stats.word_regexes,
+        stats.word_dfa_bytes / 1024,
+        stats.word_window
+    );
+    println!(
+        "raw view:  {} phrases, {} regexes, {} anchors in a dense DFA of {} KiB; ring {} bytes",
+        stats.raw_phrases,
+        stats.raw_regexes,
+        stats.anchors,
+        stats.raw_dfa_bytes / 1024,
+        stats.raw_window
+    );
+    println!("compiled in {} ms\n", started.elapsed().as_millis());
+    println!("{}", pattern_table(&counts));
+    ExitCode::SUCCESS
+}
+
+/// Rules as rows, languages as columns.
+fn pattern_table(counts: &std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, usize>>) -> String {
+    let mut cols: Vec<&str> = mistguard::lang::LANGS.iter().map(|l| l.code).collect();
+    cols.push("neutral");
+    let cols: Vec<&str> = cols
+        .into_iter()
+        .filter(|c| counts.values().any(|m| m.contains_key(c)))
+        .collect();
+    let mut s = format!("{:<14}", "patterns");
+    for c in &cols {
+        s.push_str(&format!("{c:>5}"));
+    }
+    s.push_str("  total\n");
+    for (rule, m) in counts {
+        s.push_str(&format!("{rule:<14}"));
+        for c in &cols {
+            match m.get(c) {
+                Some(n) => s.push_str(&format!("{n:>5}")),
+                None => s.push_str(&format!("{:>5}", ".")),
+            }
+        }
+        s.push_str(&format!("  {:>5}\n", m.values().sum::<usize>()));
+    }
+    s
+}
+
+fn classify(text: Option<String>, lang: Option<String>, rulesets: Option<PathBuf>, chunk: Option<usize>) -> ExitCode {
+    let engine = match load(rulesets.as_ref()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(l) = &lang {
+        if mistguard::lang::lang_id(l).is_none() {
+            eprintln!(
+                "error: unknown language `{l}` (supported: {})",
+                mistguard::lang::supported_codes()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let text = match text {
+        Some(t) => t,
+        None => {
+            let mut buf = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut buf) {
+                eprintln!("error: reading standard input: {e}");
+                return ExitCode::from(1);
+            }
+            buf
+        }
+    };
+    let opts = ClassifyOptions { lang_hint: lang };
+    if let Some(n) = chunk {
+        let n = n.max(1);
+        let mut session = engine.session(&opts);
+        let mut at = 0;
+        while at < text.len() {
+            let mut end = (at + n).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            let step = session.feed(&text[at..end]);
+            println!("{}", serde_json::to_string(&step).unwrap());
+            at = end;
+        }
+        let step = session.finish();
+        println!("{}", serde_json::to_string(&step).unwrap());
+        let v = session.verdict(Some(&text));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        return ExitCode::SUCCESS;
+    }
+    let v = engine.classify(&text, &opts);
+    println!("{}", serde_json::to_string_pretty(&v).unwrap());
+    ExitCode::SUCCESS
+}
+
+fn eval(
+    corpus: PathBuf,
+    rulesets: Option<PathBuf>,
+    json: bool,
+    rule: Option<String>,
+    show_fp: Option<String>,
+    show_fn: Option<String>,
+    lang_hint: bool,
+) -> ExitCode {
+    let engine = match load(rulesets.as_ref()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let items = match mistguard::eval::read_corpus(&corpus) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let started = std::time::Instant::now();
+    eprintln!("evaluating {} items from {} ...", items.len(), corpus.display());
+    let outcomes = mistguard::eval::run(&engine, &items, lang_hint);
+    eprintln!("done in {:.2} s", started.elapsed().as_secs_f64());
+    if let Some(r) = &show_fp {
+        print!("{}", mistguard::eval::list(&items, &outcomes, r, true));
+        return ExitCode::SUCCESS;
+    }
+    if let Some(r) = &show_fn {
+        print!("{}", mistguard::eval::list(&items, &outcomes, r, false));
+        return ExitCode::SUCCESS;
+    }
+    let report = mistguard::eval::score(&items, &outcomes);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    } else {
+        print!("{}", mistguard::eval::render(&report, rule.as_deref()));
+    }
+    ExitCode::SUCCESS
 }

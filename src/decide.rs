@@ -1,0 +1,86 @@
+//! Decide: from the hits of the rules that fired to what the caller is told — the message for
+//! the verdict's action and, for SANITIZE, the text with the matched spans replaced.
+
+use crate::action::Action;
+use crate::engine::{Engine, Hit};
+
+/// What replaces a sanitized span.
+pub const FILTERED: &str = "[FILTERED]";
+
+/// The message for a verdict: each fired rule's message (in the text's language where the rule
+/// file has one, else English, else the policy's), most severe first, plus the safe alternatives
+/// named by the triggers that hit (RULE-MIST-002's WARN).
+pub fn message(engine: &Engine, action: Action, hits: &[&Hit], language: Option<&str>) -> Option<String> {
+    if action == Action::Allow {
+        return None;
+    }
+    let rs = engine.ruleset();
+    let mut rules: Vec<usize> = Vec::new();
+    for h in hits {
+        if let Some(i) = rs.rule_index(&h.rule_id) {
+            if !rules.contains(&i) {
+                rules.push(i);
+            }
+        }
+    }
+    rules.sort_by_key(|&i| std::cmp::Reverse(rs.rules[i].action));
+    let mut parts: Vec<String> = Vec::new();
+    for i in rules {
+        let r = &rs.rules[i];
+        let m = language
+            .and_then(|l| r.messages.get(l))
+            .or_else(|| r.messages.get("en"))
+            .or(r.message.as_ref());
+        if let Some(m) = m {
+            if !parts.contains(m) {
+                parts.push(m.clone());
+            }
+        }
+        for h in hits.iter().filter(|h| h.rule_id == r.id) {
+            if let Some(t) = rs.triggers.iter().find(|t| t.id == h.trigger_id) {
+                if let Some(m) = &t.message {
+                    if !parts.contains(m) {
+                        parts.push(m.clone());
+                    }
+                }
+            }
+        }
+    }
+    if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join(" "))
+    }
+}
+
+/// `text` with the span of every SANITIZE hit replaced by [`FILTERED`] (overlapping spans merge).
+pub fn sanitize(text: &str, hits: &[Hit]) -> String {
+    let mut spans: Vec<(usize, usize)> = hits
+        .iter()
+        .filter(|h| h.action == Action::Sanitize)
+        .map(|h| (h.start as usize, (h.end as usize).min(text.len())))
+        .filter(|(s, e)| s < e)
+        .collect();
+    spans.sort();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (s, e) in spans {
+        if e <= at {
+            continue;
+        }
+        let mut s = s.max(at);
+        while !text.is_char_boundary(s) {
+            s -= 1;
+        }
+        let mut e = e;
+        while !text.is_char_boundary(e) {
+            e += 1;
+        }
+        let s = s.max(at);
+        out.push_str(&text[at..s]);
+        out.push_str(FILTERED);
+        at = e;
+    }
+    out.push_str(&text[at..]);
+    out
+}

@@ -1,0 +1,433 @@
+//! Normalization of text before matching, incremental, with offsets back to the original bytes.
+//!
+//! Triggers (at compile time) and texts (at scan time) go through the same function, so an
+//! attacker's `ｉｇｎｏｒｅ`, `i​g​n​o​r​e`, `іgnore` (Cyrillic і), `1gn0re` or `IGNORE` all become
+//! `ignore`. Steps, per character:
+//!
+//! 1. default-ignorable and format characters (zero-width spaces and joiners, bidi controls,
+//!    Unicode tags, soft hyphen, variation selectors) are dropped;
+//! 2. compatibility decomposition (the K of NFKC: fullwidth forms, ligatures, superscripts);
+//!    combining marks are dropped after Latin, Greek, Cyrillic, Arabic and Hebrew letters (where
+//!    they are accents or optional vowel points) and kept for scripts that need them; Hangul
+//!    syllables stay composed. Both sides are folded alike, so recomposition is not needed;
+//! 3. lower case, plus `ß`→`ss` and final sigma;
+//! 4. a Cyrillic or Greek look-alike, or a leetspeak character, that stands next to a Latin letter
+//!    becomes that letter (this needs one character of look-ahead, which the normalizer holds);
+//! 5. every run of characters that are not letters, digits or marks becomes one space.
+//!
+//! The output is framed by a space at the start ([`Normalizer::new`]) and at the end
+//! ([`Normalizer::finish`]) so that word boundaries are plain spaces in patterns.
+//!
+//! Every output byte carries the original span (start, length) of the character it came from, so
+//! a match in the normalized text maps back to the caller's bytes.
+
+use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+
+/// Receives normalized bytes, each with the original byte span of its source character.
+pub trait NormSink {
+    fn push(&mut self, byte: u8, orig_start: u64, orig_len: u8);
+}
+
+impl NormSink for Vec<u8> {
+    fn push(&mut self, byte: u8, _orig_start: u64, _orig_len: u8) {
+        Vec::push(self, byte);
+    }
+}
+
+/// Incremental normalizer. Feed it `&str` chunks; the result is the same however the text is cut.
+#[derive(Clone, Debug)]
+pub struct Normalizer {
+    /// Original offset of the next input byte.
+    pos: u64,
+    /// A look-alike or leetspeak character waiting for its right neighbour.
+    pending: Option<(char, u64)>,
+    /// The last emitted character was a Latin letter.
+    prev_latin: bool,
+    /// The last emitted byte was a space (separators collapse).
+    last_space: bool,
+    /// Combining marks after the last base character are dropped.
+    strip_marks: bool,
+    started: bool,
+}
+
+impl Default for Normalizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Normalizer {
+    pub fn new() -> Normalizer {
+        Normalizer {
+            pos: 0,
+            pending: None,
+            prev_latin: false,
+            last_space: false,
+            strip_marks: false,
+            started: false,
+        }
+    }
+
+    /// Original bytes consumed so far, less those held back as look-ahead: every output for input
+    /// before this offset has been emitted.
+    pub fn settled_offset(&self) -> u64 {
+        match self.pending {
+            Some((_, start)) => start,
+            None => self.pos,
+        }
+    }
+
+    /// Original bytes consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.pos
+    }
+
+    fn start<S: NormSink>(&mut self, sink: &mut S) {
+        if !self.started {
+            self.started = true;
+            sink.push(b' ', 0, 0);
+            self.last_space = true;
+        }
+    }
+
+    /// Normalizes one chunk.
+    pub fn feed<S: NormSink>(&mut self, chunk: &str, sink: &mut S) {
+        self.start(sink);
+        let bytes = chunk.as_bytes();
+        let base = self.pos;
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b < 0x80 && self.pending.is_none() && !is_leet(b) {
+                // ASCII fast path.
+                let at = base + i as u64;
+                if b.is_ascii_alphanumeric() {
+                    let l = b.to_ascii_lowercase();
+                    sink.push(l, at, 1);
+                    self.last_space = false;
+                    self.prev_latin = b.is_ascii_alphabetic();
+                    self.strip_marks = true;
+                } else {
+                    self.separator(sink, at, 1);
+                }
+                i += 1;
+                continue;
+            }
+            let c = chunk[i..].chars().next().expect("char boundary");
+            let len = c.len_utf8();
+            self.char(c, base + i as u64, len as u8, sink);
+            i += len;
+        }
+        self.pos = base + bytes.len() as u64;
+    }
+
+    /// Applies the end of input: resolves the held character and emits the closing space.
+    pub fn finish<S: NormSink>(&mut self, sink: &mut S) {
+        self.start(sink);
+        if let Some((c, at)) = self.pending.take() {
+            self.resolve(c, at, false, sink);
+        }
+        if !self.last_space {
+            sink.push(b' ', self.pos, 0);
+            self.last_space = true;
+        }
+    }
+
+    fn separator<S: NormSink>(&mut self, sink: &mut S, at: u64, len: u8) {
+        if !self.last_space {
+            sink.push(b' ', at, len);
+            self.last_space = true;
+        }
+        self.prev_latin = false;
+        self.strip_marks = false;
+    }
+
+    fn char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
+        if is_ignorable(c) {
+            return; // transparent: does not resolve a pending look-alike either
+        }
+        if let Some((p, pat)) = self.pending.take() {
+            self.resolve(p, pat, is_latin_letter(c), sink);
+        }
+        if lookalike(c).is_some() {
+            self.pending = Some((c, at));
+            return;
+        }
+        self.fold(c, at, len, sink);
+    }
+
+    fn resolve<S: NormSink>(&mut self, c: char, at: u64, next_latin: bool, sink: &mut S) {
+        let len = c.len_utf8() as u8;
+        if self.prev_latin || next_latin {
+            if let Some(l) = lookalike(c) {
+                sink.push(l, at, len);
+                self.last_space = false;
+                self.prev_latin = true;
+                self.strip_marks = true;
+                return;
+            }
+        }
+        self.fold(c, at, len, sink);
+    }
+
+    /// Folds a character that is not held as a look-alike.
+    fn fold<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
+        if c.is_ascii() {
+            let b = c as u8;
+            if b.is_ascii_alphanumeric() {
+                sink.push(b.to_ascii_lowercase(), at, len);
+                self.last_space = false;
+                self.prev_latin = b.is_ascii_alphabetic();
+                self.strip_marks = true;
+            } else {
+                self.separator(sink, at, len);
+            }
+            return;
+        }
+        if is_combining_mark(c) {
+            if !self.strip_marks {
+                self.emit_char(c, at, len, sink);
+            }
+            return;
+        }
+        if is_hangul_syllable(c) {
+            self.emit_char(c, at, len, sink);
+            self.prev_latin = false;
+            self.strip_marks = false;
+            return;
+        }
+        let mut parts = [' '; 18];
+        let mut n = 0;
+        decompose_compatible(c, |d| {
+            if n < parts.len() {
+                parts[n] = d;
+                n += 1;
+            }
+        });
+        for &d in &parts[..n] {
+            if is_combining_mark(d) {
+                if !self.strip_marks {
+                    self.emit_char(d, at, len, sink);
+                }
+                continue;
+            }
+            if is_ignorable(d) {
+                continue;
+            }
+            let strip = strips_marks(d);
+            let latin = is_latin_letter(d);
+            let mut any = false;
+            for l in lower(d) {
+                if l.is_alphanumeric() {
+                    self.emit_char(l, at, len, sink);
+                    any = true;
+                } else {
+                    self.separator(sink, at, len);
+                }
+            }
+            if any {
+                self.prev_latin = latin;
+                self.strip_marks = strip;
+            }
+        }
+    }
+
+    fn emit_char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
+        let mut buf = [0u8; 4];
+        for &b in c.encode_utf8(&mut buf).as_bytes() {
+            sink.push(b, at, len);
+        }
+        self.last_space = false;
+    }
+}
+
+/// Lower case, with the few case foldings that lower-casing misses.
+fn lower(c: char) -> impl Iterator<Item = char> {
+    let special: Option<&'static [char]> = match c {
+        'ß' | 'ẞ' => Some(&['s', 's']),
+        'ς' => Some(&['σ']),
+        _ => None,
+    };
+    let (a, b) = match special {
+        Some(s) => (None, Some(s.iter().copied())),
+        None => (Some(c.to_lowercase()), None),
+    };
+    a.into_iter().flatten().chain(b.into_iter().flatten())
+}
+
+fn is_leet(b: u8) -> bool {
+    matches!(b, b'0' | b'1' | b'3' | b'4' | b'5' | b'7' | b'@' | b'$')
+}
+
+/// The Latin letter a look-alike or leetspeak character stands for.
+fn lookalike(c: char) -> Option<u8> {
+    Some(match c {
+        '0' => b'o',
+        '1' => b'i',
+        '3' => b'e',
+        '4' => b'a',
+        '5' => b's',
+        '7' => b't',
+        '@' => b'a',
+        '$' => b's',
+        // Cyrillic
+        'а' | 'А' => b'a',
+        'В' => b'b',
+        'е' | 'Е' | 'ё' | 'Ё' => b'e',
+        'К' | 'к' => b'k',
+        'М' => b'm',
+        'Н' => b'h',
+        'о' | 'О' => b'o',
+        'р' | 'Р' => b'p',
+        'с' | 'С' => b'c',
+        'Т' => b't',
+        'у' => b'y',
+        'х' | 'Х' => b'x',
+        'і' | 'І' => b'i',
+        'ј' | 'Ј' => b'j',
+        'ѕ' | 'Ѕ' => b's',
+        'ԁ' => b'd',
+        'ԛ' => b'q',
+        'ԝ' => b'w',
+        // Greek
+        'α' | 'Α' => b'a',
+        'Β' | 'β' => b'b',
+        'ε' | 'Ε' => b'e',
+        'Ζ' => b'z',
+        'Η' => b'h',
+        'ι' | 'Ι' => b'i',
+        'κ' | 'Κ' => b'k',
+        'Μ' => b'm',
+        'ν' | 'Ν' => b'n',
+        'ο' | 'Ο' => b'o',
+        'ρ' | 'Ρ' => b'p',
+        'τ' | 'Τ' => b't',
+        'υ' | 'Υ' => b'y',
+        'χ' | 'Χ' => b'x',
+        _ => return None,
+    })
+}
+
+/// Whether `c` is a Latin letter (its compatibility decomposition starts with an ASCII letter).
+fn is_latin_letter(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_alphabetic();
+    }
+    if !c.is_alphabetic() {
+        return false;
+    }
+    let mut first = None;
+    decompose_compatible(c, |d| {
+        if first.is_none() {
+            first = Some(d);
+        }
+    });
+    first.is_some_and(|d| d.is_ascii_alphabetic())
+        || matches!(c as u32, 0x00C0..=0x024F | 0x1E00..=0x1EFF)
+}
+
+/// Scripts whose combining marks are accents or optional vowel points, dropped when folding.
+fn strips_marks(c: char) -> bool {
+    matches!(c as u32,
+        0x0041..=0x024F      // Latin
+        | 0x1E00..=0x1EFF    // Latin extended additional (Vietnamese)
+        | 0x0370..=0x03FF    // Greek
+        | 0x1F00..=0x1FFF    // Greek extended
+        | 0x0400..=0x052F    // Cyrillic
+        | 0x0590..=0x05FF    // Hebrew
+        | 0x0600..=0x06FF    // Arabic
+        | 0x0750..=0x077F
+        | 0xFB1D..=0xFDFF
+        | 0xFE70..=0xFEFF
+        | 0xFF21..=0xFF5A)
+}
+
+fn is_hangul_syllable(c: char) -> bool {
+    matches!(c as u32, 0xAC00..=0xD7A3)
+}
+
+/// Default-ignorable code points and format characters (general category Cf).
+pub fn is_ignorable(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5
+        | 0x180B..=0x180F
+        | 0x200B..=0x200F
+        | 0x202A..=0x202E
+        | 0x2060..=0x206F
+        | 0x3164
+        | 0xFE00..=0xFE0F
+        | 0xFEFF
+        | 0xFFA0
+        | 0xFFF0..=0xFFFB
+        | 0x110BD | 0x110CD
+        | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3
+        | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF
+        | 0x0600..=0x0605 | 0x06DD | 0x070F | 0x08E2)
+}
+
+/// Normalizes a whole string (phrases at compile time, tests). The output is framed by spaces.
+pub fn normalize(text: &str) -> String {
+    let mut n = Normalizer::new();
+    let mut out = Vec::with_capacity(text.len() + 2);
+    n.feed(text, &mut out);
+    n.finish(&mut out);
+    String::from_utf8(out).expect("normalizer emits UTF-8")
+}
+
+/// Normalizes a phrase without the framing spaces (what a pattern is compiled from).
+pub fn normalize_phrase(text: &str) -> String {
+    normalize(text).trim_matches(' ').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_the_usual_tricks() {
+        for t in [
+            "ignore",
+            "IGNORE",
+            "ｉｇｎｏｒｅ",
+            "i\u{200b}g\u{200b}n\u{200b}o\u{200b}r\u{200b}e",
+            "\u{456}gnore",
+            "1gn0re",
+            "i\u{308}g\u{301}nore",
+            "\u{202e}ignore\u{202c}",
+            "ig\u{e0041}nore",
+        ] {
+            assert_eq!(normalize_phrase(t), "ignore", "{t:?}");
+        }
+    }
+
+    #[test]
+    fn keeps_numbers_and_collapses_separators() {
+        assert_eq!(normalize("10,000 -- prompts!"), " 10 000 prompts ");
+        assert_eq!(normalize("Straße"), " strasse ");
+        assert_eq!(normalize("  "), " ");
+    }
+
+    #[test]
+    fn keeps_non_latin_scripts() {
+        assert_eq!(normalize_phrase("Убить"), "убить");
+        assert_eq!(normalize_phrase("मार डालो"), "मार डालो");
+        assert_eq!(normalize_phrase("殺す"), "殺す");
+        assert_eq!(normalize_phrase("죽여"), "죽여");
+    }
+
+    #[test]
+    fn chunking_does_not_change_output() {
+        let text = "Ｉｇｎоre   prev1ous\u{200b} instructions, é\u{301}te 10 ans";
+        let whole = normalize(text);
+        for cut in text.char_indices().map(|(i, _)| i) {
+            let mut n = Normalizer::new();
+            let mut out = Vec::new();
+            n.feed(&text[..cut], &mut out);
+            n.feed(&text[cut..], &mut out);
+            n.finish(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), whole, "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! Rulesets: TOML files loaded, validated and turned into a [`CompiledRuleset`].
+//!
+//! Everything that would hurt in production is refused here, with the file, the line and the
+//! reason: empty phrases, regexes without a finite bound, regexes too large to compile, Unicode
+//! word boundaries in DFA regexes, unknown languages, duplicate ids, policies that lower the
+//! actions the safety protocol fixes. The format is documented in `rulesets/README.md`.
+
+use crate::action::Action;
+use crate::lang::{self, LangId, NEUTRAL};
+use crate::normalize::{normalize_phrase, Normalizer};
+use crate::validate::Validator;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use toml::Spanned;
+
+mod bundled {
+    include!(concat!(env!("OUT_DIR"), "/bundled_rulesets.rs"));
+}
+
+/// The largest longest-match a trigger may have unless its file raises it (`max_match_len`).
+pub const DEFAULT_MAX_MATCH_LEN: usize = 256;
+/// Ceiling a file may raise `max_match_len` to.
+pub const HARD_MAX_MATCH_LEN: usize = 1024;
+/// NFA size limit for one regex (counted-repetition bombs stop here).
+pub const REGEX_NFA_LIMIT: usize = 256 * 1024;
+
+/// A ruleset that failed to load: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    pub file: String,
+    /// 1-based line, when the error has a place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file, l, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Which form of the text a trigger is matched against (see `normalize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum View {
+    /// Normalized text: folded, separators collapsed to one space, framed by spaces.
+    Word,
+    /// The caller's bytes.
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    Word,
+    Start,
+    End,
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub enum TriggerKind {
+    /// Literal phrases, normalized (word view) or as written (raw view).
+    Phrases(Vec<String>),
+    /// A bounded regex compiled into the view's DFA.
+    Regex { pattern: String, max_len: usize },
+    /// Literal anchors in the DFA, confirmed by a regex over a window around them.
+    Anchored {
+        anchors: Vec<String>,
+        pattern: String,
+        max_len: usize,
+        look_behind: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct TriggerInfo {
+    pub id: Arc<str>,
+    /// Index into [`CompiledRuleset::rules`].
+    pub rule: usize,
+    pub lang: LangId,
+    pub weight: f32,
+    pub view: View,
+    pub boundary: Boundary,
+    pub kind: TriggerKind,
+    pub validate: Option<Validator>,
+    pub message: Option<String>,
+    pub file: Arc<str>,
+    pub line: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RuleInfo {
+    /// `RULE-MIST-00N`, `PII` or `SECRET`.
+    pub id: Arc<str>,
+    pub name: String,
+    pub action: Action,
+    pub threshold: f32,
+    /// Default message (policy.toml).
+    pub message: Option<String>,
+    /// Per-language messages (the rule file's `[messages]`).
+    pub messages: HashMap<String, String>,
+    pub file: Arc<str>,
+}
+
+/// A validated ruleset, ready for [`crate::scan::Scanner::build`].
+#[derive(Clone, Debug)]
+pub struct CompiledRuleset {
+    pub version: String,
+    pub rules: Vec<RuleInfo>,
+    pub triggers: Vec<TriggerInfo>,
+    /// Where it came from (a directory, or `<bundled>`).
+    pub source: String,
+}
+
+impl CompiledRuleset {
+    pub fn rule_index(&self, id: &str) -> Option<usize> {
+        self.rules.iter().position(|r| &*r.id == id)
+    }
+}
+
+const RULE_IDS: [&str; 12] = [
+    "RULE-MIST-001",
+    "RULE-MIST-002",
+    "RULE-MIST-003",
+    "RULE-MIST-004",
+    "RULE-MIST-005",
+    "RULE-MIST-006",
+    "RULE-MIST-007",
+    "RULE-MIST-008",
+    "RULE-MIST-009",
+    "RULE-MIST-010",
+    "PII",
+    "SECRET",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    version: String,
+    #[serde(default)]
+    rules: BTreeMap<String, Spanned<RulePolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulePolicy {
+    action: Spanned<String>,
+    threshold: Option<f32>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    rule: Spanned<String>,
+    name: String,
+    #[serde(default)]
+    max_match_len: Option<Spanned<usize>>,
+    #[serde(default)]
+    messages: BTreeMap<String, Spanned<String>>,
+    #[serde(default, rename = "trigger")]
+    triggers: Vec<Spanned<TriggerSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerSpec {
+    id: Spanned<String>,
+    lang: Spanned<String>,
+    weight: Option<Spanned<f32>>,
+    phrases: Option<Vec<Spanned<String>>>,
+    regex: Option<Spanned<String>>,
+    anchors: Option<Vec<Spanned<String>>>,
+    max_len: Option<Spanned<usize>>,
+    look_behind: Option<usize>,
+    boundary: Option<Spanned<String>>,
+    view: Option<Spanned<String>>,
+    validate: Option<Spanned<String>>,
+    message: Option<String>,
+}
+
+/// Loads every `*.toml` in `dir`.
+///
+/// # Errors
+/// The first problem found, with file and line.
+pub fn load_dir(dir: &Path) -> Result<CompiledRuleset, LoadError> {
+    let err = |m: String| LoadError {
+        file: dir.display().to_string(),
+        line: None,
+        message: m,
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut files = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|e| LoadError {
+            file: p.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        files.push((p.display().to_string(), text));
+    }
+    load_files(&files, &dir.display().to_string())
+}
+
+/// The rulesets embedded at build time.
+pub fn load_bundled() -> Result<CompiledRuleset, LoadError> {
+    let files: Vec<(String, String)> = bundled::BUNDLED
+        .iter()
+        .map(|(n, t)| (format!("rulesets/{n}"), t.to_string()))
+        .collect();
+    load_files(&files, "<bundled>")
+}
+
+/// The bundled files themselves (for `mistguard rulesets export`, tests).
+pub fn bundled_files() -> &'static [(&'static str, &'static str)] {
+    bundled::BUNDLED
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct FileCtx<'a> {
+    name: Arc<str>,
+    text: &'a str,
+}
+
+impl FileCtx<'_> {
+    fn err<T>(&self, span: Option<std::ops::Range<usize>>, msg: impl Into<String>) -> Result<T, LoadError> {
+        Err(LoadError {
+            file: self.name.to_string(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            message: msg.into(),
+        })
+    }
+}
+
+/// Loads a ruleset from (file name, contents) pairs. `policy.toml` must be among them.
+pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRuleset, LoadError> {
+    let policy_pos = files
+        .iter()
+        .position(|(n, _)| Path::new(n).file_name().is_some_and(|f| f == "policy.toml"))
+        .ok_or_else(|| LoadError {
+            file: source.to_string(),
+            line: None,
+            message: "no policy.toml (it sets each rule's action and threshold)".into(),
+        })?;
+    let (pname, ptext) = &files[policy_pos];
+    let pctx = FileCtx {
+        name: pname.as_str().into(),
+        text: ptext,
+    };
+    let policy: PolicyFile = toml::from_str(ptext).map_err(|e| toml_error(&pctx, e))?;
+    if policy.version.trim().is_empty() {
+        return pctx.err(None, "version is empty");
+    }
+    let mut policies: HashMap<String, (Action, f32, Option<String>)> = HashMap::new();
+    for (id, p) in &policy.rules {
+        let span = p.span();
+        let p = p.get_ref();
+        if !RULE_IDS.contains(&id.as_str()) {
+            return pctx.err(Some(span), format!("unknown rule `{id}` (expected one of {})", RULE_IDS.join(", ")));
+        }
+        let action = Action::parse(p.action.get_ref()).ok_or_else(|| LoadError {
+            file: pname.clone(),
+            line: Some(line_of(ptext, p.action.span().start)),
+            message: format!(
+                "unknown action `{}` (expected one of allow, flag, warn, sanitize, restrict, rate_limit, block, hard_block)",
+                p.action.get_ref()
+            ),
+        })?;
+        if id == "RULE-MIST-005" && action < Action::Block {
+            return pctx.err(Some(p.action.span()), "RULE-MIST-005 (CSAM) cannot be lowered below block");
+        }
+        if id == "RULE-MIST-006" && action != Action::HardBlock {
+            return pctx.err(Some(p.action.span()), "RULE-MIST-006 (malware) is always hard_block");
+        }
+        let threshold = p.threshold.unwrap_or(1.0);
+        if !(threshold.is_finite() && threshold > 0.0) {
+            return pctx.err(Some(span), "threshold must be a positive number");
+        }
+        policies.insert(id.clone(), (action, threshold, p.message.clone()));
+    }
+
+    let mut rules: Vec<RuleInfo> = Vec::new();
+    let mut triggers: Vec<TriggerInfo> = Vec::new();
+    let mut ids: HashMap<String, (Arc<str>, usize)> = HashMap::new();
+    for (i, (name, text)) in files.iter().enumerate() {
+        if i == policy_pos {
+            continue;
+        }
+        let ctx = FileCtx {
+            name: name.as_str().into(),
+            text,
+        };
+        let file: RuleFile = toml::from_str(text).map_err(|e| toml_error(&ctx, e))?;
+        let rid = file.rule.get_ref().as_str();
+        if !RULE_IDS.contains(&rid) {
+            return ctx.err(Some(file.rule.span()), format!("unknown rule `{rid}` (expected one of {})", RULE_IDS.join(", ")));
+        }
+        if let Some(other) = rules.iter().find(|r| &*r.id == rid) {
+            return ctx.err(Some(file.rule.span()), format!("rule {rid} is already defined in {}", other.file));
+        }
+        let Some((action, threshold, message)) = policies.get(rid).cloned() else {
+            return ctx.err(Some(file.rule.span()), format!("policy.toml has no [rules.\"{rid}\"] entry (action, threshold)"));
+        };
+        let mut messages = HashMap::new();
+        for (code, m) in &file.messages {
+            if lang::lang_id(code).is_none() {
+                return ctx.err(Some(m.span()), format!("unknown language `{code}` in [messages] (supported: {})", lang::supported_codes()));
+            }
+            messages.insert(code.clone(), m.get_ref().clone());
+        }
+        let ceiling = match &file.max_match_len {
+            Some(m) if *m.get_ref() > HARD_MAX_MATCH_LEN || *m.get_ref() == 0 => {
+                return ctx.err(Some(m.span()), format!("max_match_len must be between 1 and {HARD_MAX_MATCH_LEN}"));
+            }
+            Some(m) => *m.get_ref(),
+            None => DEFAULT_MAX_MATCH_LEN,
+        };
+        let rule_idx = rules.len();
+        rules.push(RuleInfo {
+            id: rid.into(),
+            name: file.name.clone(),
+            action,
+            threshold,
+            message,
+            messages,
+            file: ctx.name.clone(),
+        });
+        for t in &file.triggers {
+            let info = compile_trigger(&ctx, t, rule_idx, ceiling)?;
+            if let Some((f, l)) = ids.get(&*info.id) {
+                return ctx.err(Some(t.get_ref().id.span()), format!("duplicate trigger id `{}` (first defined at {f}:{l})", info.id));
+            }
+            ids.insert(info.id.to_string(), (ctx.name.clone(), info.line));
+            triggers.push(info);
+        }
+    }
+    if rules.is_empty() {
+        return Err(LoadError {
+            file: source.to_string(),
+            line: None,
+            message: "no rule files (mist-001.toml … secrets.toml) next to policy.toml".into(),
+        });
+    }
+    Ok(CompiledRuleset {
+        version: policy.version,
+        rules,
+        triggers,
+        source: source.to_string(),
+    })
+}
+
+fn toml_error(ctx: &FileCtx, e: toml::de::Error) -> LoadError {
+    LoadError {
+        file: ctx.name.to_string(),
+        line: e.span().map(|s| line_of(ctx.text, s.start)),
+        message: e.message().trim().to_string(),
+    }
+}
+
+fn compile_trigger(
+    ctx: &FileCtx,
+    t: &Spanned<TriggerSpec>,
+    rule: usize,
+    ceiling: usize,
+) -> Result<TriggerInfo, LoadError> {
+    let tspan = t.span();
+    let t = t.get_ref();
+    let id = t.id.get_ref().trim();
+    if id.is_empty() {
+        return ctx.err(Some(t.id.span()), "trigger id is empty");
+    }
+    let lang_code = t.lang.get_ref().as_str();
+    let lang = if lang_code == "neutral" {
+        NEUTRAL
+    } else {
+        lang::lang_id(lang_code).ok_or_else(|| LoadError {
+            file: ctx.name.to_string(),
+            line: Some(line_of(ctx.text, t.lang.span().start)),
+            message: format!("unknown language `{lang_code}` (supported: {} neutral)", lang::supported_codes()),
+        })?
+    };
+    let weight = match &t.weight {
+        Some(w) if !(w.get_ref().is_finite() && *w.get_ref() > 0.0) => {
+            return ctx.err(Some(w.span()), "weight must be a positive number");
+        }
+        Some(w) => *w.get_ref(),
+        None => 1.0,
+    };
+    let view = match t.view.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+        None if lang == NEUTRAL => View::Raw,
+        None => View::Word,
+        Some(("word", _)) => View::Word,
+        Some(("raw", _)) => View::Raw,
+        Some((other, span)) => return ctx.err(Some(span), format!("unknown view `{other}` (expected word or raw)")),
+    };
+    let spaced = lang == NEUTRAL || lang::LANGS[lang as usize].spaced;
+    let boundary = match t.boundary.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+        None if spaced => Boundary::Word,
+        None => Boundary::None,
+        Some(("word", _)) => Boundary::Word,
+        Some(("start", _)) => Boundary::Start,
+        Some(("end", _)) => Boundary::End,
+        Some(("none", _)) => Boundary::None,
+        Some((other, span)) => {
+            return ctx.err(Some(span), format!("unknown boundary `{other}` (expected word, start, end or none)"))
+        }
+    };
+    let validate = match &t.validate {
+        None => None,
+        Some(v) => Some(Validator::parse(v.get_ref()).ok_or_else(|| LoadError {
+            file: ctx.name.to_string(),
+            line: Some(line_of(ctx.text, v.span().start)),
+            message: format!("unknown validator `{}` (expected luhn, iban or ssn)", v.get_ref()),
+        })?),
+    };
+    let max_len = match &t.max_len {
+        Some(m) if *m.get_ref() == 0 || *m.get_ref() > ceiling => {
+            return ctx.err(Some(m.span()), format!("max_len must be between 1 and {ceiling} (raise the file's max_match_len to go higher)"));
+        }
+        Some(m) => *m.get_ref(),
+        None => ceiling,
+    };
+    let kind = match (&t.phrases, &t.regex, &t.anchors) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return ctx.err(Some(tspan), format!("trigger `{id}` has both phrases and a regex; split it in two"));
+        }
+        (None, None, _) => return ctx.err(Some(tspan), format!("trigger `{id}` has neither phrases nor regex")),
+        (Some(phrases), None, None) => {
+            if phrases.is_empty() {
+                return ctx.err(Some(tspan), format!("trigger `{id}` has an empty phrases list"));
+            }
+            let mut out = Vec::with_capacity(phrases.len());
+            for p in phrases {
+                let raw = p.get_ref();
+                let compiled = match view {
+                    View::Word => normalize_phrase(raw),
+                    View::Raw => raw.clone(),
+                };
+                if compiled.trim().is_empty() {
+                    return ctx.err(Some(p.span()), format!("phrase {raw:?} is empty or only whitespace/punctuation after normalization"));
+                }
+                if compiled.len() > max_len {
+                    return ctx.err(Some(p.span()), format!("phrase {raw:?} is {} bytes, over the maximum match length {max_len}", compiled.len()));
+                }
+                out.push(compiled);
+            }
+            TriggerKind::Phrases(out)
+        }
+        (None, Some(re), anchors) => {
+            let pattern = re.get_ref().clone();
+            let in_dfa = anchors.is_none();
+            check_regex(ctx, re, view, max_len, in_dfa)?;
+            match anchors {
+                None => TriggerKind::Regex { pattern, max_len },
+                Some(anchors) => {
+                    if view != View::Raw {
+                        return ctx.err(Some(tspan), "anchors are only supported in the raw view");
+                    }
+                    if anchors.is_empty() {
+                        return ctx.err(Some(tspan), "anchors is empty");
+                    }
+                    let mut out = Vec::new();
+                    for a in anchors {
+                        if a.get_ref().trim().is_empty() {
+                            return ctx.err(Some(a.span()), "empty anchor");
+                        }
+                        out.push(a.get_ref().clone());
+                    }
+                    let look_behind = t.look_behind.unwrap_or(0);
+                    if look_behind > max_len {
+                        return ctx.err(Some(tspan), "look_behind is larger than max_len");
+                    }
+                    TriggerKind::Anchored {
+                        anchors: out,
+                        pattern,
+                        max_len,
+                        look_behind,
+                    }
+                }
+            }
+        }
+    };
+    Ok(TriggerInfo {
+        id: id.into(),
+        rule,
+        lang,
+        weight,
+        view,
+        boundary,
+        kind,
+        validate,
+        message: t.message.clone(),
+        file: ctx.name.clone(),
+        line: line_of(ctx.text, tspan.start),
+    })
+}
+
+/// The regex-syntax configuration of a view.
+pub fn syntax_config(view: View) -> regex_automata::util::syntax::Config {
+    let c = regex_automata::util::syntax::Config::new().nest_limit(64);
+    match view {
+        View::Word => c,
+        View::Raw => c.utf8(false),
+    }
+}
+
+fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, in_dfa: bool) -> Result<(), LoadError> {
+    let pattern = re.get_ref();
+    let span = Some(re.span());
+    if pattern.is_empty() {
+        return ctx.err(span, "regex is empty");
+    }
+    let mut parser = regex_syntax::ParserBuilder::new();
+    parser.nest_limit(64);
+    if view == View::Raw {
+        parser.utf8(false);
+    }
+    let hir = match parser.build().parse(pattern) {
+        Ok(h) => h,
+        Err(e) => return ctx.err(span, format!("regex `{pattern}` does not parse: {}", e.to_string().replace('\n', " "))),
+    };
+    let props = hir.properties();
+    match props.maximum_len() {
+        None => {
+            return ctx.err(
+                span,
+                format!("regex `{pattern}` can match without bound; give it a maximum length (use {{0,N}} instead of * or +)"),
+            )
+        }
+        Some(n) if n > max_len => {
+            return ctx.err(span, format!("regex `{pattern}` can match {n} bytes, over its maximum length {max_len}"));
+        }
+        _ => {}
+    }
+    if props.minimum_len() == Some(0) {
+        return ctx.err(span, format!("regex `{pattern}` can match the empty string"));
+    }
+    let looks = props.look_set();
+    if in_dfa && (looks.contains_word_unicode()) {
+        return ctx.err(
+            span,
+            format!("regex `{pattern}` uses a Unicode word boundary, which a DFA cannot hold; write (?-u:\\b)"),
+        );
+    }
+    let nfa = regex_automata::nfa::thompson::Compiler::new()
+        .syntax(syntax_config(view))
+        .configure(
+            regex_automata::nfa::thompson::Config::new()
+                .nfa_size_limit(Some(REGEX_NFA_LIMIT))
+                .utf8(view == View::Word),
+        )
+        .build(pattern);
+    if let Err(e) = nfa {
+        return ctx.err(span, format!("regex `{pattern}` is too large to compile ({e}); counted repetitions multiply"));
+    }
+    if view == View::Word {
+        // Regexes are not normalized for the author: refuse characters the text can never contain.
+        let mut chars = pattern.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                chars.next();
+                continue;
+            }
+            if !c.is_alphanumeric() {
+                continue;
+            }
+            let mut s = String::new();
+            let mut n = Normalizer::new();
+            let mut buf = Vec::new();
+            n.feed(&c.to_string(), &mut buf);
+            n.finish(&mut buf);
+            s.push_str(std::str::from_utf8(&buf).unwrap_or("").trim());
+            if s != c.to_string() {
+                return ctx.err(
+                    span,
+                    format!(
+                        "word-view regex `{pattern}` contains {c:?}, which normalization turns into {s:?}; write the normalized form"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Summary counts for `mistguard check`: rule id → language code → number of patterns.
+pub fn pattern_counts(rs: &CompiledRuleset) -> BTreeMap<String, BTreeMap<&'static str, usize>> {
+    let mut out: BTreeMap<String, BTreeMap<&'static str, usize>> = BTreeMap::new();
+    for t in &rs.triggers {
+        let n = match &t.kind {
+            TriggerKind::Phrases(p) => p.len(),
+            TriggerKind::Regex { .. } | TriggerKind::Anchored { .. } => 1,
+        };
+        *out.entry(rs.rules[t.rule].id.to_string())
+            .or_default()
+            .entry(lang::code(t.lang))
+            .or_default() += n;
+    }
+    out
+}
+
+/// Ids of languages with at least one trigger.
+pub fn languages(rs: &CompiledRuleset) -> Vec<&'static str> {
+    let set: HashSet<LangId> = rs.triggers.iter().map(|t| t.lang).filter(|&l| l != NEUTRAL).collect();
+    let mut v: Vec<_> = set.into_iter().collect();
+    v.sort();
+    v.into_iter().map(lang::code).collect()
+}

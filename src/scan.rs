@@ -1,0 +1,989 @@
+//! Scanning: the compiled automata ([`Scanner`]) and the per-stream walk over them
+//! ([`StreamSession`]).
+//!
+//! Two views of each text are scanned in one pass per chunk:
+//!
+//! - the **word view**: the normalizer's output, walked byte by byte through an aho-corasick DFA of
+//!   every language's phrases (patterns carry their trigger, hence their language) and a dense DFA
+//!   of the word-view regexes;
+//! - the **raw view**: the caller's bytes, walked through one dense DFA holding the neutral regexes,
+//!   the raw phrases (ASCII case-insensitive) and the anchors of confirmed regexes.
+//!
+//! Only automaton state ids, a ring of the last few bytes of each view (to map normalized offsets
+//! back to the original text and to find where a regex match started), and the rules' scores are
+//! carried between chunks, so a trigger split across any chunk boundary is found and a stream's
+//! state does not grow with its length. Whole texts are scanned the same way (one chunk), so the
+//! two answers agree by construction.
+
+use crate::action::Action;
+use crate::engine::{Engine, Hit, StepResult, Verdict};
+use crate::lang::{self, LangSet, NEUTRAL, PROBE_BYTES};
+use crate::normalize::{NormSink, Normalizer};
+use crate::score::RuleState;
+use crate::rules::{syntax_config, Boundary, CompiledRuleset, LoadError, TriggerKind, View};
+use aho_corasick::automaton::Automaton as AcAutomaton;
+use regex_automata::dfa::{dense, Automaton as DfaAutomaton, StartKind};
+use regex_automata::util::primitives::StateID;
+use regex_automata::{nfa::thompson, Anchored, Input, MatchKind, PatternID};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Size limit of one view's DFA (forward), and of its determinization.
+pub const DFA_SIZE_LIMIT: usize = 64 << 20;
+
+/// What an aho-corasick pattern of the word view stands for.
+#[derive(Clone, Copy, Debug)]
+struct AcPattern {
+    trigger: u32,
+    /// Pattern length in normalized bytes, framing spaces included.
+    len: u32,
+    lead: u8,
+    trail: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RawKind {
+    /// A regex: its start is found with the reverse DFA.
+    Regex { rev: PatternID },
+    /// A phrase of fixed byte length.
+    Literal { len: u32 },
+    /// An anchor of a confirmed regex.
+    Anchor { len: u32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawPattern {
+    trigger: u32,
+    kind: RawKind,
+}
+
+/// A dense DFA (forward, unanchored, all matches) with its reverse twin for finding starts.
+struct RegexDfa {
+    fwd: dense::DFA<Vec<u32>>,
+    /// Anchored reverse DFA over the regex patterns only, one start per pattern.
+    rev: Option<dense::DFA<Vec<u32>>>,
+    /// Unanchored start state with no look-behind (stream start).
+    start: StateID,
+}
+
+impl RegexDfa {
+    fn build(view: View, fwd_patterns: &[String], rev_patterns: &[String]) -> Result<RegexDfa, String> {
+        let thompson = thompson::Config::new().utf8(view == View::Word);
+        let fwd = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .start_kind(StartKind::Unanchored)
+                    .specialize_start_states(true)
+                    .dfa_size_limit(Some(DFA_SIZE_LIMIT))
+                    .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
+            )
+            .syntax(syntax_config(view))
+            .thompson(thompson.clone())
+            .build_many(fwd_patterns)
+            .map_err(|e| e.to_string())?;
+        let rev = if rev_patterns.is_empty() {
+            None
+        } else {
+            Some(
+                dense::Builder::new()
+                    .configure(
+                        dense::Config::new()
+                            .match_kind(MatchKind::All)
+                            .start_kind(StartKind::Anchored)
+                            .starts_for_each_pattern(true)
+                            .dfa_size_limit(Some(DFA_SIZE_LIMIT))
+                            .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
+                    )
+                    .syntax(syntax_config(view))
+                    .thompson(thompson.reverse(true))
+                    .build_many(rev_patterns)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let start = fwd
+            .start_state(&regex_automata::util::start::Config::new().anchored(Anchored::No))
+            .map_err(|e| e.to_string())?;
+        Ok(RegexDfa { fwd, rev, start })
+    }
+
+    fn memory_usage(&self) -> usize {
+        self.fwd.memory_usage() + self.rev.as_ref().map_or(0, |r| r.memory_usage())
+    }
+
+    /// The leftmost start of pattern `rev_pid` matching `window[..end]` exactly up to `end`.
+    fn find_start(&self, window: &[u8], lo: usize, end: usize, rev_pid: PatternID) -> Option<usize> {
+        let rev = self.rev.as_ref()?;
+        let input = Input::new(window).range(lo..end).anchored(Anchored::Pattern(rev_pid));
+        rev.try_search_rev(&input).ok().flatten().map(|hm| hm.offset())
+    }
+}
+
+/// Sizes and counts of what was compiled, for `mistguard check`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScannerStats {
+    pub word_phrases: usize,
+    pub word_regexes: usize,
+    pub raw_phrases: usize,
+    pub raw_regexes: usize,
+    pub anchors: usize,
+    pub word_ac_bytes: usize,
+    pub word_dfa_bytes: usize,
+    pub raw_dfa_bytes: usize,
+    pub word_window: usize,
+    pub raw_window: usize,
+}
+
+/// The compiled automata of a ruleset. Immutable and shared by every stream.
+pub struct Scanner {
+    word_ac: Option<aho_corasick::dfa::DFA>,
+    word_ac_patterns: Vec<AcPattern>,
+    /// Depth (partial-match length) of every aho-corasick state: a future match cannot start more
+    /// than this many bytes back.
+    word_ac_depth: HashMap<aho_corasick::automaton::StateID, u32>,
+    word_ac_start: aho_corasick::automaton::StateID,
+    word_dfa: Option<RegexDfa>,
+    /// Forward pattern id → (trigger, reverse pattern id).
+    word_dfa_patterns: Vec<(u32, PatternID)>,
+    raw_dfa: Option<RegexDfa>,
+    raw_patterns: Vec<RawPattern>,
+    /// Confirmation regexes of anchored triggers, by trigger index.
+    confirm: HashMap<u32, regex_automata::meta::Regex>,
+    /// Ring sizes (powers of two).
+    word_window: usize,
+    raw_window: usize,
+    /// Longest match of the word-view regex DFA and of the raw DFA.
+    word_dfa_max: u64,
+    raw_dfa_max: u64,
+    stats: ScannerStats,
+}
+
+fn escape_bytes_ci(s: &str) -> String {
+    let mut out = String::from("(?-u:");
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphabetic() {
+            out.push_str(&format!("[{}{}]", b.to_ascii_lowercase() as char, b.to_ascii_uppercase() as char));
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out.push(')');
+    out
+}
+
+fn escape_bytes(s: &str) -> String {
+    let mut out = String::from("(?-u:");
+    for &b in s.as_bytes() {
+        out.push_str(&format!("\\x{b:02x}"));
+    }
+    out.push(')');
+    out
+}
+
+impl Scanner {
+    /// Compiles the automata of a ruleset.
+    ///
+    /// # Errors
+    /// A view whose DFA exceeds [`DFA_SIZE_LIMIT`], or a pattern the DFA builder refuses.
+    pub fn build(rs: &CompiledRuleset) -> Result<Scanner, LoadError> {
+        let fail = |what: &str, e: String| LoadError {
+            file: rs.source.clone(),
+            line: None,
+            message: format!("{what}: {e}"),
+        };
+        let mut stats = ScannerStats::default();
+        // Word view.
+        let mut ac_pats: Vec<String> = Vec::new();
+        let mut word_ac_patterns = Vec::new();
+        let mut word_re: Vec<String> = Vec::new();
+        let mut word_dfa_patterns = Vec::new();
+        let mut word_max = 8usize;
+        let mut word_dfa_max = 0usize;
+        let mut raw_dfa_max = 0usize;
+        // Raw view.
+        let mut raw_fwd: Vec<String> = Vec::new();
+        let mut raw_rev: Vec<String> = Vec::new();
+        let mut raw_patterns = Vec::new();
+        let mut confirm = HashMap::new();
+        let mut raw_max = 8usize;
+        for (ti, t) in rs.triggers.iter().enumerate() {
+            let ti = ti as u32;
+            match (&t.kind, t.view) {
+                (TriggerKind::Phrases(phrases), View::Word) => {
+                    for p in phrases {
+                        let (lead, trail) = match t.boundary {
+                            Boundary::Word => (1, 1),
+                            Boundary::Start => (1, 0),
+                            Boundary::End => (0, 1),
+                            Boundary::None => (0, 0),
+                        };
+                        let framed = format!("{}{}{}", " ".repeat(lead), p, " ".repeat(trail));
+                        word_max = word_max.max(framed.len());
+                        word_ac_patterns.push(AcPattern {
+                            trigger: ti,
+                            len: framed.len() as u32,
+                            lead: lead as u8,
+                            trail: trail as u8,
+                        });
+                        ac_pats.push(framed);
+                        stats.word_phrases += 1;
+                    }
+                }
+                (TriggerKind::Regex { pattern, max_len }, View::Word) => {
+                    word_max = word_max.max(*max_len);
+                    word_dfa_max = word_dfa_max.max(*max_len);
+                    word_dfa_patterns.push((ti, PatternID::new_unchecked(word_re.len())));
+                    word_re.push(pattern.clone());
+                    stats.word_regexes += 1;
+                }
+                (TriggerKind::Phrases(phrases), View::Raw) => {
+                    for p in phrases {
+                        raw_max = raw_max.max(p.len());
+                        raw_dfa_max = raw_dfa_max.max(p.len());
+                        raw_patterns.push(RawPattern {
+                            trigger: ti,
+                            kind: RawKind::Literal { len: p.len() as u32 },
+                        });
+                        raw_fwd.push(escape_bytes_ci(p));
+                        stats.raw_phrases += 1;
+                    }
+                }
+                (TriggerKind::Regex { pattern, max_len }, View::Raw) => {
+                    raw_max = raw_max.max(*max_len);
+                    raw_dfa_max = raw_dfa_max.max(*max_len);
+                    raw_patterns.push(RawPattern {
+                        trigger: ti,
+                        kind: RawKind::Regex {
+                            rev: PatternID::new_unchecked(raw_rev.len()),
+                        },
+                    });
+                    raw_fwd.push(pattern.clone());
+                    raw_rev.push(pattern.clone());
+                    stats.raw_regexes += 1;
+                }
+                (
+                    TriggerKind::Anchored {
+                        anchors,
+                        pattern,
+                        max_len,
+                        look_behind,
+                    },
+                    _,
+                ) => {
+                    raw_max = raw_max.max(max_len + look_behind + 2);
+                    for a in anchors {
+                        raw_dfa_max = raw_dfa_max.max(a.len());
+                        raw_patterns.push(RawPattern {
+                            trigger: ti,
+                            kind: RawKind::Anchor { len: a.len() as u32 },
+                        });
+                        raw_fwd.push(escape_bytes(a));
+                        stats.anchors += 1;
+                    }
+                    let re = regex_automata::meta::Regex::builder()
+                        .syntax(syntax_config(View::Raw))
+                        .build(pattern)
+                        .map_err(|e| LoadError {
+                            file: t.file.to_string(),
+                            line: Some(t.line),
+                            message: format!("regex `{pattern}`: {e}"),
+                        })?;
+                    confirm.insert(ti, re);
+                }
+            }
+        }
+        let word_ac = if ac_pats.is_empty() {
+            None
+        } else {
+            Some(
+                aho_corasick::dfa::DFA::builder()
+                    .match_kind(aho_corasick::MatchKind::Standard)
+                    .start_kind(aho_corasick::StartKind::Unanchored)
+                    .prefilter(false)
+                    .byte_classes(true)
+                    .build(&ac_pats)
+                    .map_err(|e| fail("word-view phrases", e.to_string()))?,
+            )
+        };
+        let (word_ac_start, word_ac_depth) = match &word_ac {
+            Some(ac) => {
+                let start = ac
+                    .start_state(aho_corasick::Anchored::No)
+                    .map_err(|e| fail("word-view phrases", e.to_string()))?;
+                (start, ac_depths(ac, start))
+            }
+            None => (aho_corasick::automaton::StateID::ZERO, HashMap::new()),
+        };
+        let word_dfa = if word_re.is_empty() {
+            None
+        } else {
+            Some(RegexDfa::build(View::Word, &word_re, &word_re).map_err(|e| fail("word-view regexes", e))?)
+        };
+        let raw_dfa = if raw_fwd.is_empty() {
+            None
+        } else {
+            Some(RegexDfa::build(View::Raw, &raw_fwd, &raw_rev).map_err(|e| fail("raw-view patterns", e))?)
+        };
+        stats.word_ac_bytes = word_ac.as_ref().map_or(0, |a| a.memory_usage());
+        stats.word_dfa_bytes = word_dfa.as_ref().map_or(0, |d| d.memory_usage());
+        stats.raw_dfa_bytes = raw_dfa.as_ref().map_or(0, |d| d.memory_usage());
+        let word_window = (word_max + 2).next_power_of_two();
+        let raw_window = (raw_max + 2).next_power_of_two();
+        stats.word_window = word_window;
+        stats.raw_window = raw_window;
+        Ok(Scanner {
+            word_ac,
+            word_ac_patterns,
+            word_ac_depth,
+            word_ac_start,
+            word_dfa,
+            word_dfa_patterns,
+            raw_dfa,
+            raw_patterns,
+            confirm,
+            word_window,
+            raw_window,
+            word_dfa_max: word_dfa_max as u64 + 1,
+            raw_dfa_max: raw_dfa_max as u64 + 1,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &ScannerStats {
+        &self.stats
+    }
+}
+
+/// Breadth-first depth of every state of an aho-corasick DFA: the length of the pattern prefix it
+/// stands for.
+fn ac_depths(
+    ac: &aho_corasick::dfa::DFA,
+    start: aho_corasick::automaton::StateID,
+) -> HashMap<aho_corasick::automaton::StateID, u32> {
+    let mut depth = HashMap::new();
+    depth.insert(start, 0u32);
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(s) = queue.pop_front() {
+        let d = depth[&s];
+        for b in 0..=255u8 {
+            let n = ac.next_state(aho_corasick::Anchored::No, s, b);
+            if let std::collections::hash_map::Entry::Vacant(e) = depth.entry(n) {
+                e.insert(d + 1);
+                queue.push_back(n);
+            }
+        }
+    }
+    depth
+}
+
+/// A hit before its rule's score is known.
+#[derive(Clone, Debug)]
+struct Found {
+    trigger: u32,
+    start: u64,
+    end: u64,
+}
+
+/// A confirmed-regex anchor waiting for enough bytes after it.
+#[derive(Clone, Copy, Debug)]
+struct PendingAnchor {
+    trigger: u32,
+    anchor_start: u64,
+    anchor_end: u64,
+    /// Offset at which the window is complete.
+    due: u64,
+}
+
+
+enum LangState {
+    Decided(LangSet),
+    Probing(String),
+}
+
+/// The state of one stream: automaton states, rings, scores. See the module docs.
+pub struct StreamSession {
+    engine: Arc<Engine>,
+    // Raw view.
+    raw_pos: u64,
+    raw_sid: StateID,
+    /// No raw match can start before this offset.
+    raw_free: u64,
+    raw_ring: Box<[u8]>,
+    anchors: Vec<PendingAnchor>,
+    // Word view.
+    norm: Normalizer,
+    word_pos: u64,
+    ac_sid: aho_corasick::automaton::StateID,
+    wdfa_sid: StateID,
+    word_free: u64,
+    word_bytes: Box<[u8]>,
+    word_starts: Box<[u32]>,
+    word_lens: Box<[u8]>,
+    // Language, scores, results.
+    lang: LangState,
+    lang_waiting: Vec<Found>,
+    rules: Vec<RuleState>,
+    action: Action,
+    hits: Vec<Hit>,
+    /// Hits reported beyond this cap are counted, not kept (bounds a stream's memory).
+    hits_dropped: u64,
+    released: u64,
+    finished: bool,
+}
+
+/// Most hits a stream keeps for its final verdict.
+pub const MAX_KEPT_HITS: usize = 4096;
+
+impl StreamSession {
+    pub fn new(engine: Arc<Engine>, opts: &crate::engine::ClassifyOptions) -> StreamSession {
+        let sc = &engine.scanner;
+        let lang = match opts.lang_hint.as_deref().and_then(LangSet::from_hint) {
+            Some(set) => LangState::Decided(set),
+            None => LangState::Probing(String::new()),
+        };
+        let raw_sid = sc.raw_dfa.as_ref().map_or(StateID::ZERO, |d| d.start);
+        let wdfa_sid = sc.word_dfa.as_ref().map_or(StateID::ZERO, |d| d.start);
+        let nrules = engine.rules.rules.len();
+        StreamSession {
+            raw_pos: 0,
+            raw_sid,
+            raw_free: 0,
+            raw_ring: vec![0; sc.raw_window].into_boxed_slice(),
+            anchors: Vec::new(),
+            norm: Normalizer::new(),
+            word_pos: 0,
+            ac_sid: sc.word_ac_start,
+            wdfa_sid,
+            word_free: 0,
+            word_bytes: vec![0; sc.word_window].into_boxed_slice(),
+            word_starts: vec![0; sc.word_window].into_boxed_slice(),
+            word_lens: vec![0; sc.word_window].into_boxed_slice(),
+            lang,
+            lang_waiting: Vec::new(),
+            rules: vec![RuleState::default(); nrules],
+            action: Action::Allow,
+            hits: Vec::new(),
+            hits_dropped: 0,
+            released: 0,
+            finished: false,
+            engine,
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.raw_pos
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The verdict so far.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// Bytes of state this stream holds (the struct, its rings and its vectors), for the budget
+    /// figure in the benchmarks.
+    pub fn state_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.raw_ring.len()
+            + self.word_bytes.len()
+            + self.word_starts.len() * 4
+            + self.word_lens.len()
+            + self.anchors.capacity() * std::mem::size_of::<PendingAnchor>()
+            + self.lang_waiting.capacity() * std::mem::size_of::<Found>()
+            + match &self.lang {
+                LangState::Probing(s) => s.capacity(),
+                LangState::Decided(_) => 0,
+            }
+            + self.rules.capacity() * std::mem::size_of::<RuleState>()
+            + self
+                .rules
+                .iter()
+                .map(|r| r.seen.capacity() * 4 + r.held.capacity() * std::mem::size_of::<Hit>())
+                .sum::<usize>()
+            + self.hits.capacity() * std::mem::size_of::<Hit>()
+    }
+
+    /// Scans one chunk.
+    ///
+    /// # Panics
+    /// If the stream grows past 4 GiB (offsets are kept in 32 bits; the daemon caps streams far
+    /// lower).
+    pub fn feed(&mut self, chunk: &str) -> StepResult {
+        assert!(!self.finished, "feed after finish");
+        assert!(
+            self.raw_pos + chunk.len() as u64 <= u32::MAX as u64,
+            "a stream is limited to 4 GiB"
+        );
+        let mut found = Vec::new();
+        if let LangState::Probing(buf) = &mut self.lang {
+            let room = PROBE_BYTES.saturating_sub(buf.len());
+            let mut take = room.min(chunk.len());
+            while !chunk.is_char_boundary(take) {
+                take -= 1;
+            }
+            buf.push_str(&chunk[..take]);
+        }
+        self.scan_raw(chunk.as_bytes(), &mut found);
+        let engine = self.engine.clone();
+        {
+            let mut sink = WordSink {
+                sc: &engine.scanner,
+                s: self,
+                found: &mut found,
+            };
+            let mut norm = sink.s.norm.clone();
+            norm.feed(chunk, &mut sink);
+            sink.s.norm = norm;
+        }
+        let mut out = Vec::new();
+        if matches!(self.lang, LangState::Probing(_)) && self.raw_pos >= PROBE_BYTES as u64 {
+            self.decide_language();
+            let waiting = std::mem::take(&mut self.lang_waiting);
+            for f in waiting {
+                self.accept(f, &mut out);
+            }
+        }
+        for f in found {
+            self.accept(f, &mut out);
+        }
+        self.step(out)
+    }
+
+    /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
+    /// transitions. Returns the final step.
+    pub fn finish(&mut self) -> StepResult {
+        if self.finished {
+            return self.step(Vec::new());
+        }
+        let engine = self.engine.clone();
+        let sc = &engine.scanner;
+        let mut found = Vec::new();
+        // Raw view: end of input.
+        if let Some(dfa) = &sc.raw_dfa {
+            let eoi = dfa.fwd.next_eoi_state(self.raw_sid);
+            self.raw_matches(sc, dfa, eoi, self.raw_pos, &mut found);
+        }
+        let anchors = std::mem::take(&mut self.anchors);
+        for a in anchors {
+            self.confirm_anchor(sc, a, &mut found);
+        }
+        // Word view: the held character, the closing space, then end of input.
+        {
+            let mut sink = WordSink {
+                sc,
+                s: self,
+                found: &mut found,
+            };
+            let mut norm = sink.s.norm.clone();
+            norm.finish(&mut sink);
+            sink.s.norm = norm;
+        }
+        if let Some(dfa) = &sc.word_dfa {
+            let eoi = dfa.fwd.next_eoi_state(self.wdfa_sid);
+            let end = self.word_pos;
+            self.word_dfa_matches(sc, dfa, eoi, end, &mut found);
+        }
+        let mut out = Vec::new();
+        if matches!(self.lang, LangState::Probing(_)) {
+            self.decide_language();
+            let waiting = std::mem::take(&mut self.lang_waiting);
+            for f in waiting {
+                self.accept(f, &mut out);
+            }
+        }
+        for f in found {
+            self.accept(f, &mut out);
+        }
+        self.finished = true;
+        for r in &mut self.rules {
+            r.held.clear();
+        }
+        self.step(out)
+    }
+
+    fn decide_language(&mut self) {
+        if let LangState::Probing(buf) = &self.lang {
+            let set = LangSet::detect(buf);
+            self.lang = LangState::Decided(set);
+        }
+    }
+
+    fn lang_set(&self) -> Option<&LangSet> {
+        match &self.lang {
+            LangState::Decided(s) => Some(s),
+            LangState::Probing(_) => None,
+        }
+    }
+
+    /// Language check, then scoring. Hits that become reportable go to `out`.
+    fn accept(&mut self, f: Found, out: &mut Vec<Hit>) {
+        let engine = self.engine.clone();
+        let t = &engine.rules.triggers[f.trigger as usize];
+        if t.lang != NEUTRAL {
+            match self.lang_set() {
+                None => {
+                    self.lang_waiting.push(f);
+                    return;
+                }
+                Some(set) if !set.accepts(t.lang) => return,
+                Some(_) => {}
+            }
+        }
+        let rule = &engine.rules.rules[t.rule];
+        let hit = Hit {
+            rule_id: rule.id.clone(),
+            trigger_id: t.id.clone(),
+            language: lang::code(t.lang),
+            start: f.start,
+            end: f.end,
+            score: t.weight,
+            action: rule.action,
+        };
+        if self.rules[t.rule].add(f.trigger, t.weight, rule.threshold, hit, out) {
+            self.action = self.action.max(rule.action);
+        }
+    }
+
+    fn step(&mut self, mut hits: Vec<Hit>) -> StepResult {
+        hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
+        for h in &hits {
+            if self.hits.len() < MAX_KEPT_HITS {
+                self.hits.push(h.clone());
+            } else {
+                self.hits_dropped += 1;
+            }
+        }
+        let release = if self.finished { self.raw_pos } else { self.release_bound() };
+        self.released = self.released.max(release);
+        let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
+        let message = crate::decide::message(&self.engine, self.action, &self.fired_hits(), language);
+        StepResult {
+            action: self.action,
+            hits,
+            release_offset: self.released,
+            language,
+            message,
+        }
+    }
+
+    fn fired_hits(&self) -> Vec<&Hit> {
+        self.hits.iter().collect()
+    }
+
+    /// The original offset before which no trigger can still complete a match.
+    fn release_bound(&self) -> u64 {
+        let engine = &self.engine;
+        let sc = &engine.scanner;
+        // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
+        let raw_free = self.raw_free.max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
+        let mut r = self.raw_pos.min(raw_free);
+        for a in &self.anchors {
+            let lb = match &engine.rules.triggers[a.trigger as usize].kind {
+                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
+                _ => 0,
+            };
+            r = r.min(a.anchor_start.saturating_sub(lb));
+        }
+        r = r.min(self.norm.settled_offset());
+        // Word view: the oldest live partial match of either automaton.
+        let depth = sc.word_ac_depth.get(&self.ac_sid).copied().unwrap_or(0) as u64;
+        let word_free = self.word_free.max(self.word_pos.saturating_sub(sc.word_dfa_max));
+        let oldest = (self.word_pos - depth.min(self.word_pos)).min(word_free);
+        if oldest < self.word_pos {
+            r = r.min(self.word_orig_start(oldest));
+        }
+        // Hits that may still be reported: waiting for the language, or held below threshold by
+        // a rule whose action withholds text.
+        for f in &self.lang_waiting {
+            r = r.min(f.start);
+        }
+        for (i, st) in self.rules.iter().enumerate() {
+            if !st.fired && engine.rules.rules[i].action.withholds() {
+                for h in &st.held {
+                    r = r.min(h.start);
+                }
+            }
+        }
+        r
+    }
+
+    fn word_orig_start(&self, n: u64) -> u64 {
+        debug_assert!(n < self.word_pos && self.word_pos - n <= self.word_bytes.len() as u64);
+        self.word_starts[(n as usize) & (self.word_bytes.len() - 1)] as u64
+    }
+
+    fn word_orig_end(&self, n: u64) -> u64 {
+        let i = (n as usize) & (self.word_bytes.len() - 1);
+        self.word_starts[i] as u64 + self.word_lens[i] as u64
+    }
+
+    /// Maps a normalized span (framing spaces trimmed) to the original text.
+    fn word_span(&self, mut start: u64, mut end: u64) -> Option<(u64, u64)> {
+        let mask = self.word_bytes.len() - 1;
+        while start < end && self.word_bytes[(start as usize) & mask] == b' ' {
+            start += 1;
+        }
+        while end > start && self.word_bytes[((end - 1) as usize) & mask] == b' ' {
+            end -= 1;
+        }
+        if start >= end {
+            return None;
+        }
+        Some((self.word_orig_start(start), self.word_orig_end(end - 1)))
+    }
+
+    fn word_window(&self, lo: u64, hi: u64) -> Vec<u8> {
+        let mask = self.word_bytes.len() - 1;
+        (lo..hi).map(|p| self.word_bytes[(p as usize) & mask]).collect()
+    }
+
+    fn word_dfa_matches(&mut self, sc: &Scanner, dfa: &RegexDfa, sid: StateID, end: u64, found: &mut Vec<Found>) {
+        if !dfa.fwd.is_match_state(sid) {
+            return;
+        }
+        let w = self.word_bytes.len() as u64 - 1;
+        let lo = end.saturating_sub(w).max(self.word_pos.saturating_sub(w));
+        for k in 0..dfa.fwd.match_len(sid) {
+            let pid = dfa.fwd.match_pattern(sid, k);
+            let (trigger, rev) = sc.word_dfa_patterns[pid.as_usize()];
+            // Window: [lo, word_pos) — the byte after `end` (if any) is context for look-ahead.
+            let window = self.word_window(lo, self.word_pos);
+            let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
+                continue;
+            };
+            if let Some((os, oe)) = self.word_span(lo + s as u64, end) {
+                found.push(Found {
+                    trigger,
+                    start: os,
+                    end: oe,
+                });
+            }
+        }
+    }
+
+    fn scan_raw(&mut self, bytes: &[u8], found: &mut Vec<Found>) {
+        let engine = self.engine.clone();
+        let sc = &engine.scanner;
+        let Some(dfa) = &sc.raw_dfa else {
+            self.raw_pos += bytes.len() as u64;
+            self.raw_free = self.raw_pos;
+            return;
+        };
+        let mask = self.raw_ring.len() - 1;
+        let mut sid = self.raw_sid;
+        let mut pos = self.raw_pos;
+        let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+        for &b in bytes {
+            self.raw_ring[(pos as usize) & mask] = b;
+            sid = dfa.fwd.next_state(sid, b);
+            pos += 1;
+            if dfa.fwd.is_special_state(sid) {
+                if dfa.fwd.is_start_state(sid) {
+                    self.raw_free = pos;
+                } else if dfa.fwd.is_match_state(sid) {
+                    // One-byte delay: the match ended before the byte just read.
+                    self.raw_pos = pos;
+                    self.raw_matches(sc, dfa, sid, pos - 1, found);
+                    due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                }
+            }
+            if pos >= due {
+                self.raw_pos = pos;
+                while self.anchors.first().is_some_and(|a| a.due <= pos) {
+                    let a = self.anchors.remove(0);
+                    self.confirm_anchor(sc, a, found);
+                }
+                due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+            }
+        }
+        self.raw_sid = sid;
+        self.raw_pos = pos;
+    }
+
+    fn raw_window(&self, lo: u64, hi: u64) -> Vec<u8> {
+        let mask = self.raw_ring.len() - 1;
+        (lo..hi).map(|p| self.raw_ring[(p as usize) & mask]).collect()
+    }
+
+    /// Reports the raw-view matches of a match state, ending at `end`.
+    fn raw_matches(&mut self, sc: &Scanner, dfa: &RegexDfa, sid: StateID, end: u64, found: &mut Vec<Found>) {
+        if !dfa.fwd.is_match_state(sid) {
+            return;
+        }
+        let engine = self.engine.clone();
+        for k in 0..dfa.fwd.match_len(sid) {
+            let pid = dfa.fwd.match_pattern(sid, k);
+            let p = sc.raw_patterns[pid.as_usize()];
+            let t = &engine.rules.triggers[p.trigger as usize];
+            match p.kind {
+                RawKind::Literal { len } => {
+                    if end >= len as u64 {
+                        found.push(Found {
+                            trigger: p.trigger,
+                            start: end - len as u64,
+                            end,
+                        });
+                    }
+                }
+                RawKind::Anchor { len } => {
+                    let anchor_start = end - len as u64;
+                    let max_len = match &t.kind {
+                        TriggerKind::Anchored { max_len, .. } => *max_len as u64,
+                        _ => 0,
+                    };
+                    let a = PendingAnchor {
+                        trigger: p.trigger,
+                        anchor_start,
+                        anchor_end: end,
+                        due: anchor_start + max_len + 1,
+                    };
+                    let at = self.anchors.partition_point(|x| x.due <= a.due);
+                    self.anchors.insert(at, a);
+                }
+                RawKind::Regex { rev } => {
+                    let w = self.raw_ring.len() as u64 - 1;
+                    let lo = self.raw_pos.saturating_sub(w);
+                    let window = self.raw_window(lo, self.raw_pos);
+                    let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
+                        continue;
+                    };
+                    let start = lo + s as u64;
+                    if let Some(v) = t.validate {
+                        if !v.check(&window[s..(end - lo) as usize]) {
+                            continue;
+                        }
+                    }
+                    found.push(Found {
+                        trigger: p.trigger,
+                        start,
+                        end,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs an anchored trigger's regex over the window around its anchor.
+    fn confirm_anchor(&mut self, sc: &Scanner, a: PendingAnchor, found: &mut Vec<Found>) {
+        let engine = self.engine.clone();
+        let t = &engine.rules.triggers[a.trigger as usize];
+        let TriggerKind::Anchored { max_len, look_behind, .. } = &t.kind else {
+            return;
+        };
+        let Some(re) = sc.confirm.get(&a.trigger) else {
+            return;
+        };
+        let ring = self.raw_ring.len() as u64;
+        // One byte of context on each side, so look-around sees the real neighbours.
+        let lo = a.anchor_start.saturating_sub(*look_behind as u64 + 1).max(self.raw_pos.saturating_sub(ring));
+        let hi = (a.anchor_start + *max_len as u64 + 1).min(self.raw_pos);
+        let window = self.raw_window(lo, hi);
+        let span_lo = a.anchor_start.saturating_sub(*look_behind as u64).max(lo) - lo;
+        let span_hi = (a.anchor_start + *max_len as u64).min(hi) - lo;
+        let input = Input::new(&window).range(span_lo as usize..span_hi as usize);
+        for m in re.find_iter(input) {
+            let (s, e) = (lo + m.start() as u64, lo + m.end() as u64);
+            if s <= a.anchor_start && e >= a.anchor_end {
+                if let Some(v) = t.validate {
+                    if !v.check(&window[m.start()..m.end()]) {
+                        continue;
+                    }
+                }
+                found.push(Found {
+                    trigger: a.trigger,
+                    start: s,
+                    end: e,
+                });
+                break;
+            }
+        }
+    }
+
+    /// The verdict for everything seen so far (call after [`finish`](Self::finish) for the final
+    /// one). With the original `text`, a SANITIZE verdict carries the sanitized text.
+    pub fn verdict(&self, text: Option<&str>) -> Verdict {
+        let mut hits = self.hits.clone();
+        hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
+        hits.dedup();
+        let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
+        let languages_applied = self.lang_set().map(|s| s.codes()).unwrap_or_default();
+        let refs: Vec<&Hit> = hits.iter().collect();
+        let message = crate::decide::message(&self.engine, self.action, &refs, language);
+        let sanitized_text = match text {
+            Some(t) if self.action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
+            _ => None,
+        };
+        let rule_scores = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.fired)
+            .map(|(i, r)| (self.engine.rules.rules[i].id.clone(), r.score))
+            .collect();
+        Verdict {
+            action: self.action,
+            hits,
+            language,
+            languages_applied,
+            sanitized_text,
+            message,
+            rule_scores,
+        }
+    }
+}
+
+/// Receives the normalizer's bytes and walks the word-view automata over them.
+struct WordSink<'a> {
+    sc: &'a Scanner,
+    s: &'a mut StreamSession,
+    found: &'a mut Vec<Found>,
+}
+
+impl NormSink for WordSink<'_> {
+    #[inline]
+    fn push(&mut self, byte: u8, orig_start: u64, orig_len: u8) {
+        let s = &mut *self.s;
+        let sc = self.sc;
+        let mask = s.word_bytes.len() - 1;
+        let i = (s.word_pos as usize) & mask;
+        s.word_bytes[i] = byte;
+        s.word_starts[i] = orig_start as u32;
+        s.word_lens[i] = orig_len;
+        s.word_pos += 1;
+        let end = s.word_pos;
+        if let Some(ac) = &sc.word_ac {
+            s.ac_sid = ac.next_state(aho_corasick::Anchored::No, s.ac_sid, byte);
+            if ac.is_special(s.ac_sid) && ac.is_match(s.ac_sid) {
+                for k in 0..ac.match_len(s.ac_sid) {
+                    let pid = ac.match_pattern(s.ac_sid, k);
+                    let p = sc.word_ac_patterns[pid.as_usize()];
+                    let start = end - p.len as u64;
+                    if let Some((os, oe)) = s.word_span(start + p.lead as u64, end - p.trail as u64) {
+                        self.found.push(Found {
+                            trigger: p.trigger,
+                            start: os,
+                            end: oe,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(dfa) = &sc.word_dfa {
+            s.wdfa_sid = dfa.fwd.next_state(s.wdfa_sid, byte);
+            if dfa.fwd.is_special_state(s.wdfa_sid) {
+                if dfa.fwd.is_start_state(s.wdfa_sid) {
+                    s.word_free = end;
+                } else if dfa.fwd.is_match_state(s.wdfa_sid) {
+                    let sid = s.wdfa_sid;
+                    s.word_dfa_matches(sc, dfa, sid, end - 1, self.found);
+                }
+            }
+        } else {
+            s.word_free = end;
+        }
+    }
+}

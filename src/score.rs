@@ -1,0 +1,83 @@
+//! Scoring: hits add up to a score per rule; a rule fires at its threshold.
+//!
+//! A rule's score is the sum of the weights of the *distinct* triggers of that rule that hit the
+//! text: a trigger that hits twice counts once, so repeating a word does not make it worse, while
+//! two different pieces of evidence (weight 0.5 each: a group term and a generalisation) add up to
+//! 1.0. Until a rule fires its hits are held; when it fires they are all reported at once.
+
+use crate::engine::Hit;
+
+/// The score of one rule in one text or stream.
+#[derive(Clone, Debug, Default)]
+pub struct RuleState {
+    pub score: f32,
+    pub fired: bool,
+    /// Distinct triggers counted so far.
+    pub seen: Vec<u32>,
+    /// Hits of this rule while it has not fired yet.
+    pub held: Vec<Hit>,
+}
+
+impl RuleState {
+    /// Adds a hit of `trigger`. Hits that become reportable are appended to `out`. Returns true
+    /// when this hit made the rule fire.
+    pub fn add(&mut self, trigger: u32, weight: f32, threshold: f32, hit: Hit, out: &mut Vec<Hit>) -> bool {
+        if !self.seen.contains(&trigger) {
+            self.seen.push(trigger);
+            self.score += weight;
+        }
+        if self.fired {
+            out.push(hit);
+            return false;
+        }
+        self.held.push(hit);
+        // Weights are decimal fractions: allow for float rounding when they add up.
+        if self.score + 1e-4 >= threshold {
+            self.fired = true;
+            out.append(&mut self.held);
+            self.held = Vec::new();
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::Action;
+
+    fn hit(t: &str) -> Hit {
+        Hit {
+            rule_id: "RULE-MIST-007".into(),
+            trigger_id: t.into(),
+            language: "en",
+            start: 0,
+            end: 1,
+            score: 0.5,
+            action: Action::Flag,
+        }
+    }
+
+    #[test]
+    fn distinct_triggers_add_up_repeats_do_not() {
+        let mut st = RuleState::default();
+        let mut out = Vec::new();
+        assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
+        assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
+        assert!(out.is_empty());
+        assert!(st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert_eq!(out.len(), 3, "held hits are reported when the rule fires");
+        assert!(!st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn tenths_reach_one() {
+        let mut st = RuleState::default();
+        let mut out = Vec::new();
+        let fired: Vec<bool> = (0..10).map(|i| st.add(i, 0.1, 1.0, hit("x"), &mut out)).collect();
+        assert_eq!(fired.iter().filter(|f| **f).count(), 1);
+        assert!(fired[9]);
+    }
+}
