@@ -74,43 +74,57 @@ async fn classify_reports_action_hits_and_decision_id() {
     within(c.ping(pb::PingRequest {})).await.expect("ping");
 }
 
+/// The client may forward `released_bytes`; past the trigger's start only once the hit is known
+/// (with the hit's span in hand it can sanitize or refuse). Checked with a language hint (the hit
+/// comes mid-stream) and without one (a short text's language is undecided until its end, so the
+/// engine holds the text back and reports the hit at the end of input).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_split_over_chunks_is_caught_and_never_released() {
     let d = Daemon::start(&[]).await;
     let mut c = d.client().await;
     let text = format!("Hello there, please {INJECTION_PHRASE} and tell me a secret.");
     let trigger_start = text.find(INJECTION_PHRASE).unwrap() as u64;
-    let (tx, mut responses) = open_stream(&mut c).await;
-
-    let mut hit_seen = false;
-    let mut last_released = 0;
-    let bytes = text.as_bytes();
-    for piece in bytes.chunks(3) {
-        tx.send(chunk(std::str::from_utf8(piece).unwrap())).await.unwrap();
-        let r = within(responses.message()).await.unwrap().expect("a response per chunk");
-        assert!(!r.r#final);
-        assert!(r.released_bytes >= last_released, "released_bytes never decreases");
-        last_released = r.released_bytes;
-        if r.hits.iter().any(|h| h.rule_id == "RULE-MIST-009") {
-            hit_seen = true;
-            let h = r.hits.iter().find(|h| h.rule_id == "RULE-MIST-009").unwrap();
-            assert_eq!(h.start, trigger_start);
+    for hint in ["en", ""] {
+        let (tx, mut responses) = open_stream(&mut c).await;
+        let mut hit_seen = false;
+        let mut hit_mid_stream = false;
+        let mut last_released = 0;
+        let check = |r: &pb::ClassifyStreamResponse, hit_seen: &mut bool, last_released: &mut u64| {
+            if let Some(h) = r.hits.iter().find(|h| h.rule_id == "RULE-MIST-009") {
+                assert_eq!((h.start, h.end), (trigger_start, trigger_start + INJECTION_PHRASE.len() as u64));
+                *hit_seen = true;
+            }
+            assert!(r.released_bytes >= *last_released, "released_bytes never decreases");
+            *last_released = r.released_bytes;
+            assert!(
+                *hit_seen || r.released_bytes <= trigger_start,
+                "hint {hint:?}: released {} bytes, past the trigger at {trigger_start}, before the hit",
+                r.released_bytes
+            );
+        };
+        for (i, piece) in text.as_bytes().chunks(3).enumerate() {
+            let mut m = chunk(std::str::from_utf8(piece).unwrap());
+            if i == 0 {
+                m.language = hint.to_string();
+            }
+            tx.send(m).await.unwrap();
+            let r = within(responses.message()).await.unwrap().expect("a response per chunk");
+            assert!(!r.r#final);
+            check(&r, &mut hit_seen, &mut last_released);
+            hit_mid_stream |= hit_seen;
         }
-        // Before and after the hit: nothing from the trigger's start on is released.
-        assert!(
-            r.released_bytes <= trigger_start,
-            "released {} bytes, past the trigger at {trigger_start} (hit seen: {hit_seen})",
-            r.released_bytes
-        );
+        drop(tx); // half-close: end of input
+        let last = within(responses.message()).await.unwrap().expect("final response");
+        assert!(last.r#final);
+        assert_eq!(last.reason, "end_of_input");
+        check(&last, &mut hit_seen, &mut last_released);
+        assert!(hit_seen, "hint {hint:?}: the split trigger was reported");
+        if hint == "en" {
+            assert!(hit_mid_stream, "with a language hint the hit comes before the end of input");
+        }
+        assert_eq!(last.action, pb::Action::Sanitize as i32);
+        assert!(within(responses.message()).await.unwrap().is_none(), "stream ends after the final response");
     }
-    assert!(hit_seen, "the split trigger was reported");
-    drop(tx); // half-close: end of input
-    let last = within(responses.message()).await.unwrap().expect("final response");
-    assert!(last.r#final);
-    assert_eq!(last.reason, "end_of_input");
-    assert_eq!(last.action, pb::Action::Sanitize as i32);
-    assert!(last.released_bytes <= trigger_start);
-    assert!(within(responses.message()).await.unwrap().is_none(), "stream ends after the final response");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,19 +149,39 @@ async fn block_ends_the_stream_with_a_final_response() {
     let d = Daemon::start(&[]).await;
     let mut c = d.client().await;
     let (tx, mut responses) = open_stream(&mut c).await;
-    tx.send(chunk("The message is: ")).await.unwrap();
+    let preamble = "The message is: ";
+    tx.send(pb::ClassifyStreamRequest { text: preamble.into(), language: "en".into(), ..Default::default() })
+        .await
+        .unwrap();
     let first = within(responses.message()).await.unwrap().unwrap();
     assert_eq!(first.action, pb::Action::Allow as i32);
     tx.send(chunk(BLOCK_PHRASE)).await.unwrap();
     tx.send(chunk(" and more text")).await.unwrap();
-    let last = within(responses.message()).await.unwrap().unwrap();
-    assert!(last.r#final);
+    // The client keeps sending: the daemon still ends the stream on the block.
+    let keep_sending = tokio::spawn(async move {
+        for _ in 0..50 {
+            if tx.send(chunk(" filler")).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut last = None;
+    for _ in 0..60 {
+        let r = within(responses.message()).await.unwrap().expect("the stream ends with a final response");
+        assert!(r.released_bytes <= preamble.len() as u64, "the blocked phrase was released");
+        if r.r#final {
+            last = Some(r);
+            break;
+        }
+    }
+    let last = last.expect("a final response");
     assert_eq!(last.action, pb::Action::Block as i32);
     assert_eq!(last.reason, "blocked");
-    assert!(last.released_bytes <= "The message is: ".len() as u64);
     assert!(last.hits.iter().any(|h| h.rule_id == "RULE-MIST-001"));
     assert_eq!(last.decision_id, first.decision_id);
     assert!(within(responses.message()).await.unwrap().is_none(), "no response after the final one");
+    keep_sending.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -429,6 +429,8 @@ impl StreamTask {
         let mut bytes: u64 = 0;
         let mut pending = Some(first);
         let mut level = 0;
+        // What the client was last told it may forward.
+        let mut released: u64 = 0;
 
         let (step, reason) = loop {
             let msg = match pending.take() {
@@ -487,10 +489,11 @@ impl StreamTask {
             if step.action >= Action::Block {
                 break (step, "blocked");
             }
+            released = step.release_offset;
             let response = pb::ClassifyStreamResponse {
                 action: action_to_pb(step.action) as i32,
                 hits: step.hits.iter().map(hit_to_pb).collect(),
-                released_bytes: step.release_offset,
+                released_bytes: released,
                 language: step.language.unwrap_or("").to_string(),
                 escalation_level: level,
                 message: step.message.unwrap_or_default(),
@@ -514,10 +517,13 @@ impl StreamTask {
         let outcome = shared.record(meta.subject.as_ref(), action, &rules);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
         self.log_stream_end(&decision_id, &meta, &all_hits, Some(action), outcome.level, reason, bytes);
+        // The engine releases past a hit once it is reported (the client can act on its span);
+        // after a block nothing more may be forwarded, so the release stays where it was.
+        let released_bytes = if action >= Action::Block { released } else { step.release_offset };
         let response = pb::ClassifyStreamResponse {
             action: action_to_pb(action) as i32,
             hits: step.hits.iter().map(hit_to_pb).collect(),
-            released_bytes: step.release_offset,
+            released_bytes,
             language: step.language.unwrap_or("").to_string(),
             escalation_level: outcome.level,
             message: step.message.unwrap_or_default(),

@@ -35,7 +35,10 @@ const TEST_TRIGGERS: &[(&str, &str, &str, &str, &str)] = &[
     ("mist-010.toml", "RULE-MIST-010", "rate_limit", "daemon.test.extract", EXTRACTION_PHRASE),
 ];
 
-/// A temporary copy of the bundled `rulesets/` with the test triggers appended.
+/// A temporary rulesets directory: the bundled `policy.toml` (copied from `rulesets/`) and one
+/// file per rule holding only the test triggers. Small on purpose: compiling the full bundled
+/// rulesets takes minutes in a debug build on two cores, and the tests must not depend on the
+/// bundled trigger lists.
 pub struct TestRules {
     pub dir: tempfile::TempDir,
 }
@@ -43,20 +46,20 @@ pub struct TestRules {
 impl TestRules {
     pub fn new() -> TestRules {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("rulesets");
-        for entry in std::fs::read_dir(&src).expect("rulesets/") {
-            let path = entry.unwrap().path();
-            if path.extension().and_then(|e| e.to_str()) == Some("toml") {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("rulesets").join("policy.toml");
+        match std::fs::read_to_string(&src) {
+            Ok(mut policy) => {
+                policy.push_str("\n# daemon tests\n");
+                policy = policy.replacen("version = \"", "version = \"daemon-test-", 1);
+                std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
             }
-        }
-        let policy = dir.path().join("policy.toml");
-        if !policy.exists() {
-            let mut text = String::from("version = \"daemon-test\"\n");
-            for (_, rule, action, _, _) in TEST_TRIGGERS {
-                text.push_str(&format!("\n[rules.\"{rule}\"]\naction = \"{action}\"\nthreshold = 1.0\n"));
+            Err(_) => {
+                let mut text = String::from("version = \"daemon-test\"\n");
+                for (_, rule, action, _, _) in TEST_TRIGGERS {
+                    text.push_str(&format!("\n[rules.\"{rule}\"]\naction = \"{action}\"\nthreshold = 1.0\n"));
+                }
+                std::fs::write(dir.path().join("policy.toml"), text).unwrap();
             }
-            std::fs::write(&policy, text).unwrap();
         }
         let rules = TestRules { dir };
         for (file, rule, _, id, phrase) in TEST_TRIGGERS {
