@@ -17,7 +17,10 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
     let out_dir = Path::new(&env::var("OUT_DIR")?).to_path_buf();
-    fs::write(out_dir.join("mistguard_v1_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    fs::write(
+        out_dir.join("mistguard_v1_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
@@ -41,7 +44,10 @@ fn embed_rulesets() {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
         let name = f.file_name().unwrap().to_string_lossy();
-        out.push_str(&format!("    ({name:?}, include_str!({:?})),\n", f.display().to_string()));
+        out.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            f.display().to_string()
+        ));
     }
     out.push_str("];\n");
     let dest = Path::new(&env::var("OUT_DIR").unwrap()).join("bundled_rulesets.rs");

@@ -90,7 +90,11 @@ pub fn sample_text(len: usize) -> String {
 }
 
 pub fn bench_main(args: BenchArgs) -> ExitCode {
-    if !(1..=60).contains(&args.seconds) || args.concurrency == 0 || args.connections == 0 || args.streams == 0 {
+    if !(1..=60).contains(&args.seconds)
+        || args.concurrency == 0
+        || args.connections == 0
+        || args.streams == 0
+    {
         eprintln!("mistguard bench: --seconds must be 1..=60; counts must be positive");
         return ExitCode::from(super::EXIT_CONFIG);
     }
@@ -100,7 +104,10 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_CONFIG);
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mistguard bench: {e}");
@@ -129,12 +136,23 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             }
             flags.insert("max_inflight".into(), "100000".into());
             flags.insert("max_streams".into(), (args.streams * 2).to_string());
-            let config = Config::from_sources(&Sources { flags, ..Default::default() })?;
+            let config = Config::from_sources(&Sources {
+                flags,
+                ..Default::default()
+            })?;
             let prepared = prepare(&config)?;
             let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = grpc.local_addr()?;
             let (tx, rx) = mpsc::channel(1);
-            let task = tokio::spawn(serve_with(config, prepared, Listeners { grpc, metrics: None }, rx));
+            let task = tokio::spawn(serve_with(
+                config,
+                prepared,
+                Listeners {
+                    grpc,
+                    metrics: None,
+                },
+                rx,
+            ));
             server = Some((tx, task));
             addr
         }
@@ -142,32 +160,81 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let secs = Duration::from_secs(args.seconds);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(args.streams.div_ceil(200)) {
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
         channels.push(ch);
     }
     println!(
         "mistguard bench: target {addr}{}, {} s per phase, {} concurrent calls over {} connections",
-        if server.is_some() { " (in-process daemon, bundled rulesets unless --rulesets)" } else { "" },
+        if server.is_some() {
+            " (in-process daemon, bundled rulesets unless --rulesets)"
+        } else {
+            ""
+        },
         args.seconds,
         args.concurrency,
         args.connections
     );
 
     let unary_channels = &channels[..args.connections.min(channels.len())];
-    let ping = closed_loop("Ping (empty RPC)", unary_channels, args.concurrency, secs, None).await;
+    let ping = closed_loop(
+        "Ping (empty RPC)",
+        unary_channels,
+        args.concurrency,
+        secs,
+        None,
+    )
+    .await;
     let text_1k = Arc::new(sample_text(1024));
     let text_16k = Arc::new(sample_text(16 * 1024));
-    let c1k = closed_loop("Classify 1 KiB", unary_channels, args.concurrency, secs, Some(text_1k.clone())).await;
-    let c16k = closed_loop("Classify 16 KiB", unary_channels, args.concurrency, secs, Some(text_16k)).await;
+    let c1k = closed_loop(
+        "Classify 1 KiB",
+        unary_channels,
+        args.concurrency,
+        secs,
+        Some(text_1k.clone()),
+    )
+    .await;
+    let c16k = closed_loop(
+        "Classify 16 KiB",
+        unary_channels,
+        args.concurrency,
+        secs,
+        Some(text_16k),
+    )
+    .await;
     let half = (c1k.rate() / 2.0).max(1.0);
-    let open = open_loop(&format!("Classify 1 KiB at {half:.0}/s"), unary_channels, half, secs, text_1k).await;
+    let open = open_loop(
+        &format!("Classify 1 KiB at {half:.0}/s"),
+        unary_channels,
+        half,
+        secs,
+        text_1k,
+    )
+    .await;
     let streams = streaming(&channels, args.streams, args.chunk_bytes, secs).await?;
 
     println!();
-    println!("{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}", "phase", "calls", "errors", "per second", "p50 µs", "p99 µs");
+    println!(
+        "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
+        "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
+    );
     for r in [&ping, &c1k, &c16k, &open, &streams] {
-        let p = |q| r.percentile(q).map_or("-".to_string(), |v| format!("{v:.0}"));
-        println!("{:<34} {:>10} {:>8} {:>12.0} {:>9} {:>9}", r.name, r.calls, r.errors, r.rate(), p(0.5), p(0.99));
+        let p = |q| {
+            r.percentile(q)
+                .map_or("-".to_string(), |v| format!("{v:.0}"))
+        };
+        println!(
+            "{:<34} {:>10} {:>8} {:>12.0} {:>9} {:>9}",
+            r.name,
+            r.calls,
+            r.errors,
+            r.rate(),
+            p(0.5),
+            p(0.99)
+        );
     }
     let ratio = c1k.rate() / ping.rate() * 100.0;
     println!();
@@ -206,12 +273,17 @@ async fn closed_loop(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
-            while Instant::now() < end && calls.fetch_add(1, Ordering::Relaxed) < MAX_CALLS_PER_PHASE {
+            while Instant::now() < end
+                && calls.fetch_add(1, Ordering::Relaxed) < MAX_CALLS_PER_PHASE
+            {
                 let t = Instant::now();
                 let ok = match &text {
                     None => client.ping(PingRequest {}).await.is_ok(),
                     Some(s) => client
-                        .classify(ClassifyRequest { text: s.as_str().to_owned(), ..Default::default() })
+                        .classify(ClassifyRequest {
+                            text: s.as_str().to_owned(),
+                            ..Default::default()
+                        })
                         .await
                         .is_ok(),
                 };
@@ -239,18 +311,33 @@ async fn collect(
     }
     let secs = start.elapsed().as_secs_f64();
     latencies_us.sort_unstable();
-    PhaseResult { name: name.to_string(), calls: latencies_us.len() as u64, errors, secs, latencies_us }
+    PhaseResult {
+        name: name.to_string(),
+        calls: latencies_us.len() as u64,
+        errors,
+        secs,
+        latencies_us,
+    }
 }
 
 /// Sends at a fixed rate whatever the responses do; latency counts from the scheduled time.
-async fn open_loop(name: &str, channels: &[Channel], rate: f64, dur: Duration, text: Arc<String>) -> PhaseResult {
+async fn open_loop(
+    name: &str,
+    channels: &[Channel],
+    rate: f64,
+    dur: Duration,
+    text: Arc<String>,
+) -> PhaseResult {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let total = ((dur.as_secs_f64() * rate) as u64).min(MAX_CALLS_PER_PHASE);
     // At most this many calls outstanding; beyond it the phase records an error, not a queue.
     let outstanding = Arc::new(tokio::sync::Semaphore::new(4096));
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, bool)>();
-    let clients: Vec<_> = channels.iter().map(|c| GuardClient::new(c.clone())).collect();
+    let clients: Vec<_> = channels
+        .iter()
+        .map(|c| GuardClient::new(c.clone()))
+        .collect();
     for n in 0..total {
         let scheduled = start + interval.mul_f64(n as f64);
         let now = Instant::now();
@@ -265,7 +352,13 @@ async fn open_loop(name: &str, channels: &[Channel], rate: f64, dur: Duration, t
         let text = text.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let ok = client.classify(ClassifyRequest { text: text.as_str().to_owned(), ..Default::default() }).await.is_ok();
+            let ok = client
+                .classify(ClassifyRequest {
+                    text: text.as_str().to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok();
             let us = scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
             let _ = tx.send((us, ok));
             drop(permit);
@@ -280,11 +373,22 @@ async fn open_loop(name: &str, channels: &[Channel], rate: f64, dur: Duration, t
     }
     let secs = start.elapsed().as_secs_f64();
     latencies_us.sort_unstable();
-    PhaseResult { name: name.to_string(), calls: latencies_us.len() as u64, errors, secs, latencies_us }
+    PhaseResult {
+        name: name.to_string(),
+        calls: latencies_us.len() as u64,
+        errors,
+        secs,
+        latencies_us,
+    }
 }
 
 /// `streams` concurrent streams, each sending a chunk and waiting for its response, for `dur`.
-async fn streaming(channels: &[Channel], streams: usize, chunk_bytes: usize, dur: Duration) -> Result<PhaseResult, BoxError> {
+async fn streaming(
+    channels: &[Channel],
+    streams: usize,
+    chunk_bytes: usize,
+    dur: Duration,
+) -> Result<PhaseResult, BoxError> {
     let chunk = Arc::new(sample_text(chunk_bytes.max(1)));
     let start = Instant::now();
     let end = start + dur;
@@ -302,12 +406,21 @@ async fn streaming(channels: &[Channel], streams: usize, chunk_bytes: usize, dur
             let mut resp = resp.into_inner();
             while Instant::now() < end && (lat.len() as u64) < MAX_CALLS_PER_PHASE / 1000 {
                 let t = Instant::now();
-                if tx.send(ClassifyStreamRequest { text: chunk.as_str().to_owned(), ..Default::default() }).await.is_err() {
+                if tx
+                    .send(ClassifyStreamRequest {
+                        text: chunk.as_str().to_owned(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_err()
+                {
                     errors += 1;
                     break;
                 }
                 match resp.message().await {
-                    Ok(Some(r)) if !r.r#final => lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                    Ok(Some(r)) if !r.r#final => {
+                        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                    }
                     _ => {
                         errors += 1;
                         break;
@@ -319,7 +432,12 @@ async fn streaming(channels: &[Channel], streams: usize, chunk_bytes: usize, dur
             (lat, errors)
         }));
     }
-    let mut r = collect(&format!("ClassifyStream {streams} streams, {chunk_bytes} B"), tasks, start).await;
+    let mut r = collect(
+        &format!("ClassifyStream {streams} streams, {chunk_bytes} B"),
+        tasks,
+        start,
+    )
+    .await;
     r.name = format!("stream chunks ({streams} streams, {chunk_bytes} B)");
     Ok(r)
 }

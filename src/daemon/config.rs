@@ -24,7 +24,10 @@ pub struct Setting {
 impl Setting {
     /// `MISTGUARD_` + the key in upper case, dots and dashes as underscores.
     pub fn env_var(&self) -> String {
-        format!("MISTGUARD_{}", self.key.to_uppercase().replace(['.', '-'], "_"))
+        format!(
+            "MISTGUARD_{}",
+            self.key.to_uppercase().replace(['.', '-'], "_")
+        )
     }
 
     /// `--` + the key, dots and underscores as dashes.
@@ -170,9 +173,9 @@ impl Sources {
     /// # Errors
     /// A [`ConfigError`] naming the file and the key or the TOML error.
     pub fn with_file_text(mut self, path: &Path, text: &str) -> Result<Sources, ConfigError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError(format!("{}: {}", path.display(), e.message())))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(format!("{}: {}", path.display(), e.message()))
+        })?;
         let mut flat = BTreeMap::new();
         flatten("", &table, &mut flat);
         for (key, value) in flat {
@@ -198,12 +201,19 @@ impl Sources {
         if let Some(v) = self.file.get(key) {
             return (v.clone(), Origin::File);
         }
-        let default = SETTINGS.iter().find(|s| s.key == key).map(|s| s.default).unwrap_or("");
+        let default = SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .map(|s| s.default)
+            .unwrap_or("");
         (default.to_string(), Origin::Default)
     }
 
     fn describe(&self, key: &str, origin: Origin) -> String {
-        let setting = SETTINGS.iter().find(|s| s.key == key).expect("known setting");
+        let setting = SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .expect("known setting");
         match origin {
             Origin::Flag => setting.flag(),
             Origin::Env => setting.env_var(),
@@ -215,17 +225,29 @@ impl Sources {
         }
     }
 
-    fn parse<T>(&self, key: &str, what: &str, f: impl Fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+    fn parse<T>(
+        &self,
+        key: &str,
+        what: &str,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
         let (raw, origin) = self.get(key);
         f(raw.trim()).ok_or_else(|| {
-            ConfigError(format!("{}: `{raw}` is not {what}", self.describe(key, origin)))
+            ConfigError(format!(
+                "{}: `{raw}` is not {what}",
+                self.describe(key, origin)
+            ))
         })
     }
 }
 
 fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
     for (k, v) in table {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             toml::Value::Table(t) => flatten(&key, t, out),
             toml::Value::String(s) => {
@@ -337,13 +359,17 @@ impl Config {
     /// The first bad setting, as one line.
     pub fn from_sources(src: &Sources) -> Result<Config, ConfigError> {
         let addr = |s: &str| s.parse::<SocketAddr>().ok();
-        let metrics_listen = src.parse("metrics_listen", "an address like 127.0.0.1:9464 or `off`", |s| {
-            if s == "off" {
-                Some(None)
-            } else {
-                addr(s).map(Some)
-            }
-        })?;
+        let metrics_listen = src.parse(
+            "metrics_listen",
+            "an address like 127.0.0.1:9464 or `off`",
+            |s| {
+                if s == "off" {
+                    Some(None)
+                } else {
+                    addr(s).map(Some)
+                }
+            },
+        )?;
         let path = |s: &str| Some((!s.is_empty()).then(|| PathBuf::from(s)));
         let rulesets = src.parse("rulesets", "a directory", |s| {
             if s == "bundled" || s.is_empty() {
@@ -364,21 +390,39 @@ impl Config {
         }
         let nonzero_u64 = |s: &str| parse_u64(s).filter(|n| *n > 0);
         let limits = Limits {
-            max_message_bytes: src.parse("max_message_bytes", "a size between 1KiB and 64MiB", |s| {
-                parse_size(s).filter(|n| (1024..=64 << 20).contains(n)).map(|n| n as usize)
-            })?,
+            max_message_bytes: src.parse(
+                "max_message_bytes",
+                "a size between 1KiB and 64MiB",
+                |s| {
+                    parse_size(s)
+                        .filter(|n| (1024..=64 << 20).contains(n))
+                        .map(|n| n as usize)
+                },
+            )?,
             stream_max_bytes: src.parse("stream_max_bytes", "a size like 64MiB", |s| {
                 parse_size(s).filter(|n| *n > 0)
             })?,
             stream_max_chunks: src.parse("stream_max_chunks", "a positive count", nonzero_u64)?,
-            stream_idle_timeout: src.parse("stream_idle_timeout", "a duration like 60s", parse_nonzero_duration)?,
+            stream_idle_timeout: src.parse(
+                "stream_idle_timeout",
+                "a duration like 60s",
+                parse_nonzero_duration,
+            )?,
             max_streams_per_connection: src.parse(
                 "max_streams_per_connection",
                 "a count between 1 and 65535",
-                |s| parse_u64(s).filter(|n| (1..=65535).contains(n)).map(|n| n as u32),
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=65535).contains(n))
+                        .map(|n| n as u32)
+                },
             )?,
-            max_streams: src.parse("max_streams", "a positive count", |s| nonzero_u64(s).map(|n| n as usize))?,
-            max_inflight: src.parse("max_inflight", "a positive count", |s| nonzero_u64(s).map(|n| n as usize))?,
+            max_streams: src.parse("max_streams", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
+            max_inflight: src.parse("max_inflight", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
             http2_keepalive_interval: src.parse(
                 "http2_keepalive_interval",
                 "a duration like 30s",
@@ -412,25 +456,52 @@ impl Config {
                 }
                 Some(TlsFiles { cert, key })
             }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(ConfigError(
-                    "TLS needs both `tls_cert` and `tls_key` (MISTGUARD_TLS_CERT, MISTGUARD_TLS_KEY)".into(),
-                ))
-            }
+            (Some(_), None) | (None, Some(_)) => return Err(ConfigError(
+                "TLS needs both `tls_cert` and `tls_key` (MISTGUARD_TLS_CERT, MISTGUARD_TLS_KEY)"
+                    .into(),
+            )),
         };
         let auth_tokens_file = src.parse("auth_tokens_file", "a path", path)?;
         let subject_key_file = src.parse("subject_key_file", "a path", path)?;
         let escalation = EscalationConfig {
-            level2_hits: src.parse("escalation.level2_hits", "a count between 1 and 1000", |s| {
-                parse_u64(s).filter(|n| (1..=1000).contains(n)).map(|n| n as u32)
-            })?,
-            level2_window: src.parse("escalation.level2_window", "a duration like 10m", parse_nonzero_duration)?,
-            suspension: src.parse("escalation.suspension", "a duration like 15m", parse_nonzero_duration)?,
-            rate_limit: src.parse("escalation.rate_limit", "a duration like 5m", parse_duration)?,
-            level3_subjects: src.parse("escalation.level3_subjects", "a count between 1 and 100000", |s| {
-                parse_u64(s).filter(|n| (1..=100_000).contains(n)).map(|n| n as u32)
-            })?,
-            level3_window: src.parse("escalation.level3_window", "a duration like 10m", parse_nonzero_duration)?,
+            level2_hits: src.parse(
+                "escalation.level2_hits",
+                "a count between 1 and 1000",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=1000).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
+            level2_window: src.parse(
+                "escalation.level2_window",
+                "a duration like 10m",
+                parse_nonzero_duration,
+            )?,
+            suspension: src.parse(
+                "escalation.suspension",
+                "a duration like 15m",
+                parse_nonzero_duration,
+            )?,
+            rate_limit: src.parse(
+                "escalation.rate_limit",
+                "a duration like 5m",
+                parse_duration,
+            )?,
+            level3_subjects: src.parse(
+                "escalation.level3_subjects",
+                "a count between 1 and 100000",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=100_000).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
+            level3_window: src.parse(
+                "escalation.level3_window",
+                "a duration like 10m",
+                parse_nonzero_duration,
+            )?,
             max_subjects: src.parse("escalation.max_subjects", "a positive count", |s| {
                 nonzero_u64(s).map(|n| n as usize)
             })?,
@@ -445,9 +516,15 @@ impl Config {
                 _ => None,
             })?,
             log_level: src.parse("log_level", "a tracing filter", |s| {
-                tracing_subscriber::EnvFilter::try_new(s).ok().map(|_| s.to_string())
+                tracing_subscriber::EnvFilter::try_new(s)
+                    .ok()
+                    .map(|_| s.to_string())
             })?,
-            drain_deadline: src.parse("drain_deadline", "a duration like 20s", parse_nonzero_duration)?,
+            drain_deadline: src.parse(
+                "drain_deadline",
+                "a duration like 20s",
+                parse_nonzero_duration,
+            )?,
             limits,
             tls,
             auth_tokens_file,
@@ -464,7 +541,9 @@ fn parse_u64(s: &str) -> Option<u64> {
 /// `1048576`, `64KiB`, `1MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`, `GB`: all binary).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n = parse_u64(num)?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -501,7 +580,10 @@ mod tests {
     use super::*;
 
     fn flags(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -519,10 +601,17 @@ mod tests {
     #[test]
     fn flags_beat_env_beat_file() {
         let file = "listen = \"127.0.0.1:1\"\nmax_inflight = 7\ndrain_deadline = \"3s\"\n[escalation]\nlevel2_hits = 9\n";
-        let src = Sources { flags: flags(&[("listen", "127.0.0.1:3")]), ..Default::default() }
-            .with_env([("MISTGUARD_LISTEN", "127.0.0.1:2"), ("MISTGUARD_MAX_INFLIGHT", "8"), ("HOME", "/x")])
-            .with_file_text(Path::new("m.toml"), file)
-            .unwrap();
+        let src = Sources {
+            flags: flags(&[("listen", "127.0.0.1:3")]),
+            ..Default::default()
+        }
+        .with_env([
+            ("MISTGUARD_LISTEN", "127.0.0.1:2"),
+            ("MISTGUARD_MAX_INFLIGHT", "8"),
+            ("HOME", "/x"),
+        ])
+        .with_file_text(Path::new("m.toml"), file)
+        .unwrap();
         let c = Config::from_sources(&src).unwrap();
         assert_eq!(c.listen.port(), 3);
         assert_eq!(c.limits.max_inflight, 8);
@@ -534,10 +623,16 @@ mod tests {
     fn bad_values_name_setting_and_origin() {
         let src = Sources::default().with_env([("MISTGUARD_MAX_MESSAGE_BYTES", "lots")]);
         let e = Config::from_sources(&src).unwrap_err().to_string();
-        assert_eq!(e, "MISTGUARD_MAX_MESSAGE_BYTES: `lots` is not a size between 1KiB and 64MiB");
+        assert_eq!(
+            e,
+            "MISTGUARD_MAX_MESSAGE_BYTES: `lots` is not a size between 1KiB and 64MiB"
+        );
         assert!(!e.contains('\n'));
 
-        let src = Sources { flags: flags(&[("drain_deadline", "0s")]), ..Default::default() };
+        let src = Sources {
+            flags: flags(&[("drain_deadline", "0s")]),
+            ..Default::default()
+        };
         let e = Config::from_sources(&src).unwrap_err().to_string();
         assert!(e.starts_with("--drain-deadline:"), "{e}");
 
@@ -550,17 +645,30 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_and_half_tls_are_refused() {
-        let e = Sources::default().with_file_text(Path::new("m.toml"), "lisen = \"x\"\n").unwrap_err();
+        let e = Sources::default()
+            .with_file_text(Path::new("m.toml"), "lisen = \"x\"\n")
+            .unwrap_err();
         assert!(e.0.contains("unknown setting `lisen`"), "{e}");
-        let e = Sources::default().with_file_text(Path::new("m.toml"), "listen = ").unwrap_err();
+        let e = Sources::default()
+            .with_file_text(Path::new("m.toml"), "listen = ")
+            .unwrap_err();
         assert!(e.0.starts_with("m.toml: "), "{e}");
-        let src = Sources { flags: flags(&[("tls_cert", "/etc/hostname")]), ..Default::default() };
-        assert!(Config::from_sources(&src).unwrap_err().0.contains("both `tls_cert` and `tls_key`"));
+        let src = Sources {
+            flags: flags(&[("tls_cert", "/etc/hostname")]),
+            ..Default::default()
+        };
+        assert!(Config::from_sources(&src)
+            .unwrap_err()
+            .0
+            .contains("both `tls_cert` and `tls_key`"));
     }
 
     #[test]
     fn missing_rulesets_dir_is_refused() {
-        let src = Sources { flags: flags(&[("rulesets", "/nonexistent/mistguard")]), ..Default::default() };
+        let src = Sources {
+            flags: flags(&[("rulesets", "/nonexistent/mistguard")]),
+            ..Default::default()
+        };
         let e = Config::from_sources(&src).unwrap_err().0;
         assert_eq!(e, "--rulesets: `/nonexistent/mistguard` is not a directory");
     }
@@ -579,13 +687,19 @@ mod tests {
 
     #[test]
     fn metrics_can_be_turned_off() {
-        let src = Sources { flags: flags(&[("metrics_listen", "off")]), ..Default::default() };
+        let src = Sources {
+            flags: flags(&[("metrics_listen", "off")]),
+            ..Default::default()
+        };
         assert_eq!(Config::from_sources(&src).unwrap().metrics_listen, None);
     }
 
     #[test]
     fn env_and_flag_names_follow_keys() {
-        let s = SETTINGS.iter().find(|s| s.key == "escalation.level2_hits").unwrap();
+        let s = SETTINGS
+            .iter()
+            .find(|s| s.key == "escalation.level2_hits")
+            .unwrap();
         assert_eq!(s.env_var(), "MISTGUARD_ESCALATION_LEVEL2_HITS");
         assert_eq!(s.flag(), "--escalation-level2-hits");
     }

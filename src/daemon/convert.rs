@@ -63,7 +63,8 @@ pub fn language_hint(s: &str) -> Result<Option<String>, &'static str> {
     let code = s.split(['-', '_']).next().unwrap_or("");
     let ok = s.len() <= 16
         && (2..=3).contains(&code.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(Some(code.to_ascii_lowercase()))
     } else {

@@ -67,7 +67,11 @@ struct Level3Window {
 
 impl Escalation {
     pub fn new(cfg: EscalationConfig) -> Escalation {
-        Escalation { cfg, subjects: DashMap::new(), level2_recent: Mutex::new(Level3Window::default()) }
+        Escalation {
+            cfg,
+            subjects: DashMap::new(),
+            level2_recent: Mutex::new(Level3Window::default()),
+        }
     }
 
     pub fn tracked(&self) -> usize {
@@ -106,24 +110,33 @@ impl Escalation {
             extraction |= r == "RULE-MIST-010";
         }
         if !any_hit {
-            return Outcome { level: self.level_of(subject, now), ..Outcome::default() };
+            return Outcome {
+                level: self.level_of(subject, now),
+                ..Outcome::default()
+            };
         }
         if !self.subjects.contains_key(subject) && self.subjects.len() >= self.cfg.max_subjects {
             self.sweep(now);
             if self.subjects.len() >= self.cfg.max_subjects {
                 metrics::counter!("mistguard_escalation_untracked_total").increment(1);
-                return Outcome { level: 1, ..Outcome::default() };
+                return Outcome {
+                    level: 1,
+                    ..Outcome::default()
+                };
             }
         }
         let mut suspended_now = false;
         {
-            let mut state = self.subjects.entry(*subject).or_insert_with(|| SubjectState {
-                severe: VecDeque::new(),
-                any_hit: false,
-                suspended_until: None,
-                rate_limited_until: None,
-                last_seen: now,
-            });
+            let mut state = self
+                .subjects
+                .entry(*subject)
+                .or_insert_with(|| SubjectState {
+                    severe: VecDeque::new(),
+                    any_hit: false,
+                    suspended_until: None,
+                    rate_limited_until: None,
+                    last_seen: now,
+                });
             state.any_hit = true;
             state.last_seen = now;
             if extraction && !self.cfg.rate_limit.is_zero() {
@@ -132,7 +145,11 @@ impl Escalation {
             let already = state.suspended_until.is_some_and(|t| t > now);
             if action >= Action::Block {
                 let window = self.cfg.level2_window;
-                while state.severe.front().is_some_and(|t| now.duration_since(*t) > window) {
+                while state
+                    .severe
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > window)
+                {
                     state.severe.pop_front();
                 }
                 state.severe.push_back(now);
@@ -146,7 +163,11 @@ impl Escalation {
                 suspended_now = true;
             }
         }
-        let mut outcome = Outcome { level: self.level_of(subject, now), suspended_now, alert: false };
+        let mut outcome = Outcome {
+            level: self.level_of(subject, now),
+            suspended_now,
+            alert: false,
+        };
         if suspended_now {
             metrics::counter!("mistguard_escalation_level2_total").increment(1);
             outcome.alert = self.note_level2(subject, now);
@@ -169,7 +190,11 @@ impl Escalation {
     fn note_level2(&self, subject: &SubjectKey, now: Instant) -> bool {
         let mut w = self.level2_recent.lock().unwrap_or_else(|e| e.into_inner());
         let window = self.cfg.level3_window;
-        while w.entries.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
+        while w
+            .entries
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
             w.entries.pop_front();
         }
         w.entries.retain(|(_, s)| s != subject);
@@ -178,7 +203,9 @@ impl Escalation {
         while w.entries.len() > self.cfg.level3_subjects as usize {
             w.entries.pop_front();
         }
-        let recently_alerted = w.alerted_at.is_some_and(|t| now.duration_since(t) <= window);
+        let recently_alerted = w
+            .alerted_at
+            .is_some_and(|t| now.duration_since(t) <= window);
         if w.entries.len() >= self.cfg.level3_subjects as usize && !recently_alerted {
             w.alerted_at = Some(now);
             metrics::counter!("mistguard_escalation_alerts_total", "level" => "3").increment(1);
@@ -216,7 +243,11 @@ mod tests {
     }
 
     fn esc() -> Escalation {
-        Escalation::new(EscalationConfig { level3_subjects: 2, max_subjects: 3, ..Default::default() })
+        Escalation::new(EscalationConfig {
+            level3_subjects: 2,
+            max_subjects: 3,
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -227,13 +258,30 @@ mod tests {
         assert_eq!(e.check(&s, t0), Gate::Open { level: 0 });
         assert_eq!(e.record(&s, Action::Flag, ["RULE-MIST-008"], t0).level, 1);
         assert_eq!(e.record(&s, Action::Block, ["RULE-MIST-001"], t0).level, 1);
-        assert_eq!(e.record(&s, Action::Block, ["RULE-MIST-001"], t0 + Duration::from_secs(60)).level, 1);
-        let o = e.record(&s, Action::HardBlock, ["RULE-MIST-006"], t0 + Duration::from_secs(120));
+        assert_eq!(
+            e.record(
+                &s,
+                Action::Block,
+                ["RULE-MIST-001"],
+                t0 + Duration::from_secs(60)
+            )
+            .level,
+            1
+        );
+        let o = e.record(
+            &s,
+            Action::HardBlock,
+            ["RULE-MIST-006"],
+            t0 + Duration::from_secs(120),
+        );
         assert!(o.suspended_now);
         assert_eq!(o.level, 2);
         assert_eq!(e.check(&s, t0 + Duration::from_secs(121)), Gate::Suspended);
         // The suspension expires after 15 minutes.
-        assert_eq!(e.check(&s, t0 + Duration::from_secs(120 + 901)), Gate::Open { level: 1 });
+        assert_eq!(
+            e.check(&s, t0 + Duration::from_secs(120 + 901)),
+            Gate::Open { level: 1 }
+        );
     }
 
     #[test]
@@ -242,7 +290,12 @@ mod tests {
         let t0 = Instant::now();
         let s = key(1);
         for i in 0..5u64 {
-            let o = e.record(&s, Action::Block, ["RULE-MIST-001"], t0 + Duration::from_secs(i * 400));
+            let o = e.record(
+                &s,
+                Action::Block,
+                ["RULE-MIST-001"],
+                t0 + Duration::from_secs(i * 400),
+            );
             assert!(!o.suspended_now, "decision {i}");
         }
     }
@@ -251,22 +304,37 @@ mod tests {
     fn csam_suspends_on_first_hit_and_extraction_rate_limits() {
         let e = esc();
         let t0 = Instant::now();
-        assert!(e.record(&key(1), Action::Block, ["RULE-MIST-005"], t0).suspended_now);
+        assert!(
+            e.record(&key(1), Action::Block, ["RULE-MIST-005"], t0)
+                .suspended_now
+        );
         assert_eq!(e.check(&key(1), t0), Gate::Suspended);
         e.record(&key(2), Action::RateLimit, ["RULE-MIST-010"], t0);
-        assert_eq!(e.check(&key(2), t0 + Duration::from_secs(1)), Gate::RateLimited { level: 1 });
-        assert_eq!(e.check(&key(2), t0 + Duration::from_secs(301)), Gate::Open { level: 1 });
+        assert_eq!(
+            e.check(&key(2), t0 + Duration::from_secs(1)),
+            Gate::RateLimited { level: 1 }
+        );
+        assert_eq!(
+            e.check(&key(2), t0 + Duration::from_secs(301)),
+            Gate::Open { level: 1 }
+        );
     }
 
     #[test]
     fn distinct_subjects_at_level2_raise_level3_once() {
         let e = esc();
         let t0 = Instant::now();
-        assert!(!e.record(&key(1), Action::Block, ["RULE-MIST-005"], t0).alert);
+        assert!(
+            !e.record(&key(1), Action::Block, ["RULE-MIST-005"], t0)
+                .alert
+        );
         let o = e.record(&key(2), Action::Block, ["RULE-MIST-005"], t0);
         assert!(o.alert);
         assert_eq!(o.level, 3);
-        assert!(!e.record(&key(3), Action::Block, ["RULE-MIST-005"], t0).alert);
+        assert!(
+            !e.record(&key(3), Action::Block, ["RULE-MIST-005"], t0)
+                .alert
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ impl DecisionIds {
     pub fn new() -> Result<DecisionIds, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
-        Ok(DecisionIds { key, counter: AtomicU64::new(0) })
+        Ok(DecisionIds {
+            key,
+            counter: AtomicU64::new(0),
+        })
     }
 
     /// The next id, as 32 lower-case hex digits.

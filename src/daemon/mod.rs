@@ -109,12 +109,18 @@ impl ServeArgs {
             ("stream_max_bytes", &self.stream_max_bytes),
             ("stream_max_chunks", &self.stream_max_chunks),
             ("stream_idle_timeout", &self.stream_idle_timeout),
-            ("max_streams_per_connection", &self.max_streams_per_connection),
+            (
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            ),
             ("max_streams", &self.max_streams),
             ("max_inflight", &self.max_inflight),
             ("http2_keepalive_interval", &self.http2_keepalive_interval),
             ("http2_keepalive_timeout", &self.http2_keepalive_timeout),
-            ("http2_max_local_error_reset_streams", &self.http2_max_local_error_reset_streams),
+            (
+                "http2_max_local_error_reset_streams",
+                &self.http2_max_local_error_reset_streams,
+            ),
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
             ("auth_tokens_file", &self.auth_tokens_file),
@@ -123,11 +129,17 @@ impl ServeArgs {
             ("escalation.level2_window", &self.escalation_level2_window),
             ("escalation.suspension", &self.escalation_suspension),
             ("escalation.rate_limit", &self.escalation_rate_limit),
-            ("escalation.level3_subjects", &self.escalation_level3_subjects),
+            (
+                "escalation.level3_subjects",
+                &self.escalation_level3_subjects,
+            ),
             ("escalation.level3_window", &self.escalation_level3_window),
             ("escalation.max_subjects", &self.escalation_max_subjects),
         ];
-        pairs.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v))).collect()
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect()
     }
 
     /// Gathers flags, the process environment and the config file, and validates them.
@@ -136,9 +148,15 @@ impl ServeArgs {
     /// One line naming the bad setting.
     pub fn load(&self) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
-        let mut sources = Sources { flags: self.flag_values(), ..Default::default() }
-            .with_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let file = self.config.clone().or_else(|| std::env::var_os("MISTGUARD_CONFIG").map(PathBuf::from));
+        let mut sources = Sources {
+            flags: self.flag_values(),
+            ..Default::default()
+        }
+        .with_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let file = self
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("MISTGUARD_CONFIG").map(PathBuf::from));
         if let Some(path) = file {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
@@ -151,7 +169,9 @@ impl ServeArgs {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log_format {
         config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
         config::LogFormat::Text => builder.try_init(),
@@ -176,7 +196,10 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mistguard: cannot start the runtime: {e}");
@@ -194,10 +217,12 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(forward_signals(tx));
-        serve_with(config, prepared, listeners, rx).await.map_err(|e| {
-            tracing::error!(error = %e, "server failed");
-            ExitCode::FAILURE
-        })
+        serve_with(config, prepared, listeners, rx)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            })
     });
     // Tasks that outlived the drain (a connection stuck mid-write) must not hold the exit.
     runtime.shutdown_timeout(deadline.min(std::time::Duration::from_secs(1)));
@@ -209,9 +234,11 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 
 async fn forward_signals(tx: tokio::sync::mpsc::Sender<Control>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -245,7 +272,8 @@ mod tests {
         for s in config::SETTINGS {
             let flag = s.flag();
             assert!(
-                cmd.get_arguments().any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
+                cmd.get_arguments()
+                    .any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
                 "no flag {flag}"
             );
         }
@@ -254,8 +282,18 @@ mod tests {
     #[test]
     fn flags_reach_the_config() {
         use clap::Parser;
-        let w = Wrapper::try_parse_from(["x", "--listen", "127.0.0.1:7", "--escalation-level2-hits", "4"]).unwrap();
-        let src = Sources { flags: w.serve.flag_values(), ..Default::default() };
+        let w = Wrapper::try_parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:7",
+            "--escalation-level2-hits",
+            "4",
+        ])
+        .unwrap();
+        let src = Sources {
+            flags: w.serve.flag_values(),
+            ..Default::default()
+        };
         let c = Config::from_sources(&src).unwrap();
         assert_eq!(c.listen.port(), 7);
         assert_eq!(c.escalation.level2_hits, 4);

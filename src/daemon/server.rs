@@ -72,9 +72,13 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     let subjects = match &config.subject_key_file {
         None => SubjectHasher::random().map_err(|e| PrepareError(format!("random source: {e}")))?,
         Some(p) => {
-            let secret = std::fs::read(p).map_err(|e| PrepareError(format!("{}: {e}", p.display())))?;
+            let secret =
+                std::fs::read(p).map_err(|e| PrepareError(format!("{}: {e}", p.display())))?;
             SubjectHasher::from_secret(trim_ascii(&secret)).ok_or_else(|| {
-                PrepareError(format!("{}: the subject key must be at least 32 bytes", p.display()))
+                PrepareError(format!(
+                    "{}: the subject key must be at least 32 bytes",
+                    p.display()
+                ))
             })?
         }
     };
@@ -86,20 +90,37 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
             let key = std::fs::read(&files.key)
                 .map_err(|e| PrepareError(format!("{}: {e}", files.key.display())))?;
             if !cert.windows(11).any(|w| w == b"-----BEGIN ") {
-                return Err(PrepareError(format!("{}: not a PEM certificate", files.cert.display())));
+                return Err(PrepareError(format!(
+                    "{}: not a PEM certificate",
+                    files.cert.display()
+                )));
             }
             if !key.windows(11).any(|w| w == b"-----BEGIN ") {
-                return Err(PrepareError(format!("{}: not a PEM private key", files.key.display())));
+                return Err(PrepareError(format!(
+                    "{}: not a PEM private key",
+                    files.key.display()
+                )));
             }
             Some(Identity::from_pem(cert, key))
         }
     };
-    Ok(Prepared { engine, tokens, subjects, tls })
+    Ok(Prepared {
+        engine,
+        tokens,
+        subjects,
+        tls,
+    })
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -112,7 +133,10 @@ fn read_tokens(path: &Path) -> Result<Vec<Vec<u8>>, PrepareError> {
         .map(<[u8]>::to_vec)
         .collect();
     if tokens.is_empty() {
-        return Err(PrepareError(format!("{}: no tokens (one a line; `#` starts a comment)", path.display())));
+        return Err(PrepareError(format!(
+            "{}: no tokens (one a line; `#` starts a comment)",
+            path.display()
+        )));
     }
     if let Some(i) = tokens.iter().position(|t| t.len() < 16) {
         return Err(PrepareError(format!(
@@ -160,7 +184,8 @@ impl Interceptor for BearerAuth {
         if bool::from(ok) && !presented.is_empty() {
             Ok(req)
         } else {
-            metrics::counter!("mistguard_rejected_total", "reason" => "unauthenticated").increment(1);
+            metrics::counter!("mistguard_rejected_total", "reason" => "unauthenticated")
+                .increment(1);
             Err(Status::unauthenticated("missing or unknown bearer token"))
         }
     }
@@ -187,9 +212,14 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -200,17 +230,21 @@ where
             let mut resp = fut.await?;
             let headers = resp.headers_mut();
             let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
-                && headers
-                    .get("grpc-message")
-                    .is_some_and(|v| v.as_bytes().starts_with(b"Error,%20decoded%20message%20length%20too%20large"));
+                && headers.get("grpc-message").is_some_and(|v| {
+                    v.as_bytes()
+                        .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+                });
             let undecodable = headers.get("grpc-status").is_some_and(|v| v == "13")
                 && headers.get("grpc-message").is_some_and(|v| {
                     let m = v.as_bytes();
                     m.starts_with(b"failed%20to%20decode") || m.windows(6).any(|w| w == b"decode")
                 });
             let replacement = if too_large {
-                metrics::counter!("mistguard_rejected_total", "reason" => "message_too_large").increment(1);
-                Some(Status::resource_exhausted(format!("message larger than {limit} bytes (max_message_bytes)")))
+                metrics::counter!("mistguard_rejected_total", "reason" => "message_too_large")
+                    .increment(1);
+                Some(Status::resource_exhausted(format!(
+                    "message larger than {limit} bytes (max_message_bytes)"
+                )))
             } else if undecodable {
                 metrics::counter!("mistguard_rejected_total", "reason" => "malformed").increment(1);
                 Some(Status::invalid_argument(MALFORMED))
@@ -246,7 +280,9 @@ pub async fn serve_with(
     let handle = m::install();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<GuardServer<GuardService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let limits = config.limits.clone();
@@ -267,8 +303,13 @@ pub async fn serve_with(
 
     let guard = GuardServer::new(GuardService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes + ENVELOPE_BYTES);
-    let guard = ClientErrorStatus { inner: guard, limit: limits.max_message_bytes };
-    let auth = BearerAuth { tokens: prepared.tokens.map(Arc::new) };
+    let guard = ClientErrorStatus {
+        inner: guard,
+        limit: limits.max_message_bytes,
+    };
+    let auth = BearerAuth {
+        tokens: prepared.tokens.map(Arc::new),
+    };
     let guard = tonic::service::interceptor::InterceptedService::new(guard, auth);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -282,11 +323,14 @@ pub async fn serve_with(
     let grpc_addr = listeners.grpc.local_addr()?;
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself; set it here, or Nagle's
     // algorithm and delayed ACKs add tens of milliseconds to small responses.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), |conn| {
-        conn.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+        |conn| {
+            conn.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = builder
         .tcp_nodelay(true)
@@ -321,7 +365,9 @@ pub async fn serve_with(
     };
 
     health.set_serving::<GuardServer<GuardService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     tracing::info!(addr = %grpc_addr, ruleset_version = %version, "mistguard serving");
 
     let mut current_version = version;
@@ -350,17 +396,25 @@ pub async fn serve_with(
 
     // Drain.
     let deadline = config.drain_deadline;
-    tracing::info!(deadline_s = deadline.as_secs_f32(), "shutting down: draining");
+    tracing::info!(
+        deadline_s = deadline.as_secs_f32(),
+        "shutting down: draining"
+    );
     shared.draining.store(true, Ordering::Release);
     health.set_not_serving::<GuardServer<GuardService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = shutdown_tx.send(true);
     let _ = stop_tx.send(());
     match tokio::time::timeout(deadline, &mut server).await {
         Ok(_) => tracing::info!("drained; exiting"),
         Err(_) => {
             let open = limits.max_streams - shared.streams.available_permits();
-            tracing::warn!(open_streams = open, "drain deadline passed; closing remaining connections");
+            tracing::warn!(
+                open_streams = open,
+                "drain deadline passed; closing remaining connections"
+            );
             server.abort();
         }
     }
@@ -379,20 +433,24 @@ async fn reload(shared: &Shared, dir: Option<PathBuf>, current_version: &mut Str
         Ok(Ok(engine)) => {
             let version = engine.version().to_string();
             shared.engine.store(engine);
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "success").increment(1);
+            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "success")
+                .increment(1);
             if version != *current_version {
-                metrics::gauge!("mistguard_ruleset_info", "version" => current_version.clone()).set(0.0);
+                metrics::gauge!("mistguard_ruleset_info", "version" => current_version.clone())
+                    .set(0.0);
             }
             metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
             tracing::info!(ruleset_version = %version, millis = started.elapsed().as_millis() as u64, "rulesets reloaded");
             *current_version = version;
         }
         Ok(Err(e)) => {
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure").increment(1);
+            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure")
+                .increment(1);
             tracing::error!(error = %e, ruleset_version = %current_version, "ruleset reload failed; the previous rulesets keep serving");
         }
         Err(e) => {
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure").increment(1);
+            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure")
+                .increment(1);
             tracing::error!(error = %e, "ruleset reload panicked; the previous rulesets keep serving");
         }
     }
@@ -414,5 +472,7 @@ pub async fn bind(config: &Config) -> Result<Listeners, String> {
 }
 
 async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))
 }

@@ -86,7 +86,8 @@ fn code_label(code: Code) -> &'static str {
 }
 
 fn observe_rpc(rpc: &'static str, code: Code, started: Instant) {
-    metrics::counter!("mistguard_requests_total", "rpc" => rpc, "code" => code_label(code)).increment(1);
+    metrics::counter!("mistguard_requests_total", "rpc" => rpc, "code" => code_label(code))
+        .increment(1);
     metrics::histogram!("mistguard_request_duration_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
 }
@@ -106,7 +107,9 @@ fn observe_hits(hits: &[Hit]) {
 /// A request id is logged only if it looks like one (it is caller data).
 fn loggable_request_id(id: &str) -> &str {
     let ok = id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     if ok {
         id
     } else {
@@ -123,11 +126,21 @@ struct CallMeta {
 }
 
 impl CallMeta {
-    fn parse(subject: &str, language: &str, direction: i32, request_id: &str, hasher: &SubjectHasher) -> Result<CallMeta, Status> {
+    fn parse(
+        subject: &str,
+        language: &str,
+        direction: i32,
+        request_id: &str,
+        hasher: &SubjectHasher,
+    ) -> Result<CallMeta, Status> {
         if subject.len() > MAX_SUBJECT_BYTES {
-            return Err(reject("invalid_argument", Status::invalid_argument("subject is longer than 1024 bytes")));
+            return Err(reject(
+                "invalid_argument",
+                Status::invalid_argument("subject is longer than 1024 bytes"),
+            ));
         }
-        let lang_hint = language_hint(language).map_err(|m| reject("invalid_argument", Status::invalid_argument(m)))?;
+        let lang_hint = language_hint(language)
+            .map_err(|m| reject("invalid_argument", Status::invalid_argument(m)))?;
         Ok(CallMeta {
             subject: (!subject.is_empty()).then(|| hasher.hash(subject)),
             opts: ClassifyOptions { lang_hint },
@@ -180,7 +193,10 @@ fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
 impl Shared {
     fn admit(&self) -> Result<(), Status> {
         if self.draining.load(Ordering::Acquire) {
-            return Err(reject("draining", Status::unavailable("mistguard is shutting down")));
+            return Err(reject(
+                "draining",
+                Status::unavailable("mistguard is shutting down"),
+            ));
         }
         Ok(())
     }
@@ -207,29 +223,63 @@ impl Shared {
 
     fn record(&self, subject: Option<&SubjectKey>, action: Action, rules: &[&str]) -> Outcome {
         match subject {
-            Some(s) => self.escalation.record(s, action, rules.iter().copied(), Instant::now()),
-            None => Outcome { level: u32::from(!rules.is_empty()), ..Outcome::default() },
+            Some(s) => self
+                .escalation
+                .record(s, action, rules.iter().copied(), Instant::now()),
+            None => Outcome {
+                level: u32::from(!rules.is_empty()),
+                ..Outcome::default()
+            },
         }
     }
 
-    fn classify(&self, req: pb::ClassifyRequest, started: Instant) -> Result<pb::ClassifyResponse, Status> {
+    fn classify(
+        &self,
+        req: pb::ClassifyRequest,
+        started: Instant,
+    ) -> Result<pb::ClassifyResponse, Status> {
         self.admit()?;
         let Ok(_permit) = self.inflight.try_acquire() else {
-            return Err(reject("overloaded", Status::resource_exhausted("mistguard is overloaded; retry later")));
+            return Err(reject(
+                "overloaded",
+                Status::resource_exhausted("mistguard is overloaded; retry later"),
+            ));
         };
         self.check_size(req.text.len())?;
-        let meta = CallMeta::parse(&req.subject, &req.language, req.direction, &req.request_id, &self.subjects)?;
+        let meta = CallMeta::parse(
+            &req.subject,
+            &req.language,
+            req.direction,
+            &req.request_id,
+            &self.subjects,
+        )?;
         let decision_id = self.ids.next();
         let bytes = req.text.len() as u64;
         let forced = match self.gate(meta.subject.as_ref()) {
             Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
-            Gate::RateLimited { level } => Some((Action::RateLimit, level, "rate_limited", RATE_LIMITED_MESSAGE)),
+            Gate::RateLimited { level } => Some((
+                Action::RateLimit,
+                level,
+                "rate_limited",
+                RATE_LIMITED_MESSAGE,
+            )),
             Gate::Open { .. } => None,
         };
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => action.as_str()).increment(1);
-            log_decision("classify", &decision_id, &meta, action, &[], None, level, reason, bytes, started);
+            log_decision(
+                "classify",
+                &decision_id,
+                &meta,
+                action,
+                &[],
+                None,
+                level,
+                reason,
+                bytes,
+                started,
+            );
             return Ok(pb::ClassifyResponse {
                 action: action_to_pb(action) as i32,
                 escalation_level: level,
@@ -248,7 +298,18 @@ impl Shared {
         metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify").increment(bytes);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => verdict.action.as_str())
             .increment(1);
-        log_decision("classify", &decision_id, &meta, verdict.action, &rules, verdict.language, outcome.level, "", bytes, started);
+        log_decision(
+            "classify",
+            &decision_id,
+            &meta,
+            verdict.action,
+            &rules,
+            verdict.language,
+            outcome.level,
+            "",
+            bytes,
+            started,
+        );
         Ok(pb::ClassifyResponse {
             action: action_to_pb(verdict.action) as i32,
             hits: verdict.hits.iter().map(hit_to_pb).collect(),
@@ -262,14 +323,22 @@ impl Shared {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ClassifyStreamResponse, Status>> + Send>>;
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ClassifyStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::guard_server::Guard for GuardService {
-    async fn classify(&self, req: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
+    async fn classify(
+        &self,
+        req: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let started = Instant::now();
         let result = self.shared.classify(req.into_inner(), started);
-        observe_rpc("classify", result.as_ref().err().map_or(Code::Ok, |s| s.code()), started);
+        observe_rpc(
+            "classify",
+            result.as_ref().err().map_or(Code::Ok, |s| s.code()),
+            started,
+        );
         result.map(Response::new)
     }
 
@@ -285,7 +354,12 @@ impl pb::guard_server::Guard for GuardService {
                 .streams
                 .clone()
                 .try_acquire_owned()
-                .map_err(|_| reject("overloaded", Status::resource_exhausted("too many open streams; retry later")))
+                .map_err(|_| {
+                    reject(
+                        "overloaded",
+                        Status::resource_exhausted("too many open streams; retry later"),
+                    )
+                })
         });
         let permit = match admitted {
             Ok(p) => p,
@@ -307,10 +381,17 @@ impl pb::guard_server::Guard for GuardService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn ping(&self, _req: Request<pb::PingRequest>) -> Result<Response<pb::PingResponse>, Status> {
+    async fn ping(
+        &self,
+        _req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
         let started = Instant::now();
         let result = self.shared.admit();
-        observe_rpc("ping", result.as_ref().err().map_or(Code::Ok, |s| s.code()), started);
+        observe_rpc(
+            "ping",
+            result.as_ref().err().map_or(Code::Ok, |s| s.code()),
+            started,
+        );
         result.map(|()| Response::new(pb::PingResponse {}))
     }
 }
@@ -389,7 +470,13 @@ impl StreamTask {
             Next::Message(m) => m,
             other => return self.end_early(other).await,
         };
-        let meta = match CallMeta::parse(&first.subject, &first.language, first.direction, &first.request_id, &shared.subjects) {
+        let meta = match CallMeta::parse(
+            &first.subject,
+            &first.language,
+            first.direction,
+            &first.request_id,
+            &shared.subjects,
+        ) {
             Ok(m) => m,
             Err(status) => {
                 let code = status.code();
@@ -400,14 +487,30 @@ impl StreamTask {
         let decision_id = shared.ids.next();
         let forced = match shared.gate(meta.subject.as_ref()) {
             Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
-            Gate::RateLimited { level } => Some((Action::RateLimit, level, "rate_limited", RATE_LIMITED_MESSAGE)),
+            Gate::RateLimited { level } => Some((
+                Action::RateLimit,
+                level,
+                "rate_limited",
+                RATE_LIMITED_MESSAGE,
+            )),
             Gate::Open { .. } => None,
         };
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str())
                 .increment(1);
-            log_decision("classify_stream", &decision_id, &meta, action, &[], None, level, reason, 0, self.started);
+            log_decision(
+                "classify_stream",
+                &decision_id,
+                &meta,
+                action,
+                &[],
+                None,
+                level,
+                reason,
+                0,
+                self.started,
+            );
             self.send(Ok(pb::ClassifyStreamResponse {
                 action: action_to_pb(action) as i32,
                 escalation_level: level,
@@ -442,19 +545,46 @@ impl StreamTask {
                     Next::Idle => {
                         let status = reject(
                             "idle_timeout",
-                            Status::deadline_exceeded(format!("stream idle for more than {}s", idle.as_secs_f32())),
+                            Status::deadline_exceeded(format!(
+                                "stream idle for more than {}s",
+                                idle.as_secs_f32()
+                            )),
                         );
-                        self.log_stream_end(&decision_id, &meta, &all_hits, None, level, "idle_timeout", bytes);
+                        self.log_stream_end(
+                            &decision_id,
+                            &meta,
+                            &all_hits,
+                            None,
+                            level,
+                            "idle_timeout",
+                            bytes,
+                        );
                         self.send(Err(status)).await;
                         return Code::DeadlineExceeded;
                     }
                     Next::ClientGone => {
-                        self.log_stream_end(&decision_id, &meta, &all_hits, None, level, "cancelled", bytes);
+                        self.log_stream_end(
+                            &decision_id,
+                            &meta,
+                            &all_hits,
+                            None,
+                            level,
+                            "cancelled",
+                            bytes,
+                        );
                         return Code::Cancelled;
                     }
                     Next::Failed(status) => {
                         let status = stream_decode_error(status, limits.max_message_bytes);
-                        self.log_stream_end(&decision_id, &meta, &all_hits, None, level, "malformed", bytes);
+                        self.log_stream_end(
+                            &decision_id,
+                            &meta,
+                            &all_hits,
+                            None,
+                            level,
+                            "malformed",
+                            bytes,
+                        );
                         let code = status.code();
                         self.send(Err(status)).await;
                         return code;
@@ -464,21 +594,42 @@ impl StreamTask {
             chunks += 1;
             bytes += msg.text.len() as u64;
             let over = if msg.text.len() > limits.max_message_bytes {
-                Some(("message_too_large", format!("chunk is {} bytes; the limit is {} bytes (max_message_bytes)", msg.text.len(), limits.max_message_bytes)))
+                Some((
+                    "message_too_large",
+                    format!(
+                        "chunk is {} bytes; the limit is {} bytes (max_message_bytes)",
+                        msg.text.len(),
+                        limits.max_message_bytes
+                    ),
+                ))
             } else if chunks > limits.stream_max_chunks {
-                Some(("stream_chunks", format!("stream exceeded {} chunks (stream_max_chunks)", limits.stream_max_chunks)))
+                Some((
+                    "stream_chunks",
+                    format!(
+                        "stream exceeded {} chunks (stream_max_chunks)",
+                        limits.stream_max_chunks
+                    ),
+                ))
             } else if bytes > limits.stream_max_bytes {
-                Some(("stream_bytes", format!("stream exceeded {} bytes (stream_max_bytes)", limits.stream_max_bytes)))
+                Some((
+                    "stream_bytes",
+                    format!(
+                        "stream exceeded {} bytes (stream_max_bytes)",
+                        limits.stream_max_bytes
+                    ),
+                ))
             } else {
                 None
             };
             if let Some((reason, text)) = over {
                 self.log_stream_end(&decision_id, &meta, &all_hits, None, level, reason, bytes);
-                self.send(Err(reject(reason, Status::resource_exhausted(text)))).await;
+                self.send(Err(reject(reason, Status::resource_exhausted(text))))
+                    .await;
                 return Code::ResourceExhausted;
             }
             metrics::counter!("mistguard_stream_chunks_total").increment(1);
-            metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream").increment(msg.text.len() as u64);
+            metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream")
+                .increment(msg.text.len() as u64);
             let step = session.feed(&msg.text);
             drop(msg);
             if !step.hits.is_empty() {
@@ -502,7 +653,15 @@ impl StreamTask {
                 reason: String::new(),
             };
             if !self.send(Ok(response)).await {
-                self.log_stream_end(&decision_id, &meta, &all_hits, None, level, "cancelled", bytes);
+                self.log_stream_end(
+                    &decision_id,
+                    &meta,
+                    &all_hits,
+                    None,
+                    level,
+                    "cancelled",
+                    bytes,
+                );
                 return Code::Cancelled;
             }
         };
@@ -516,10 +675,22 @@ impl StreamTask {
         let rules = distinct_rules(&all_hits);
         let outcome = shared.record(meta.subject.as_ref(), action, &rules);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
-        self.log_stream_end(&decision_id, &meta, &all_hits, Some(action), outcome.level, reason, bytes);
+        self.log_stream_end(
+            &decision_id,
+            &meta,
+            &all_hits,
+            Some(action),
+            outcome.level,
+            reason,
+            bytes,
+        );
         // The engine releases past a hit once it is reported (the client can act on its span);
         // after a block nothing more may be forwarded, so the release stays where it was.
-        let released_bytes = if action >= Action::Block { released } else { step.release_offset };
+        let released_bytes = if action >= Action::Block {
+            released
+        } else {
+            step.release_offset
+        };
         let response = pb::ClassifyStreamResponse {
             action: action_to_pb(action) as i32,
             hits: step.hits.iter().map(hit_to_pb).collect(),
@@ -544,7 +715,11 @@ impl StreamTask {
             // Half-closed before any chunk: an empty stream, allowed.
             Next::End | Next::Shutdown => {
                 let decision_id = self.shared.ids.next();
-                let reason = if matches!(next, Next::End) { "end_of_input" } else { "shutdown" };
+                let reason = if matches!(next, Next::End) {
+                    "end_of_input"
+                } else {
+                    "shutdown"
+                };
                 self.send(Ok(pb::ClassifyStreamResponse {
                     action: pb::Action::Allow as i32,
                     decision_id,
@@ -559,7 +734,10 @@ impl StreamTask {
                 let idle = self.shared.limits.stream_idle_timeout;
                 self.send(Err(reject(
                     "idle_timeout",
-                    Status::deadline_exceeded(format!("stream idle for more than {}s", idle.as_secs_f32())),
+                    Status::deadline_exceeded(format!(
+                        "stream idle for more than {}s",
+                        idle.as_secs_f32()
+                    )),
                 )))
                 .await;
                 Code::DeadlineExceeded
@@ -586,8 +764,20 @@ impl StreamTask {
         bytes: u64,
     ) {
         let rules = distinct_rules(hits);
-        let action = action.unwrap_or_else(|| hits.iter().map(|h| h.action).max().unwrap_or_default());
-        log_decision("classify_stream", decision_id, meta, action, &rules, None, level, reason, bytes, self.started);
+        let action =
+            action.unwrap_or_else(|| hits.iter().map(|h| h.action).max().unwrap_or_default());
+        log_decision(
+            "classify_stream",
+            decision_id,
+            meta,
+            action,
+            &rules,
+            None,
+            level,
+            reason,
+            bytes,
+            self.started,
+        );
     }
 }
 
@@ -598,11 +788,14 @@ fn stream_decode_error(status: Status, limit: usize) -> Status {
     match status.code() {
         Code::OutOfRange => reject(
             "message_too_large",
-            Status::resource_exhausted(format!("message larger than {limit} bytes (max_message_bytes)")),
+            Status::resource_exhausted(format!(
+                "message larger than {limit} bytes (max_message_bytes)"
+            )),
         ),
-        Code::Internal if status.message().contains("decode") => {
-            reject("malformed", Status::invalid_argument("malformed message (invalid protobuf or UTF-8)"))
-        }
+        Code::Internal if status.message().contains("decode") => reject(
+            "malformed",
+            Status::invalid_argument("malformed message (invalid protobuf or UTF-8)"),
+        ),
         Code::Cancelled => status,
         _ => reject("malformed", status),
     }

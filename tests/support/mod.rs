@@ -29,10 +29,34 @@ pub const RELOAD_PHRASE: &str = "plonkish glyph sequence";
 
 /// The test triggers: (file, rule, action, trigger id, phrase).
 const TEST_TRIGGERS: &[(&str, &str, &str, &str, &str)] = &[
-    ("mist-001.toml", "RULE-MIST-001", "block", "daemon.test.harm", BLOCK_PHRASE),
-    ("mist-005.toml", "RULE-MIST-005", "block", "daemon.test.csam", CSAM_PHRASE),
-    ("mist-009.toml", "RULE-MIST-009", "sanitize", "daemon.test.override", INJECTION_PHRASE),
-    ("mist-010.toml", "RULE-MIST-010", "rate_limit", "daemon.test.extract", EXTRACTION_PHRASE),
+    (
+        "mist-001.toml",
+        "RULE-MIST-001",
+        "block",
+        "daemon.test.harm",
+        BLOCK_PHRASE,
+    ),
+    (
+        "mist-005.toml",
+        "RULE-MIST-005",
+        "block",
+        "daemon.test.csam",
+        CSAM_PHRASE,
+    ),
+    (
+        "mist-009.toml",
+        "RULE-MIST-009",
+        "sanitize",
+        "daemon.test.override",
+        INJECTION_PHRASE,
+    ),
+    (
+        "mist-010.toml",
+        "RULE-MIST-010",
+        "rate_limit",
+        "daemon.test.extract",
+        EXTRACTION_PHRASE,
+    ),
 ];
 
 /// A temporary rulesets directory: the bundled `policy.toml` (copied from `rulesets/`) and one
@@ -46,7 +70,9 @@ pub struct TestRules {
 impl TestRules {
     pub fn new() -> TestRules {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("rulesets").join("policy.toml");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("rulesets")
+            .join("policy.toml");
         match std::fs::read_to_string(&src) {
             Ok(mut policy) => {
                 policy.push_str("\n# daemon tests\n");
@@ -56,7 +82,9 @@ impl TestRules {
             Err(_) => {
                 let mut text = String::from("version = \"daemon-test\"\n");
                 for (_, rule, action, _, _) in TEST_TRIGGERS {
-                    text.push_str(&format!("\n[rules.\"{rule}\"]\naction = \"{action}\"\nthreshold = 1.0\n"));
+                    text.push_str(&format!(
+                        "\n[rules.\"{rule}\"]\naction = \"{action}\"\nthreshold = 1.0\n"
+                    ));
                 }
                 std::fs::write(dir.path().join("policy.toml"), text).unwrap();
             }
@@ -77,7 +105,9 @@ impl TestRules {
         let path = self.dir.path().join(file);
         let mut text = std::fs::read_to_string(&path)
             .unwrap_or_else(|_| format!("rule = \"{rule}\"\nname = \"{rule} (daemon tests)\"\n"));
-        text.push_str(&format!("\n[[trigger]]\nid = \"{id}\"\nlang = \"en\"\nphrases = [\"{phrase}\"]\n"));
+        text.push_str(&format!(
+            "\n[[trigger]]\nid = \"{id}\"\nlang = \"en\"\nphrases = [\"{phrase}\"]\n"
+        ));
         std::fs::write(path, text).unwrap();
     }
 }
@@ -98,22 +128,46 @@ impl Daemon {
     }
 
     pub async fn start_with(rules: TestRules, settings: &[(&str, &str)]) -> Daemon {
-        let mut flags: HashMap<String, String> =
-            settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut flags: HashMap<String, String> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         flags.insert("rulesets".into(), rules.path().display().to_string());
-        let config = Config::from_sources(&Sources { flags, ..Default::default() }).expect("config");
+        let config = Config::from_sources(&Sources {
+            flags,
+            ..Default::default()
+        })
+        .expect("config");
         let prepared = prepare(&config).expect("prepare");
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
         let (control, rx) = mpsc::channel(4);
-        let task = tokio::spawn(serve_with(config, prepared, Listeners { grpc, metrics: Some(metrics) }, rx));
-        Daemon { addr, metrics_addr, control, task, rules }
+        let task = tokio::spawn(serve_with(
+            config,
+            prepared,
+            Listeners {
+                grpc,
+                metrics: Some(metrics),
+            },
+            rx,
+        ));
+        Daemon {
+            addr,
+            metrics_addr,
+            control,
+            task,
+            rules,
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect")
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
     }
 
     pub async fn client(&self) -> GuardClient<Channel> {
@@ -127,12 +181,18 @@ impl Daemon {
 
 /// `GET /metrics` over plain HTTP/1.1; returns the body.
 pub async fn scrape(addr: SocketAddr) -> String {
-    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("metrics connect");
-    sock.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    let mut sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics connect");
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     sock.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// The value of a metric line `name{labels} value` whose name and labels contain all of `parts`;
@@ -158,14 +218,22 @@ impl Process {
     /// Spawns `mistguard serve` on `127.0.0.1:0` with JSON logs and waits for it to serve.
     pub fn spawn(rulesets: &Path, extra: &[&str]) -> Process {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mistguard"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-            .arg("--rulesets")
-            .arg(rulesets)
-            .args(extra)
-            .env_remove("MISTGUARD_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .arg("--rulesets")
+        .arg(rulesets)
+        .args(extra)
+        .env_remove("MISTGUARD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn mistguard");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -191,12 +259,21 @@ impl Process {
                 addr = json_field(&line, "addr").and_then(|a| a.parse().ok());
             }
         }
-        Process { child, addr: addr.unwrap(), metrics_addr: metrics_addr.unwrap(), stderr }
+        Process {
+            child,
+            addr: addr.unwrap(),
+            metrics_addr: metrics_addr.unwrap(),
+            stderr,
+        }
     }
 
     pub async fn client(&self) -> GuardClient<Channel> {
         GuardClient::new(
-            Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect"),
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect"),
         )
     }
 
@@ -228,8 +305,18 @@ impl Process {
     /// Waits until a stderr line contains `needle`.
     pub fn wait_for_log(&self, needle: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !self.stderr.lock().unwrap().iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < deadline, "no log line with {needle:?}: {}", self.stderr_text());
+        while !self
+            .stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}: {}",
+                self.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
