@@ -73,7 +73,7 @@ enum Command {
         lang_hint: bool,
     },
     /// Run the gRPC daemon (see docs/DAEMON.md).
-    Serve(mistguard::daemon::ServeArgs),
+    Serve(Box<mistguard::daemon::ServeArgs>),
     /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
     Bench(mistguard::daemon::BenchArgs),
 }
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
             show_fn,
             lang_hint,
         } => eval(corpus, rulesets, json, rule, show_fp, show_fn, lang_hint),
-        Command::Serve(args) => mistguard::daemon::serve_main(args),
+        Command::Serve(args) => mistguard::daemon::serve_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
 }

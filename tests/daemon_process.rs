@@ -352,7 +352,9 @@ fn bad_configuration_exits_64_before_binding() {
     // Hold a port: if the daemon bound before validating, it would fail on it instead.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap().to_string();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    // (flags, environment, expected message)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             &["--max-message-bytes", "lots"],
             &[],
