@@ -145,18 +145,23 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
         langs.join(" ")
     );
     println!(
-        "word view: {} phrases in an aho-corasick DFA of {} KiB, {} regexes in a dense DFA of {} KiB; ring {} bytes",
+        "word view: {} phrases in an {} of {} KiB, {} regexes in {} anchored DFAs of {} KiB and {} unanchored DFAs of {} KiB; ring {} bytes",
         stats.word_phrases,
+        stats.word_ac_kind,
         stats.word_ac_bytes / 1024,
         stats.word_regexes,
+        stats.word_anchored_groups,
+        stats.word_anchored_bytes / 1024,
+        stats.word_dfa_groups,
         stats.word_dfa_bytes / 1024,
         stats.word_window
     );
     println!(
-        "raw view:  {} phrases, {} regexes, {} anchors in a dense DFA of {} KiB; ring {} bytes",
+        "raw view:  {} phrases, {} regexes, {} anchors in {} dense DFAs of {} KiB; ring {} bytes",
         stats.raw_phrases,
         stats.raw_regexes,
         stats.anchors,
+        stats.raw_dfa_groups,
         stats.raw_dfa_bytes / 1024,
         stats.raw_window
     );

@@ -519,7 +519,9 @@ pub fn syntax_config(view: View) -> regex_automata::util::syntax::Config {
     let c = regex_automata::util::syntax::Config::new().nest_limit(64);
     match view {
         View::Word => c,
-        View::Raw => c.utf8(false),
+        // Bytes with ASCII semantics: `\w`, `\d`, `(?i)` and `.` need no Unicode tables (which
+        // multiply DFA states); `(?u:…)` opts back in.
+        View::Raw => c.utf8(false).unicode(false),
     }
 }
 
@@ -532,7 +534,9 @@ fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, 
     let mut parser = regex_syntax::ParserBuilder::new();
     parser.nest_limit(64);
     if view == View::Raw {
-        parser.utf8(false);
+        // DFA regexes of the raw view have ASCII semantics; confirmation regexes (anchors) run in
+        // a meta regex and keep Unicode.
+        parser.utf8(false).unicode(!in_dfa);
     }
     let hir = match parser.build().parse(pattern) {
         Ok(h) => h,
@@ -561,8 +565,13 @@ fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, 
             format!("regex `{pattern}` uses a Unicode word boundary, which a DFA cannot hold; write (?-u:\\b)"),
         );
     }
+    let syntax = if view == View::Raw && !in_dfa {
+        syntax_config(view).unicode(true)
+    } else {
+        syntax_config(view)
+    };
     let nfa = regex_automata::nfa::thompson::Compiler::new()
-        .syntax(syntax_config(view))
+        .syntax(syntax)
         .configure(
             regex_automata::nfa::thompson::Config::new()
                 .nfa_size_limit(Some(REGEX_NFA_LIMIT))

@@ -67,7 +67,7 @@ struct RegexDfa {
 }
 
 impl RegexDfa {
-    fn build(view: View, fwd_patterns: &[String], rev_patterns: &[String]) -> Result<RegexDfa, String> {
+    fn build_limited(view: View, fwd_patterns: &[String], rev_patterns: &[String], limit: usize) -> Result<RegexDfa, String> {
         let thompson = thompson::Config::new().utf8(view == View::Word);
         let fwd = dense::Builder::new()
             .configure(
@@ -75,8 +75,8 @@ impl RegexDfa {
                     .match_kind(MatchKind::All)
                     .start_kind(StartKind::Unanchored)
                     .specialize_start_states(true)
-                    .dfa_size_limit(Some(DFA_SIZE_LIMIT))
-                    .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
+                    .dfa_size_limit(Some(limit))
+                    .determinize_size_limit(Some(limit)),
             )
             .syntax(syntax_config(view))
             .thompson(thompson.clone())
@@ -119,6 +119,131 @@ impl RegexDfa {
     }
 }
 
+/// Patterns up to which the word-view phrases use an aho-corasick DFA (~470 MB/s); beyond, a
+/// contiguous NFA (several times smaller, slower per byte). The DFA of ~24,000 multilingual
+/// phrases took 300 MiB.
+pub const PHRASE_DFA_MAX_PATTERNS: usize = 8000;
+
+/// The word-view phrase automaton.
+enum Phrases {
+    Dfa(aho_corasick::dfa::DFA),
+    Nfa(aho_corasick::nfa::contiguous::NFA),
+}
+
+impl Phrases {
+    fn build(patterns: &[String]) -> Result<Phrases, String> {
+        if patterns.len() <= PHRASE_DFA_MAX_PATTERNS {
+            aho_corasick::dfa::DFA::builder()
+                .match_kind(aho_corasick::MatchKind::Standard)
+                .start_kind(aho_corasick::StartKind::Unanchored)
+                .prefilter(false)
+                .byte_classes(true)
+                .build(patterns)
+                .map(Phrases::Dfa)
+                .map_err(|e| e.to_string())
+        } else {
+            aho_corasick::nfa::contiguous::NFA::builder()
+                .match_kind(aho_corasick::MatchKind::Standard)
+                .prefilter(false)
+                .byte_classes(true)
+                .build(patterns)
+                .map(Phrases::Nfa)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn start(&self) -> Result<aho_corasick::automaton::StateID, String> {
+        match self {
+            Phrases::Dfa(a) => a.start_state(aho_corasick::Anchored::No),
+            Phrases::Nfa(a) => a.start_state(aho_corasick::Anchored::No),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    #[inline(always)]
+    fn next_state(&self, sid: aho_corasick::automaton::StateID, b: u8) -> aho_corasick::automaton::StateID {
+        match self {
+            Phrases::Dfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
+            Phrases::Nfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
+        }
+    }
+
+    #[inline(always)]
+    fn is_match(&self, sid: aho_corasick::automaton::StateID) -> bool {
+        match self {
+            Phrases::Dfa(a) => a.is_special(sid) && a.is_match(sid),
+            Phrases::Nfa(a) => a.is_special(sid) && a.is_match(sid),
+        }
+    }
+
+    fn matches(&self, sid: aho_corasick::automaton::StateID) -> impl Iterator<Item = PatternID32> + '_ {
+        let n = match self {
+            Phrases::Dfa(a) => a.match_len(sid),
+            Phrases::Nfa(a) => a.match_len(sid),
+        };
+        (0..n).map(move |k| match self {
+            Phrases::Dfa(a) => a.match_pattern(sid, k).as_usize(),
+            Phrases::Nfa(a) => a.match_pattern(sid, k).as_usize(),
+        })
+    }
+
+    fn memory_usage(&self) -> usize {
+        match self {
+            Phrases::Dfa(a) => a.memory_usage(),
+            Phrases::Nfa(a) => a.memory_usage(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Phrases::Dfa(_) => "aho-corasick DFA",
+            Phrases::Nfa(_) => "aho-corasick contiguous NFA",
+        }
+    }
+}
+
+type PatternID32 = usize;
+
+/// An anchored DFA over word-view regexes, with (pattern id → trigger).
+struct AnchoredGroup {
+    dfa: dense::DFA<Vec<u32>>,
+    triggers: Vec<u32>,
+    start: StateID,
+}
+
+impl AnchoredGroup {
+    fn build(patterns: &[String], triggers: Vec<u32>, limit: usize) -> Result<AnchoredGroup, String> {
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .start_kind(StartKind::Anchored)
+                    .dfa_size_limit(Some(limit))
+                    .determinize_size_limit(Some(limit)),
+            )
+            .syntax(syntax_config(View::Word))
+            .thompson(thompson::Config::new().utf8(true))
+            .build_many(patterns)
+            .map_err(|e| e.to_string())?;
+        let start = dfa
+            .start_state(
+                &regex_automata::util::start::Config::new()
+                    .anchored(Anchored::Yes)
+                    .look_behind(Some(b' ')),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(AnchoredGroup { dfa, triggers, start })
+    }
+}
+
+/// A word-view walker: an anchored DFA run started at a space.
+#[derive(Clone, Copy, Debug)]
+struct Walker {
+    group: u16,
+    sid: StateID,
+    start: u64,
+}
+
 /// Sizes and counts of what was compiled, for `mistguard check`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ScannerStats {
@@ -128,25 +253,42 @@ pub struct ScannerStats {
     pub raw_regexes: usize,
     pub anchors: usize,
     pub word_ac_bytes: usize,
+    pub word_ac_kind: &'static str,
     pub word_dfa_bytes: usize,
+    pub word_dfa_groups: usize,
+    pub word_anchored_bytes: usize,
+    pub word_anchored_groups: usize,
     pub raw_dfa_bytes: usize,
+    pub raw_dfa_groups: usize,
     pub word_window: usize,
     pub raw_window: usize,
 }
 
 /// The compiled automata of a ruleset. Immutable and shared by every stream.
 pub struct Scanner {
-    word_ac: Option<aho_corasick::dfa::DFA>,
+    word_ac: Option<Phrases>,
     word_ac_patterns: Vec<AcPattern>,
-    /// Depth (partial-match length) of every aho-corasick state: a future match cannot start more
-    /// than this many bytes back.
-    word_ac_depth: HashMap<aho_corasick::automaton::StateID, u32>,
+    /// Longest word-view phrase: outside the start state, a partial match began at most this far
+    /// back.
+    word_ac_max: u64,
     word_ac_start: aho_corasick::automaton::StateID,
-    word_dfa: Option<RegexDfa>,
-    /// Forward pattern id → (trigger, reverse pattern id).
-    word_dfa_patterns: Vec<(u32, PatternID)>,
-    raw_dfa: Option<RegexDfa>,
-    raw_patterns: Vec<RawPattern>,
+    /// Word-view regex DFAs: one per rule, split further where a rule's regexes together would
+    /// exceed [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → trigger).
+    word_dfas: Vec<(RegexDfa, Vec<u32>)>,
+    /// Word-view regexes of languages that separate words: anchored DFAs, walked from every
+    /// space (a walker per word start, dropped when it dies). Anchored DFAs stay small where the
+    /// unanchored union of many phrase-like regexes explodes.
+    word_anchored: Vec<AnchoredGroup>,
+    /// Raw-view DFAs: one per rule, split further where a rule's patterns together would exceed
+    /// [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → what it stands for).
+    raw_dfas: Vec<(RegexDfa, Vec<RawPattern>)>,
+    /// Raw phrases and anchors: an ASCII case-insensitive aho-corasick DFA (anchors are then
+    /// checked case-sensitively). Literals in a dense DFA with all-matches semantics determinize
+    /// slowly; aho-corasick builds them in milliseconds.
+    raw_ac: Option<aho_corasick::dfa::DFA>,
+    raw_ac_patterns: Vec<(RawPattern, Box<[u8]>)>,
+    raw_ac_max: u64,
+    raw_ac_start: aho_corasick::automaton::StateID,
     /// Confirmation regexes of anchored triggers, by trigger index.
     confirm: HashMap<u32, regex_automata::meta::Regex>,
     /// Ring sizes (powers of two).
@@ -158,27 +300,7 @@ pub struct Scanner {
     stats: ScannerStats,
 }
 
-fn escape_bytes_ci(s: &str) -> String {
-    let mut out = String::from("(?-u:");
-    for &b in s.as_bytes() {
-        if b.is_ascii_alphabetic() {
-            out.push_str(&format!("[{}{}]", b.to_ascii_lowercase() as char, b.to_ascii_uppercase() as char));
-        } else {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out.push(')');
-    out
-}
 
-fn escape_bytes(s: &str) -> String {
-    let mut out = String::from("(?-u:");
-    for &b in s.as_bytes() {
-        out.push_str(&format!("\\x{b:02x}"));
-    }
-    out.push(')');
-    out
-}
 
 impl Scanner {
     /// Compiles the automata of a ruleset.
@@ -195,15 +317,14 @@ impl Scanner {
         // Word view.
         let mut ac_pats: Vec<String> = Vec::new();
         let mut word_ac_patterns = Vec::new();
-        let mut word_re: Vec<String> = Vec::new();
-        let mut word_dfa_patterns = Vec::new();
+        let mut word_re: Vec<(usize, u32, String)> = Vec::new();
         let mut word_max = 8usize;
         let mut word_dfa_max = 0usize;
         let mut raw_dfa_max = 0usize;
         // Raw view.
-        let mut raw_fwd: Vec<String> = Vec::new();
-        let mut raw_rev: Vec<String> = Vec::new();
-        let mut raw_patterns = Vec::new();
+        // (rule, forward pattern, what it stands for); reverse ids are assigned per group.
+        let mut raw: Vec<(usize, String, RawPattern)> = Vec::new();
+        let mut raw_lits: Vec<(RawPattern, Box<[u8]>)> = Vec::new();
         let mut confirm = HashMap::new();
         let mut raw_max = 8usize;
         for (ti, t) in rs.triggers.iter().enumerate() {
@@ -232,33 +353,34 @@ impl Scanner {
                 (TriggerKind::Regex { pattern, max_len }, View::Word) => {
                     word_max = word_max.max(*max_len);
                     word_dfa_max = word_dfa_max.max(*max_len);
-                    word_dfa_patterns.push((ti, PatternID::new_unchecked(word_re.len())));
-                    word_re.push(pattern.clone());
+                    word_re.push((t.rule, ti, pattern.clone()));
                     stats.word_regexes += 1;
                 }
                 (TriggerKind::Phrases(phrases), View::Raw) => {
                     for p in phrases {
                         raw_max = raw_max.max(p.len());
                         raw_dfa_max = raw_dfa_max.max(p.len());
-                        raw_patterns.push(RawPattern {
-                            trigger: ti,
-                            kind: RawKind::Literal { len: p.len() as u32 },
-                        });
-                        raw_fwd.push(escape_bytes_ci(p));
+                        raw_lits.push((
+                            RawPattern {
+                                trigger: ti,
+                                kind: RawKind::Literal { len: p.len() as u32 },
+                            },
+                            p.as_bytes().into(),
+                        ));
                         stats.raw_phrases += 1;
                     }
                 }
                 (TriggerKind::Regex { pattern, max_len }, View::Raw) => {
                     raw_max = raw_max.max(*max_len);
                     raw_dfa_max = raw_dfa_max.max(*max_len);
-                    raw_patterns.push(RawPattern {
-                        trigger: ti,
-                        kind: RawKind::Regex {
-                            rev: PatternID::new_unchecked(raw_rev.len()),
+                    raw.push((
+                        t.rule,
+                        pattern.clone(),
+                        RawPattern {
+                            trigger: ti,
+                            kind: RawKind::Regex { rev: PatternID::ZERO },
                         },
-                    });
-                    raw_fwd.push(pattern.clone());
-                    raw_rev.push(pattern.clone());
+                    ));
                     stats.raw_regexes += 1;
                 }
                 (
@@ -273,15 +395,17 @@ impl Scanner {
                     raw_max = raw_max.max(max_len + look_behind + 2);
                     for a in anchors {
                         raw_dfa_max = raw_dfa_max.max(a.len());
-                        raw_patterns.push(RawPattern {
-                            trigger: ti,
-                            kind: RawKind::Anchor { len: a.len() as u32 },
-                        });
-                        raw_fwd.push(escape_bytes(a));
+                        raw_lits.push((
+                            RawPattern {
+                                trigger: ti,
+                                kind: RawKind::Anchor { len: a.len() as u32 },
+                            },
+                            a.as_bytes().into(),
+                        ));
                         stats.anchors += 1;
                     }
                     let re = regex_automata::meta::Regex::builder()
-                        .syntax(syntax_config(View::Raw))
+                        .syntax(syntax_config(View::Raw).unicode(true))
                         .build(pattern)
                         .map_err(|e| LoadError {
                             file: t.file.to_string(),
@@ -292,41 +416,99 @@ impl Scanner {
                 }
             }
         }
+        let word_ac_max = ac_pats.iter().map(|p| p.len()).max().unwrap_or(0) as u64;
         let word_ac = if ac_pats.is_empty() {
+            None
+        } else {
+            Some(Phrases::build(&ac_pats).map_err(|e| fail("word-view phrases", e))?)
+        };
+        let word_ac_start = match &word_ac {
+            Some(ac) => ac.start().map_err(|e| fail("word-view phrases", e))?,
+            None => aho_corasick::automaton::StateID::ZERO,
+        };
+        // Regexes of languages with spaces start at a word: anchored walkers. The others (zh, ja,
+        // th) can start anywhere: unanchored DFAs, one per rule.
+        let spaced = |ti: u32| {
+            let l = rs.triggers[ti as usize].lang;
+            l == NEUTRAL || lang::LANGS[l as usize].spaced
+        };
+        let anchored: Vec<(u32, String)> = word_re
+            .iter()
+            .filter(|r| spaced(r.1))
+            .map(|r| {
+                let p = if r.2.starts_with(' ') { r.2.clone() } else { format!(" (?:{})", r.2) };
+                (r.1, p)
+            })
+            .collect();
+        let trace = std::env::var_os("MISTGUARD_TRACE_BUILD").is_some();
+        let t0 = std::time::Instant::now();
+        let mut word_anchored = Vec::new();
+        build_anchored(rs, &anchored, &mut word_anchored)?;
+        if trace {
+            eprintln!("anchored word DFAs: {} patterns, {} groups, {:?}", anchored.len(), word_anchored.len(), t0.elapsed());
+        }
+        let mut word_dfas = Vec::new();
+        let mut rules: Vec<usize> = word_re.iter().filter(|r| !spaced(r.1)).map(|r| r.0).collect();
+        rules.dedup();
+        for rule in rules {
+            let group: Vec<(u32, String)> = word_re
+                .iter()
+                .filter(|r| r.0 == rule && !spaced(r.1))
+                .map(|r| (r.1, r.2.clone()))
+                .collect();
+            build_groups(rs, View::Word, &group, &mut word_dfas)?;
+            if trace {
+                eprintln!("unanchored word DFA for {}: {} patterns, {:?}", rs.rules[rule].id, group.len(), t0.elapsed());
+            }
+        }
+        if trace {
+            eprintln!("word automata done {:?}", t0.elapsed());
+        }
+        let raw_ac = if raw_lits.is_empty() {
             None
         } else {
             Some(
                 aho_corasick::dfa::DFA::builder()
                     .match_kind(aho_corasick::MatchKind::Standard)
                     .start_kind(aho_corasick::StartKind::Unanchored)
+                    .ascii_case_insensitive(true)
                     .prefilter(false)
                     .byte_classes(true)
-                    .build(&ac_pats)
-                    .map_err(|e| fail("word-view phrases", e.to_string()))?,
+                    .build(raw_lits.iter().map(|l| &l.1))
+                    .map_err(|e| fail("raw-view phrases", e.to_string()))?,
             )
         };
-        let (word_ac_start, word_ac_depth) = match &word_ac {
-            Some(ac) => {
-                let start = ac
-                    .start_state(aho_corasick::Anchored::No)
-                    .map_err(|e| fail("word-view phrases", e.to_string()))?;
-                (start, ac_depths(ac, start))
+        let raw_ac_max = raw_lits.iter().map(|l| l.1.len()).max().unwrap_or(0) as u64;
+        let raw_ac_start = match &raw_ac {
+            Some(ac) => ac
+                .start_state(aho_corasick::Anchored::No)
+                .map_err(|e| fail("raw-view phrases", e.to_string()))?,
+            None => aho_corasick::automaton::StateID::ZERO,
+        };
+        let mut raw_dfas = Vec::new();
+        let mut raw_rules: Vec<usize> = raw.iter().map(|r| r.0).collect();
+        raw_rules.sort();
+        raw_rules.dedup();
+        for rule in raw_rules {
+            let group: Vec<(String, RawPattern)> =
+                raw.iter().filter(|r| r.0 == rule).map(|r| (r.1.clone(), r.2)).collect();
+            build_raw_groups(rs, &group, &mut raw_dfas)?;
+            if trace {
+                eprintln!("raw DFAs for {}: {} patterns, {:?}", rs.rules[rule].id, group.len(), t0.elapsed());
             }
-            None => (aho_corasick::automaton::StateID::ZERO, HashMap::new()),
-        };
-        let word_dfa = if word_re.is_empty() {
-            None
-        } else {
-            Some(RegexDfa::build(View::Word, &word_re, &word_re).map_err(|e| fail("word-view regexes", e))?)
-        };
-        let raw_dfa = if raw_fwd.is_empty() {
-            None
-        } else {
-            Some(RegexDfa::build(View::Raw, &raw_fwd, &raw_rev).map_err(|e| fail("raw-view patterns", e))?)
-        };
+        }
+        if trace {
+            eprintln!("raw DFA done {:?}", t0.elapsed());
+        }
         stats.word_ac_bytes = word_ac.as_ref().map_or(0, |a| a.memory_usage());
-        stats.word_dfa_bytes = word_dfa.as_ref().map_or(0, |d| d.memory_usage());
-        stats.raw_dfa_bytes = raw_dfa.as_ref().map_or(0, |d| d.memory_usage());
+        stats.word_ac_kind = word_ac.as_ref().map_or("none", |a| a.kind());
+        stats.word_dfa_bytes = word_dfas.iter().map(|d| d.0.memory_usage()).sum();
+        stats.word_dfa_groups = word_dfas.len();
+        stats.word_anchored_bytes = word_anchored.iter().map(|g| g.dfa.memory_usage()).sum();
+        stats.word_anchored_groups = word_anchored.len();
+        stats.raw_dfa_bytes = raw_dfas.iter().map(|d| d.0.memory_usage()).sum::<usize>()
+            + raw_ac.as_ref().map_or(0, |a| a.memory_usage());
+        stats.raw_dfa_groups = raw_dfas.len();
         let word_window = (word_max + 2).next_power_of_two();
         let raw_window = (raw_max + 2).next_power_of_two();
         stats.word_window = word_window;
@@ -334,12 +516,15 @@ impl Scanner {
         Ok(Scanner {
             word_ac,
             word_ac_patterns,
-            word_ac_depth,
+            word_ac_max,
             word_ac_start,
-            word_dfa,
-            word_dfa_patterns,
-            raw_dfa,
-            raw_patterns,
+            word_dfas,
+            word_anchored,
+            raw_dfas,
+            raw_ac,
+            raw_ac_patterns: raw_lits,
+            raw_ac_max,
+            raw_ac_start,
             confirm,
             word_window,
             raw_window,
@@ -354,27 +539,118 @@ impl Scanner {
     }
 }
 
-/// Breadth-first depth of every state of an aho-corasick DFA: the length of the pattern prefix it
-/// stands for.
-fn ac_depths(
-    ac: &aho_corasick::dfa::DFA,
-    start: aho_corasick::automaton::StateID,
-) -> HashMap<aho_corasick::automaton::StateID, u32> {
-    let mut depth = HashMap::new();
-    depth.insert(start, 0u32);
-    let mut queue = std::collections::VecDeque::from([start]);
-    while let Some(s) = queue.pop_front() {
-        let d = depth[&s];
-        for b in 0..=255u8 {
-            let n = ac.next_state(aho_corasick::Anchored::No, s, b);
-            if let std::collections::hash_map::Entry::Vacant(e) = depth.entry(n) {
-                e.insert(d + 1);
-                queue.push_back(n);
-            }
+/// Size limit of one word-view regex group's DFA: a rule whose regexes exceed it together is
+/// split into several DFAs (each costs one more table lookup per byte).
+pub const GROUP_DFA_LIMIT: usize = 16 << 20;
+
+/// Builds DFAs for `patterns`, halving the set until each part fits under [`GROUP_DFA_LIMIT`].
+fn build_groups(
+    rs: &CompiledRuleset,
+    view: View,
+    patterns: &[(u32, String)],
+    out: &mut Vec<(RegexDfa, Vec<u32>)>,
+) -> Result<(), LoadError> {
+    let res: Vec<String> = patterns.iter().map(|p| p.1.clone()).collect();
+    match RegexDfa::build_limited(view, &res, &res, GROUP_DFA_LIMIT) {
+        Ok(dfa) => {
+            out.push((dfa, patterns.iter().map(|p| p.0).collect()));
+            Ok(())
+        }
+        Err(e) if patterns.len() == 1 => {
+            let t = &rs.triggers[patterns[0].0 as usize];
+            Err(LoadError {
+                file: t.file.to_string(),
+                line: Some(t.line),
+                message: format!(
+                    "regex of trigger `{}` alone needs a DFA over {} MiB ({e}); shorten its counted repetitions or alternations",
+                    t.id,
+                    GROUP_DFA_LIMIT >> 20
+                ),
+            })
+        }
+        Err(_) => {
+            let (a, b) = patterns.split_at(patterns.len() / 2);
+            build_groups(rs, view, a, out)?;
+            build_groups(rs, view, b, out)
         }
     }
-    depth
 }
+
+/// Builds raw-view DFAs for `patterns`, halving the set until each part fits.
+fn build_raw_groups(
+    rs: &CompiledRuleset,
+    patterns: &[(String, RawPattern)],
+    out: &mut Vec<(RegexDfa, Vec<RawPattern>)>,
+) -> Result<(), LoadError> {
+    let fwd: Vec<String> = patterns.iter().map(|p| p.0.clone()).collect();
+    let mut rev = Vec::new();
+    let mut kinds = Vec::new();
+    for (pat, p) in patterns {
+        let mut p = *p;
+        if let RawKind::Regex { .. } = p.kind {
+            p.kind = RawKind::Regex {
+                rev: PatternID::new_unchecked(rev.len()),
+            };
+            rev.push(pat.clone());
+        }
+        kinds.push(p);
+    }
+    match RegexDfa::build_limited(View::Raw, &fwd, &rev, GROUP_DFA_LIMIT) {
+        Ok(dfa) => {
+            out.push((dfa, kinds));
+            Ok(())
+        }
+        Err(e) if patterns.len() == 1 => {
+            let t = &rs.triggers[patterns[0].1.trigger as usize];
+            Err(LoadError {
+                file: t.file.to_string(),
+                line: Some(t.line),
+                message: format!(
+                    "pattern of trigger `{}` alone needs a DFA over {} MiB ({e}); use anchors + regex for long token shapes",
+                    t.id,
+                    GROUP_DFA_LIMIT >> 20
+                ),
+            })
+        }
+        Err(_) => {
+            let (a, b) = patterns.split_at(patterns.len() / 2);
+            build_raw_groups(rs, a, out)?;
+            build_raw_groups(rs, b, out)
+        }
+    }
+}
+
+/// Builds anchored DFAs for `patterns`, halving the set until each part fits.
+fn build_anchored(rs: &CompiledRuleset, patterns: &[(u32, String)], out: &mut Vec<AnchoredGroup>) -> Result<(), LoadError> {
+    if patterns.is_empty() {
+        return Ok(());
+    }
+    let res: Vec<String> = patterns.iter().map(|p| p.1.clone()).collect();
+    match AnchoredGroup::build(&res, patterns.iter().map(|p| p.0).collect(), GROUP_DFA_LIMIT) {
+        Ok(g) => {
+            out.push(g);
+            Ok(())
+        }
+        Err(e) if patterns.len() == 1 => {
+            let t = &rs.triggers[patterns[0].0 as usize];
+            Err(LoadError {
+                file: t.file.to_string(),
+                line: Some(t.line),
+                message: format!(
+                    "regex of trigger `{}` alone needs a DFA over {} MiB ({e}); shorten its counted repetitions or alternations",
+                    t.id,
+                    GROUP_DFA_LIMIT >> 20
+                ),
+            })
+        }
+        Err(_) => {
+            let (a, b) = patterns.split_at(patterns.len() / 2);
+            build_anchored(rs, a, out)?;
+            build_anchored(rs, b, out)
+        }
+    }
+}
+
 
 /// A hit before its rule's score is known.
 #[derive(Clone, Debug)]
@@ -405,17 +681,20 @@ pub struct StreamSession {
     engine: Arc<Engine>,
     // Raw view.
     raw_pos: u64,
-    raw_sid: StateID,
-    /// No raw match can start before this offset.
-    raw_free: u64,
+    /// State of each raw DFA, and the offset before which none of its partial matches started.
+    raw: Box<[(StateID, u64)]>,
+    raw_ac_sid: aho_corasick::automaton::StateID,
     raw_ring: Box<[u8]>,
     anchors: Vec<PendingAnchor>,
     // Word view.
     norm: Normalizer,
     word_pos: u64,
     ac_sid: aho_corasick::automaton::StateID,
-    wdfa_sid: StateID,
-    word_free: u64,
+    /// State of each word-view regex DFA, and the offset after which none of its partial matches
+    /// can have started.
+    wdfa: Box<[(StateID, u64)]>,
+    /// Live anchored walkers, oldest first.
+    walkers: Vec<Walker>,
     word_bytes: Box<[u8]>,
     word_starts: Box<[u32]>,
     word_lens: Box<[u8]>,
@@ -441,20 +720,20 @@ impl StreamSession {
             Some(set) => LangState::Decided(set),
             None => LangState::Probing(String::new()),
         };
-        let raw_sid = sc.raw_dfa.as_ref().map_or(StateID::ZERO, |d| d.start);
-        let wdfa_sid = sc.word_dfa.as_ref().map_or(StateID::ZERO, |d| d.start);
+        let raw = sc.raw_dfas.iter().map(|d| (d.0.start, 0)).collect();
+        let wdfa = sc.word_dfas.iter().map(|d| (d.0.start, 0)).collect();
         let nrules = engine.rules.rules.len();
         StreamSession {
             raw_pos: 0,
-            raw_sid,
-            raw_free: 0,
+            raw,
+            raw_ac_sid: sc.raw_ac_start,
             raw_ring: vec![0; sc.raw_window].into_boxed_slice(),
             anchors: Vec::new(),
             norm: Normalizer::new(),
             word_pos: 0,
             ac_sid: sc.word_ac_start,
-            wdfa_sid,
-            word_free: 0,
+            wdfa,
+            walkers: Vec::new(),
             word_bytes: vec![0; sc.word_window].into_boxed_slice(),
             word_starts: vec![0; sc.word_window].into_boxed_slice(),
             word_lens: vec![0; sc.word_window].into_boxed_slice(),
@@ -492,6 +771,9 @@ impl StreamSession {
             + self.word_bytes.len()
             + self.word_starts.len() * 4
             + self.word_lens.len()
+            + self.wdfa.len() * std::mem::size_of::<(StateID, u64)>()
+            + self.raw.len() * std::mem::size_of::<(StateID, u64)>()
+            + self.walkers.capacity() * std::mem::size_of::<Walker>()
             + self.anchors.capacity() * std::mem::size_of::<PendingAnchor>()
             + self.lang_waiting.capacity() * std::mem::size_of::<Found>()
             + match &self.lang {
@@ -563,9 +845,9 @@ impl StreamSession {
         let sc = &engine.scanner;
         let mut found = Vec::new();
         // Raw view: end of input.
-        if let Some(dfa) = &sc.raw_dfa {
-            let eoi = dfa.fwd.next_eoi_state(self.raw_sid);
-            self.raw_matches(sc, dfa, eoi, self.raw_pos, &mut found);
+        for g in 0..sc.raw_dfas.len() {
+            let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(self.raw[g].0);
+            self.raw_matches(sc, g, eoi, self.raw_pos, &mut found);
         }
         let anchors = std::mem::take(&mut self.anchors);
         for a in anchors {
@@ -582,10 +864,17 @@ impl StreamSession {
             norm.finish(&mut sink);
             sink.s.norm = norm;
         }
-        if let Some(dfa) = &sc.word_dfa {
-            let eoi = dfa.fwd.next_eoi_state(self.wdfa_sid);
+        let walkers = std::mem::take(&mut self.walkers);
+        let mut reported = Vec::new();
+        for w in walkers {
+            let g = &sc.word_anchored[w.group as usize];
+            let eoi = g.dfa.next_eoi_state(w.sid);
+            self.walker_matches(sc, w, eoi, self.word_pos, &mut reported, &mut found);
+        }
+        for g in 0..sc.word_dfas.len() {
+            let eoi = sc.word_dfas[g].0.fwd.next_eoi_state(self.wdfa[g].0);
             let end = self.word_pos;
-            self.word_dfa_matches(sc, dfa, eoi, end, &mut found);
+            self.word_dfa_matches(sc, g, eoi, end, &mut found);
         }
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) {
@@ -679,8 +968,16 @@ impl StreamSession {
         let engine = &self.engine;
         let sc = &engine.scanner;
         // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
-        let raw_free = self.raw_free.max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
+        let raw_free = self
+            .raw
+            .iter()
+            .map(|d| d.1)
+            .min()
+            .unwrap_or(self.raw_pos)
+            .max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
         let mut r = self.raw_pos.min(raw_free);
+        let raw_depth = if self.raw_ac_sid == sc.raw_ac_start { 0 } else { sc.raw_ac_max };
+        r = r.min(self.raw_pos - raw_depth.min(self.raw_pos));
         for a in &self.anchors {
             let lb = match &engine.rules.triggers[a.trigger as usize].kind {
                 TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
@@ -690,9 +987,18 @@ impl StreamSession {
         }
         r = r.min(self.norm.settled_offset());
         // Word view: the oldest live partial match of either automaton.
-        let depth = sc.word_ac_depth.get(&self.ac_sid).copied().unwrap_or(0) as u64;
-        let word_free = self.word_free.max(self.word_pos.saturating_sub(sc.word_dfa_max));
-        let oldest = (self.word_pos - depth.min(self.word_pos)).min(word_free);
+        let depth = if self.ac_sid == sc.word_ac_start { 0 } else { sc.word_ac_max };
+        let word_free = self
+            .wdfa
+            .iter()
+            .map(|d| d.1)
+            .min()
+            .unwrap_or(self.word_pos)
+            .max(self.word_pos.saturating_sub(sc.word_dfa_max));
+        let mut oldest = (self.word_pos - depth.min(self.word_pos)).min(word_free);
+        for w in &self.walkers {
+            oldest = oldest.min(w.start);
+        }
         if oldest < self.word_pos {
             r = r.min(self.word_orig_start(oldest));
         }
@@ -741,7 +1047,8 @@ impl StreamSession {
         (lo..hi).map(|p| self.word_bytes[(p as usize) & mask]).collect()
     }
 
-    fn word_dfa_matches(&mut self, sc: &Scanner, dfa: &RegexDfa, sid: StateID, end: u64, found: &mut Vec<Found>) {
+    fn word_dfa_matches(&mut self, sc: &Scanner, group: usize, sid: StateID, end: u64, found: &mut Vec<Found>) {
+        let (dfa, triggers) = &sc.word_dfas[group];
         if !dfa.fwd.is_match_state(sid) {
             return;
         }
@@ -749,7 +1056,8 @@ impl StreamSession {
         let lo = end.saturating_sub(w).max(self.word_pos.saturating_sub(w));
         for k in 0..dfa.fwd.match_len(sid) {
             let pid = dfa.fwd.match_pattern(sid, k);
-            let (trigger, rev) = sc.word_dfa_patterns[pid.as_usize()];
+            let trigger = triggers[pid.as_usize()];
+            let rev = pid;
             // Window: [lo, word_pos) — the byte after `end` (if any) is context for look-ahead.
             let window = self.word_window(lo, self.word_pos);
             let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
@@ -765,30 +1073,67 @@ impl StreamSession {
         }
     }
 
+    /// Reports the matches of an anchored walker in state `sid`, ending at `end`. A pattern already
+    /// reported at this end by an older walker (`reported`) is not reported again.
+    fn walker_matches(
+        &mut self,
+        sc: &Scanner,
+        w: Walker,
+        sid: StateID,
+        end: u64,
+        reported: &mut Vec<(u16, PatternID)>,
+        found: &mut Vec<Found>,
+    ) {
+        let g = &sc.word_anchored[w.group as usize];
+        if !g.dfa.is_match_state(sid) {
+            return;
+        }
+        for k in 0..g.dfa.match_len(sid) {
+            let pid = g.dfa.match_pattern(sid, k);
+            if reported.contains(&(w.group, pid)) {
+                continue;
+            }
+            reported.push((w.group, pid));
+            if let Some((os, oe)) = self.word_span(w.start, end) {
+                found.push(Found {
+                    trigger: g.triggers[pid.as_usize()],
+                    start: os,
+                    end: oe,
+                });
+            }
+        }
+    }
+
     fn scan_raw(&mut self, bytes: &[u8], found: &mut Vec<Found>) {
         let engine = self.engine.clone();
         let sc = &engine.scanner;
-        let Some(dfa) = &sc.raw_dfa else {
-            self.raw_pos += bytes.len() as u64;
-            self.raw_free = self.raw_pos;
-            return;
-        };
         let mask = self.raw_ring.len() - 1;
-        let mut sid = self.raw_sid;
         let mut pos = self.raw_pos;
         let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
         for &b in bytes {
             self.raw_ring[(pos as usize) & mask] = b;
-            sid = dfa.fwd.next_state(sid, b);
             pos += 1;
-            if dfa.fwd.is_special_state(sid) {
-                if dfa.fwd.is_start_state(sid) {
-                    self.raw_free = pos;
-                } else if dfa.fwd.is_match_state(sid) {
-                    // One-byte delay: the match ended before the byte just read.
+            if let Some(ac) = &sc.raw_ac {
+                self.raw_ac_sid = ac.next_state(aho_corasick::Anchored::No, self.raw_ac_sid, b);
+                if ac.is_special(self.raw_ac_sid) && ac.is_match(self.raw_ac_sid) {
                     self.raw_pos = pos;
-                    self.raw_matches(sc, dfa, sid, pos - 1, found);
+                    self.raw_literals(sc, pos, found);
                     due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                }
+            }
+            for g in 0..sc.raw_dfas.len() {
+                let dfa = &sc.raw_dfas[g].0.fwd;
+                let sid = dfa.next_state(self.raw[g].0, b);
+                self.raw[g].0 = sid;
+                if dfa.is_special_state(sid) {
+                    if dfa.is_start_state(sid) {
+                        self.raw[g].1 = pos;
+                    } else if dfa.is_match_state(sid) {
+                        // One-byte delay: the match ended before the byte just read.
+                        self.raw_pos = pos;
+                        self.raw_matches(sc, g, sid, pos - 1, found);
+                        due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                    }
                 }
             }
             if pos >= due {
@@ -800,7 +1145,6 @@ impl StreamSession {
                 due = self.anchors.first().map_or(u64::MAX, |a| a.due);
             }
         }
-        self.raw_sid = sid;
         self.raw_pos = pos;
     }
 
@@ -810,40 +1154,18 @@ impl StreamSession {
     }
 
     /// Reports the raw-view matches of a match state, ending at `end`.
-    fn raw_matches(&mut self, sc: &Scanner, dfa: &RegexDfa, sid: StateID, end: u64, found: &mut Vec<Found>) {
+    fn raw_matches(&mut self, sc: &Scanner, group: usize, sid: StateID, end: u64, found: &mut Vec<Found>) {
+        let (dfa, patterns) = &sc.raw_dfas[group];
         if !dfa.fwd.is_match_state(sid) {
             return;
         }
         let engine = self.engine.clone();
         for k in 0..dfa.fwd.match_len(sid) {
             let pid = dfa.fwd.match_pattern(sid, k);
-            let p = sc.raw_patterns[pid.as_usize()];
+            let p = patterns[pid.as_usize()];
             let t = &engine.rules.triggers[p.trigger as usize];
             match p.kind {
-                RawKind::Literal { len } => {
-                    if end >= len as u64 {
-                        found.push(Found {
-                            trigger: p.trigger,
-                            start: end - len as u64,
-                            end,
-                        });
-                    }
-                }
-                RawKind::Anchor { len } => {
-                    let anchor_start = end - len as u64;
-                    let max_len = match &t.kind {
-                        TriggerKind::Anchored { max_len, .. } => *max_len as u64,
-                        _ => 0,
-                    };
-                    let a = PendingAnchor {
-                        trigger: p.trigger,
-                        anchor_start,
-                        anchor_end: end,
-                        due: anchor_start + max_len + 1,
-                    };
-                    let at = self.anchors.partition_point(|x| x.due <= a.due);
-                    self.anchors.insert(at, a);
-                }
+                RawKind::Literal { .. } | RawKind::Anchor { .. } => {}
                 RawKind::Regex { rev } => {
                     let w = self.raw_ring.len() as u64 - 1;
                     let lo = self.raw_pos.saturating_sub(w);
@@ -863,6 +1185,51 @@ impl StreamSession {
                         end,
                     });
                 }
+            }
+        }
+    }
+
+    /// Reports the raw phrases and anchors of the aho-corasick match state reached at `end`.
+    fn raw_literals(&mut self, sc: &Scanner, end: u64, found: &mut Vec<Found>) {
+        let Some(ac) = &sc.raw_ac else {
+            return;
+        };
+        let engine = self.engine.clone();
+        let sid = self.raw_ac_sid;
+        for k in 0..ac.match_len(sid) {
+            let pid = ac.match_pattern(sid, k);
+            let (p, bytes) = &sc.raw_ac_patterns[pid.as_usize()];
+            match p.kind {
+                RawKind::Literal { len } => found.push(Found {
+                    trigger: p.trigger,
+                    start: end - len as u64,
+                    end,
+                }),
+                RawKind::Anchor { len } => {
+                    let anchor_start = end - len as u64;
+                    // Anchors are case-sensitive; the automaton folds ASCII case.
+                    if self.raw_window(anchor_start, end) != bytes[..] {
+                        continue;
+                    }
+                    let t = &engine.rules.triggers[p.trigger as usize];
+                    let max_len = match &t.kind {
+                        TriggerKind::Anchored { max_len, .. } => *max_len as u64,
+                        _ => 0,
+                    };
+                    let a = PendingAnchor {
+                        trigger: p.trigger,
+                        anchor_start,
+                        anchor_end: end,
+                        due: anchor_start + max_len + 1,
+                    };
+                    // One pending confirmation per trigger and anchor start.
+                    if self.anchors.iter().any(|x| x.trigger == a.trigger && x.anchor_start == a.anchor_start) {
+                        continue;
+                    }
+                    let at = self.anchors.partition_point(|x| x.due <= a.due);
+                    self.anchors.insert(at, a);
+                }
+                RawKind::Regex { .. } => {}
             }
         }
     }
@@ -956,11 +1323,10 @@ impl NormSink for WordSink<'_> {
         s.word_pos += 1;
         let end = s.word_pos;
         if let Some(ac) = &sc.word_ac {
-            s.ac_sid = ac.next_state(aho_corasick::Anchored::No, s.ac_sid, byte);
-            if ac.is_special(s.ac_sid) && ac.is_match(s.ac_sid) {
-                for k in 0..ac.match_len(s.ac_sid) {
-                    let pid = ac.match_pattern(s.ac_sid, k);
-                    let p = sc.word_ac_patterns[pid.as_usize()];
+            s.ac_sid = ac.next_state(s.ac_sid, byte);
+            if ac.is_match(s.ac_sid) {
+                for pid in ac.matches(s.ac_sid) {
+                    let p = sc.word_ac_patterns[pid];
                     let start = end - p.len as u64;
                     if let Some((os, oe)) = s.word_span(start + p.lead as u64, end - p.trail as u64) {
                         self.found.push(Found {
@@ -972,18 +1338,46 @@ impl NormSink for WordSink<'_> {
                 }
             }
         }
-        if let Some(dfa) = &sc.word_dfa {
-            s.wdfa_sid = dfa.fwd.next_state(s.wdfa_sid, byte);
-            if dfa.fwd.is_special_state(s.wdfa_sid) {
-                if dfa.fwd.is_start_state(s.wdfa_sid) {
-                    s.word_free = end;
-                } else if dfa.fwd.is_match_state(s.wdfa_sid) {
-                    let sid = s.wdfa_sid;
-                    s.word_dfa_matches(sc, dfa, sid, end - 1, self.found);
+        if !sc.word_anchored.is_empty() {
+            if byte == b' ' {
+                for (g, group) in sc.word_anchored.iter().enumerate() {
+                    s.walkers.push(Walker {
+                        group: g as u16,
+                        sid: group.start,
+                        start: end - 1,
+                    });
                 }
             }
-        } else {
-            s.word_free = end;
+            let mut reported: Vec<(u16, PatternID)> = Vec::new();
+            let mut i = 0;
+            while i < s.walkers.len() {
+                let w = s.walkers[i];
+                let dfa = &sc.word_anchored[w.group as usize].dfa;
+                let sid = dfa.next_state(w.sid, byte);
+                if dfa.is_special_state(sid) {
+                    if dfa.is_dead_state(sid) {
+                        s.walkers.remove(i);
+                        continue;
+                    }
+                    if dfa.is_match_state(sid) {
+                        s.walker_matches(sc, w, sid, end - 1, &mut reported, self.found);
+                    }
+                }
+                s.walkers[i].sid = sid;
+                i += 1;
+            }
+        }
+        for g in 0..sc.word_dfas.len() {
+            let dfa = &sc.word_dfas[g].0.fwd;
+            let sid = dfa.next_state(s.wdfa[g].0, byte);
+            s.wdfa[g].0 = sid;
+            if dfa.is_special_state(sid) {
+                if dfa.is_start_state(sid) {
+                    s.wdfa[g].1 = end;
+                } else if dfa.is_match_state(sid) {
+                    s.word_dfa_matches(sc, g, sid, end - 1, self.found);
+                }
+            }
         }
     }
 }

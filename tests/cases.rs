@@ -1,0 +1,114 @@
+//! Rule cases written as data (`tests/cases/*.toml`): each case is checked whole and streamed in
+//! many chunkings, against the bundled rulesets.
+
+mod common;
+
+use mistguard::ClassifyOptions;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFile {
+    #[serde(rename = "case", default)]
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    text: String,
+    lang: Option<String>,
+    expect: Vec<String>,
+    action: Option<String>,
+    #[serde(default)]
+    spans: Vec<String>,
+}
+
+fn load_cases() -> Vec<(String, Case)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let file: CaseFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        out.extend(file.cases.into_iter().map(|c| (name.clone(), c)));
+    }
+    out
+}
+
+#[test]
+fn every_case_holds_whole_and_streamed() {
+    let engine = common::bundled();
+    let cases = load_cases();
+    assert!(cases.len() >= 10, "expected rule cases under tests/cases, found {}", cases.len());
+    let mut failures = Vec::new();
+    for (file, case) in &cases {
+        let opts = ClassifyOptions {
+            lang_hint: case.lang.clone(),
+        };
+        let whole = engine.classify(&case.text, &opts);
+        let got: BTreeSet<String> = whole.hits.iter().map(|h| h.rule_id.to_string()).collect();
+        let want: BTreeSet<String> = case.expect.iter().cloned().collect();
+        let where_ = format!("{file}: {}", case.name);
+        if got != want {
+            let triggers: Vec<&str> = whole.hits.iter().map(|h| &*h.trigger_id).collect();
+            failures.push(format!("{where_}: fired {got:?}, expected {want:?} (triggers {triggers:?})"));
+            continue;
+        }
+        if let Some(a) = &case.action {
+            if whole.action.as_str() != a {
+                failures.push(format!("{where_}: action {}, expected {a}", whole.action));
+            }
+        }
+        for span in &case.spans {
+            let found = whole
+                .hits
+                .iter()
+                .any(|h| case.text.get(h.start as usize..h.end as usize) == Some(span.as_str()));
+            if !found {
+                failures.push(format!("{where_}: no hit spans {span:?}"));
+            }
+        }
+        // Streamed: every two-chunk split (short texts), and fixed small chunk sizes.
+        let mut chunkings: Vec<Vec<&str>> = [1usize, 2, 3, 5, 7, 16]
+            .iter()
+            .map(|&n| common::cut(&case.text, std::iter::repeat(n)))
+            .collect();
+        if case.text.len() <= 400 {
+            for (i, _) in case.text.char_indices().skip(1) {
+                chunkings.push(vec![&case.text[..i], &case.text[i..]]);
+            }
+        }
+        for chunks in chunkings {
+            let st = common::stream(&engine, &case.text, &chunks, &opts);
+            if st.hits != whole.hits || st.action != whole.action || st.sanitized != whole.sanitized_text {
+                failures.push(format!(
+                    "{where_}: streamed in {} chunks differs from whole: {:?} vs {:?}",
+                    chunks.len(),
+                    st.hits.iter().map(|h| (&*h.trigger_id, h.start, h.end)).collect::<Vec<_>>(),
+                    whole.hits.iter().map(|h| (&*h.trigger_id, h.start, h.end)).collect::<Vec<_>>()
+                ));
+                break;
+            }
+            if let Err(e) = common::check_release(&st) {
+                failures.push(format!("{where_}: {e}"));
+                break;
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
