@@ -9,6 +9,7 @@
 //! Only `grpc` (the daemon) knows about tonic and prost.
 
 pub mod action;
+pub mod daemon;
 pub mod decide;
 pub mod engine;
 pub mod eval;

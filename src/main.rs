@@ -72,6 +72,10 @@ enum Command {
         #[arg(long)]
         lang_hint: bool,
     },
+    /// Run the gRPC daemon (see docs/DAEMON.md).
+    Serve(Box<mistguard::daemon::ServeArgs>),
+    /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
+    Bench(mistguard::daemon::BenchArgs),
 }
 
 fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, LoadError> {
@@ -101,6 +105,8 @@ fn main() -> ExitCode {
             show_fn,
             lang_hint,
         } => eval(corpus, rulesets, json, rule, show_fp, show_fn, lang_hint),
+        Command::Serve(args) => mistguard::daemon::serve_main(*args),
+        Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
 }
 

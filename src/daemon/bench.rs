@@ -1,0 +1,443 @@
+//! `mistguard bench`: a load generator over real gRPC, bounded in time and count, aimed only at
+//! loopback addresses.
+//!
+//! Phases, each on the same server in the same run:
+//! 1. `Ping` (an empty RPC): the baseline of what gRPC itself costs;
+//! 2. `Classify` with 1 KiB and 16 KiB texts, closed loop at a fixed concurrency;
+//! 3. `Classify` 1 KiB open loop at half the rate phase 2 reached (latency under load that the
+//!    server can keep up with; measured from the scheduled send time, so a stall is not hidden);
+//! 4. `ClassifyStream` with many concurrent streams sending small chunks.
+//!
+//! By default the daemon runs in this process on `127.0.0.1:0` with the bundled rulesets, so
+//! client and server share the machine's cores.
+
+use super::pb::guard_client::GuardClient;
+use super::pb::{ClassifyRequest, ClassifyStreamRequest, PingRequest};
+use super::server::{prepare, serve_with, Control, Listeners};
+use super::{Config, Sources};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Address of a running daemon (loopback only). Default: start one in this process.
+    #[arg(long, value_name = "ADDR")]
+    pub target: Option<SocketAddr>,
+    /// Rulesets of the in-process daemon (default: bundled).
+    #[arg(long, value_name = "DIR")]
+    pub rulesets: Option<PathBuf>,
+    /// Seconds per phase (1..=60).
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent unary calls in the closed-loop phases.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Concurrent streams in the streaming phase.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// Bytes per stream chunk.
+    #[arg(long, default_value_t = 64)]
+    pub chunk_bytes: usize,
+}
+
+/// Hard cap on calls per phase, whatever the duration.
+const MAX_CALLS_PER_PHASE: u64 = 20_000_000;
+
+struct PhaseResult {
+    name: String,
+    calls: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+}
+
+impl PhaseResult {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.secs
+    }
+
+    fn percentile(&self, p: f64) -> Option<f64> {
+        if self.latencies_us.is_empty() {
+            return None;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        Some(f64::from(self.latencies_us[i]))
+    }
+}
+
+/// A benign English text of exactly `len` bytes.
+pub fn sample_text(len: usize) -> String {
+    const BASE: &str = "The committee reviewed the quarterly garden report, noting that tomatoes, \
+        beans and squash grew well after the spring rains, while the new irrigation schedule saved \
+        water without harming the young plants near the east fence. ";
+    let mut s = String::with_capacity(len + BASE.len());
+    while s.len() < len {
+        s.push_str(BASE);
+    }
+    s.truncate(len);
+    s
+}
+
+pub fn bench_main(args: BenchArgs) -> ExitCode {
+    if !(1..=60).contains(&args.seconds)
+        || args.concurrency == 0
+        || args.connections == 0
+        || args.streams == 0
+    {
+        eprintln!("mistguard bench: --seconds must be 1..=60; counts must be positive");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
+    if let Some(t) = args.target {
+        if !t.ip().is_loopback() {
+            eprintln!("mistguard bench: --target must be a loopback address (127.0.0.0/8 or ::1)");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mistguard bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mistguard bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    let mut server = None;
+    let addr = match args.target {
+        Some(a) => a,
+        None => {
+            let mut flags = HashMap::new();
+            if let Some(dir) = &args.rulesets {
+                flags.insert("rulesets".to_string(), dir.display().to_string());
+            }
+            flags.insert("max_inflight".into(), "100000".into());
+            flags.insert("max_streams".into(), (args.streams * 2).to_string());
+            let config = Config::from_sources(&Sources {
+                flags,
+                ..Default::default()
+            })?;
+            let prepared = prepare(&config)?;
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = grpc.local_addr()?;
+            let (tx, rx) = mpsc::channel(1);
+            let task = tokio::spawn(serve_with(
+                config,
+                prepared,
+                Listeners {
+                    grpc,
+                    metrics: None,
+                },
+                rx,
+            ));
+            server = Some((tx, task));
+            addr
+        }
+    };
+    let secs = Duration::from_secs(args.seconds);
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(args.streams.div_ceil(200)) {
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        channels.push(ch);
+    }
+    println!(
+        "mistguard bench: target {addr}{}, {} s per phase, {} concurrent calls over {} connections",
+        if server.is_some() {
+            " (in-process daemon, bundled rulesets unless --rulesets)"
+        } else {
+            ""
+        },
+        args.seconds,
+        args.concurrency,
+        args.connections
+    );
+
+    let unary_channels = &channels[..args.connections.min(channels.len())];
+    let ping = closed_loop(
+        "Ping (empty RPC)",
+        unary_channels,
+        args.concurrency,
+        secs,
+        None,
+    )
+    .await;
+    let text_1k = Arc::new(sample_text(1024));
+    let text_16k = Arc::new(sample_text(16 * 1024));
+    let c1k = closed_loop(
+        "Classify 1 KiB",
+        unary_channels,
+        args.concurrency,
+        secs,
+        Some(text_1k.clone()),
+    )
+    .await;
+    let c16k = closed_loop(
+        "Classify 16 KiB",
+        unary_channels,
+        args.concurrency,
+        secs,
+        Some(text_16k),
+    )
+    .await;
+    let half = (c1k.rate() / 2.0).max(1.0);
+    let open = open_loop(
+        &format!("Classify 1 KiB at {half:.0}/s"),
+        unary_channels,
+        half,
+        secs,
+        text_1k,
+    )
+    .await;
+    let streams = streaming(&channels, args.streams, args.chunk_bytes, secs).await?;
+
+    println!();
+    println!(
+        "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
+        "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
+    );
+    for r in [&ping, &c1k, &c16k, &open, &streams] {
+        let p = |q| {
+            r.percentile(q)
+                .map_or("-".to_string(), |v| format!("{v:.0}"))
+        };
+        println!(
+            "{:<34} {:>10} {:>8} {:>12.0} {:>9} {:>9}",
+            r.name,
+            r.calls,
+            r.errors,
+            r.rate(),
+            p(0.5),
+            p(0.99)
+        );
+    }
+    let ratio = c1k.rate() / ping.rate() * 100.0;
+    println!();
+    println!(
+        "Classify 1 KiB throughput: {ratio:.0}% of the empty RPC (target >= 70%): {}",
+        if ratio >= 70.0 { "met" } else { "NOT met" }
+    );
+    let p99 = open.percentile(0.99).unwrap_or(f64::INFINITY);
+    println!(
+        "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
+        if p99 < 1000.0 { "met" } else { "NOT met" }
+    );
+
+    if let Some((tx, task)) = server {
+        let _ = tx.send(Control::Shutdown).await;
+        let _ = tokio::time::timeout(Duration::from_secs(25), task).await;
+    }
+    Ok(())
+}
+
+async fn closed_loop(
+    name: &str,
+    channels: &[Channel],
+    concurrency: usize,
+    dur: Duration,
+    text: Option<Arc<String>>,
+) -> PhaseResult {
+    let calls = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = GuardClient::new(channels[i % channels.len()].clone());
+        let text = text.clone();
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < end
+                && calls.fetch_add(1, Ordering::Relaxed) < MAX_CALLS_PER_PHASE
+            {
+                let t = Instant::now();
+                let ok = match &text {
+                    None => client.ping(PingRequest {}).await.is_ok(),
+                    Some(s) => client
+                        .classify(ClassifyRequest {
+                            text: s.as_str().to_owned(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                };
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                errors += u64::from(!ok);
+            }
+            (lat, errors)
+        }));
+    }
+    collect(name, tasks, start).await
+}
+
+async fn collect(
+    name: &str,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u32>, u64)>>,
+    start: Instant,
+) -> PhaseResult {
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            latencies_us.extend(l);
+            errors += e;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    PhaseResult {
+        name: name.to_string(),
+        calls: latencies_us.len() as u64,
+        errors,
+        secs,
+        latencies_us,
+    }
+}
+
+/// Sends at a fixed rate whatever the responses do; latency counts from the scheduled time.
+async fn open_loop(
+    name: &str,
+    channels: &[Channel],
+    rate: f64,
+    dur: Duration,
+    text: Arc<String>,
+) -> PhaseResult {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let total = ((dur.as_secs_f64() * rate) as u64).min(MAX_CALLS_PER_PHASE);
+    // At most this many calls outstanding; beyond it the phase records an error, not a queue.
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(4096));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, bool)>();
+    let clients: Vec<_> = channels
+        .iter()
+        .map(|c| GuardClient::new(c.clone()))
+        .collect();
+    for n in 0..total {
+        let scheduled = start + interval.mul_f64(n as f64);
+        let now = Instant::now();
+        if scheduled > now {
+            tokio::time::sleep_until(scheduled.into()).await;
+        }
+        let Ok(permit) = outstanding.clone().try_acquire_owned() else {
+            let _ = tx.send((u32::MAX, false));
+            continue;
+        };
+        let mut client = clients[n as usize % clients.len()].clone();
+        let text = text.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let ok = client
+                .classify(ClassifyRequest {
+                    text: text.as_str().to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok();
+            let us = scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            let _ = tx.send((us, ok));
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let mut latencies_us = Vec::with_capacity(total as usize);
+    let mut errors = 0;
+    while let Some((us, ok)) = rx.recv().await {
+        latencies_us.push(us);
+        errors += u64::from(!ok);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    PhaseResult {
+        name: name.to_string(),
+        calls: latencies_us.len() as u64,
+        errors,
+        secs,
+        latencies_us,
+    }
+}
+
+/// `streams` concurrent streams, each sending a chunk and waiting for its response, for `dur`.
+async fn streaming(
+    channels: &[Channel],
+    streams: usize,
+    chunk_bytes: usize,
+    dur: Duration,
+) -> Result<PhaseResult, BoxError> {
+    let chunk = Arc::new(sample_text(chunk_bytes.max(1)));
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let mut client = GuardClient::new(channels[i % channels.len()].clone());
+        let chunk = chunk.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let (tx, rx) = mpsc::channel(2);
+            let Ok(resp) = client.classify_stream(ReceiverStream::new(rx)).await else {
+                return (lat, 1);
+            };
+            let mut resp = resp.into_inner();
+            while Instant::now() < end && (lat.len() as u64) < MAX_CALLS_PER_PHASE / 1000 {
+                let t = Instant::now();
+                if tx
+                    .send(ClassifyStreamRequest {
+                        text: chunk.as_str().to_owned(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_err()
+                {
+                    errors += 1;
+                    break;
+                }
+                match resp.message().await {
+                    Ok(Some(r)) if !r.r#final => {
+                        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                    }
+                    _ => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            while let Ok(Some(_)) = resp.message().await {}
+            (lat, errors)
+        }));
+    }
+    let mut r = collect(
+        &format!("ClassifyStream {streams} streams, {chunk_bytes} B"),
+        tasks,
+        start,
+    )
+    .await;
+    r.name = format!("stream chunks ({streams} streams, {chunk_bytes} B)");
+    Ok(r)
+}

@@ -1,0 +1,706 @@
+//! The daemon's configuration: every setting has a command-line flag, a `MISTGUARD_*` environment
+//! variable and a key in the TOML file; flags beat the environment, which beats the file, which
+//! beats the default.
+//!
+//! Parsing works on plain maps ([`Sources`]) so tests can feed it without touching the process
+//! environment (linkerd2's `env.rs` does the same). Everything is validated here, before any port
+//! is bound: a bad value is reported in one line naming the setting and where it came from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One setting: its file key, and the flag and environment variable derived from it.
+pub struct Setting {
+    /// Key in the TOML file; a dot is a table (`escalation.level2_hits` is `level2_hits` in
+    /// `[escalation]`).
+    pub key: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// `MISTGUARD_` + the key in upper case, dots and dashes as underscores.
+    pub fn env_var(&self) -> String {
+        format!(
+            "MISTGUARD_{}",
+            self.key.to_uppercase().replace(['.', '-'], "_")
+        )
+    }
+
+    /// `--` + the key, dots and underscores as dashes.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.key.replace(['.', '_'], "-"))
+    }
+}
+
+/// Every setting the daemon reads, in the order of `docs/DAEMON.md`.
+pub const SETTINGS: &[Setting] = &[
+    Setting { key: "listen", default: "127.0.0.1:50051", help: "gRPC listen address" },
+    Setting {
+        key: "metrics_listen",
+        default: "127.0.0.1:9464",
+        help: "Prometheus `/metrics` listen address (`off` disables it)",
+    },
+    Setting {
+        key: "rulesets",
+        default: "bundled",
+        help: "rulesets directory (`bundled`: the rulesets compiled into the binary)",
+    },
+    Setting { key: "log_format", default: "text", help: "`text` or `json`" },
+    Setting { key: "log_level", default: "info", help: "tracing filter (`info`, `mistguard=debug`)" },
+    Setting {
+        key: "drain_deadline",
+        default: "20s",
+        help: "on SIGTERM/SIGINT, the process exits at the latest this long after the signal",
+    },
+    Setting {
+        key: "max_message_bytes",
+        default: "1MiB",
+        help: "largest text of one Classify request or one stream chunk",
+    },
+    Setting { key: "stream_max_bytes", default: "64MiB", help: "largest total text of one stream" },
+    Setting { key: "stream_max_chunks", default: "100000", help: "most chunks in one stream" },
+    Setting {
+        key: "stream_idle_timeout",
+        default: "60s",
+        help: "a stream with no message for this long is ended with DEADLINE_EXCEEDED",
+    },
+    Setting {
+        key: "max_streams_per_connection",
+        default: "256",
+        help: "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS",
+    },
+    Setting {
+        key: "max_streams",
+        default: "10000",
+        help: "open ClassifyStream calls in total; more are refused with RESOURCE_EXHAUSTED",
+    },
+    Setting {
+        key: "max_inflight",
+        default: "2048",
+        help: "unary calls in progress in total; more are refused with RESOURCE_EXHAUSTED",
+    },
+    Setting { key: "http2_keepalive_interval", default: "30s", help: "HTTP/2 PING interval" },
+    Setting {
+        key: "http2_keepalive_timeout",
+        default: "10s",
+        help: "a connection whose PING is not answered in this time is closed",
+    },
+    Setting {
+        key: "http2_max_local_error_reset_streams",
+        default: "1024",
+        help: "streams reset for protocol errors before the connection is closed (0: no limit)",
+    },
+    Setting { key: "tls_cert", default: "", help: "PEM certificate chain; TLS is on when set" },
+    Setting { key: "tls_key", default: "", help: "PEM private key (with `tls_cert`)" },
+    Setting {
+        key: "auth_tokens_file",
+        default: "",
+        help: "file of bearer tokens, one a line; when set, Guard calls need `authorization: Bearer <token>`",
+    },
+    Setting {
+        key: "subject_key_file",
+        default: "",
+        help: "file holding the key of the subject hash (>= 32 bytes); empty: a random key per process",
+    },
+    Setting {
+        key: "escalation.level2_hits",
+        default: "3",
+        help: "decisions of BLOCK or above that put a subject at level 2",
+    },
+    Setting { key: "escalation.level2_window", default: "10m", help: "window for those decisions" },
+    Setting {
+        key: "escalation.suspension",
+        default: "15m",
+        help: "how long a level-2 subject is answered BLOCK (`suspended`)",
+    },
+    Setting {
+        key: "escalation.rate_limit",
+        default: "5m",
+        help: "how long a subject is answered RATE_LIMIT after a RULE-MIST-010 hit",
+    },
+    Setting {
+        key: "escalation.level3_subjects",
+        default: "5",
+        help: "distinct subjects reaching level 2 within the level-3 window that raise the alert",
+    },
+    Setting { key: "escalation.level3_window", default: "10m", help: "window of the level-3 alert" },
+    Setting {
+        key: "escalation.max_subjects",
+        default: "100000",
+        help: "subjects tracked at once (state is bounded; expired entries are swept)",
+    },
+];
+
+/// Where a value came from, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    Env,
+    File,
+    Default,
+}
+
+/// The raw values of every source, keyed by setting key (`escalation.level2_hits`).
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub flags: HashMap<String, String>,
+    pub env: HashMap<String, String>,
+    pub file: HashMap<String, String>,
+    /// The config file's path, for error messages.
+    pub file_path: Option<PathBuf>,
+}
+
+impl Sources {
+    /// Reads the environment variables of every setting from `env` (a snapshot of the process
+    /// environment, or a test's map).
+    pub fn with_env<'a>(mut self, env: impl IntoIterator<Item = (&'a str, &'a str)>) -> Sources {
+        let wanted: HashMap<String, &'static str> =
+            SETTINGS.iter().map(|s| (s.env_var(), s.key)).collect();
+        for (name, value) in env {
+            if let Some(key) = wanted.get(name) {
+                self.env.insert((*key).to_string(), value.to_string());
+            }
+        }
+        self
+    }
+
+    /// Parses a TOML config file's text. Unknown keys are refused (a typo must not go unnoticed).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file and the key or the TOML error.
+    pub fn with_file_text(mut self, path: &Path, text: &str) -> Result<Sources, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(format!("{}: {}", path.display(), e.message()))
+        })?;
+        let mut flat = BTreeMap::new();
+        flatten("", &table, &mut flat);
+        for (key, value) in flat {
+            if !SETTINGS.iter().any(|s| s.key == key) {
+                return Err(ConfigError(format!(
+                    "{}: unknown setting `{key}` (see docs/DAEMON.md for the list)",
+                    path.display()
+                )));
+            }
+            self.file.insert(key, value);
+        }
+        self.file_path = Some(path.to_path_buf());
+        Ok(self)
+    }
+
+    fn get(&self, key: &str) -> (String, Origin) {
+        if let Some(v) = self.flags.get(key) {
+            return (v.clone(), Origin::Flag);
+        }
+        if let Some(v) = self.env.get(key) {
+            return (v.clone(), Origin::Env);
+        }
+        if let Some(v) = self.file.get(key) {
+            return (v.clone(), Origin::File);
+        }
+        let default = SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .map(|s| s.default)
+            .unwrap_or("");
+        (default.to_string(), Origin::Default)
+    }
+
+    fn describe(&self, key: &str, origin: Origin) -> String {
+        let setting = SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .expect("known setting");
+        match origin {
+            Origin::Flag => setting.flag(),
+            Origin::Env => setting.env_var(),
+            Origin::File => match &self.file_path {
+                Some(p) => format!("{}: `{key}`", p.display()),
+                None => format!("`{key}` in the config file"),
+            },
+            Origin::Default => format!("default of `{key}`"),
+        }
+    }
+
+    fn parse<T>(
+        &self,
+        key: &str,
+        what: &str,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        let (raw, origin) = self.get(key);
+        f(raw.trim()).ok_or_else(|| {
+            ConfigError(format!(
+                "{}: `{raw}` is not {what}",
+                self.describe(key, origin)
+            ))
+        })
+    }
+}
+
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::String(s) => {
+                out.insert(key, s.clone());
+            }
+            other => {
+                out.insert(key, other.to_string());
+            }
+        }
+    }
+}
+
+/// A configuration error: one line, naming the setting and its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Limits that protect the daemon from its callers.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub stream_max_bytes: u64,
+    pub stream_max_chunks: u64,
+    pub stream_idle_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    pub max_streams: usize,
+    pub max_inflight: usize,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    /// `None`: no limit.
+    pub http2_max_local_error_reset_streams: Option<usize>,
+}
+
+/// The escalation matrix's parameters (SPEC "The escalation matrix").
+#[derive(Clone, Debug)]
+pub struct EscalationConfig {
+    pub level2_hits: u32,
+    pub level2_window: Duration,
+    pub suspension: Duration,
+    pub rate_limit: Duration,
+    pub level3_subjects: u32,
+    pub level3_window: Duration,
+    pub max_subjects: usize,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        EscalationConfig {
+            level2_hits: 3,
+            level2_window: Duration::from_secs(600),
+            suspension: Duration::from_secs(900),
+            rate_limit: Duration::from_secs(300),
+            level3_subjects: 5,
+            level3_window: Duration::from_secs(600),
+            max_subjects: 100_000,
+        }
+    }
+}
+
+/// Paths of the TLS certificate chain and key (PEM).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `None`: the bundled rulesets.
+    pub rulesets: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub drain_deadline: Duration,
+    pub limits: Limits,
+    pub tls: Option<TlsFiles>,
+    pub auth_tokens_file: Option<PathBuf>,
+    pub subject_key_file: Option<PathBuf>,
+    pub escalation: EscalationConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_sources(&Sources::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Builds and validates the configuration from its sources. Checks what can be checked
+    /// without binding a port: values, that both TLS files are named, that named files exist.
+    ///
+    /// # Errors
+    /// The first bad setting, as one line.
+    pub fn from_sources(src: &Sources) -> Result<Config, ConfigError> {
+        let addr = |s: &str| s.parse::<SocketAddr>().ok();
+        let metrics_listen = src.parse(
+            "metrics_listen",
+            "an address like 127.0.0.1:9464 or `off`",
+            |s| {
+                if s == "off" {
+                    Some(None)
+                } else {
+                    addr(s).map(Some)
+                }
+            },
+        )?;
+        let path = |s: &str| Some((!s.is_empty()).then(|| PathBuf::from(s)));
+        let rulesets = src.parse("rulesets", "a directory", |s| {
+            if s == "bundled" || s.is_empty() {
+                Some(None)
+            } else {
+                Some(Some(PathBuf::from(s)))
+            }
+        })?;
+        if let Some(dir) = &rulesets {
+            if !dir.is_dir() {
+                let (_, origin) = src.get("rulesets");
+                return Err(ConfigError(format!(
+                    "{}: `{}` is not a directory",
+                    src.describe("rulesets", origin),
+                    dir.display()
+                )));
+            }
+        }
+        let nonzero_u64 = |s: &str| parse_u64(s).filter(|n| *n > 0);
+        let limits = Limits {
+            max_message_bytes: src.parse(
+                "max_message_bytes",
+                "a size between 1KiB and 64MiB",
+                |s| {
+                    parse_size(s)
+                        .filter(|n| (1024..=64 << 20).contains(n))
+                        .map(|n| n as usize)
+                },
+            )?,
+            stream_max_bytes: src.parse("stream_max_bytes", "a size like 64MiB", |s| {
+                parse_size(s).filter(|n| *n > 0)
+            })?,
+            stream_max_chunks: src.parse("stream_max_chunks", "a positive count", nonzero_u64)?,
+            stream_idle_timeout: src.parse(
+                "stream_idle_timeout",
+                "a duration like 60s",
+                parse_nonzero_duration,
+            )?,
+            max_streams_per_connection: src.parse(
+                "max_streams_per_connection",
+                "a count between 1 and 65535",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=65535).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
+            max_streams: src.parse("max_streams", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
+            max_inflight: src.parse("max_inflight", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
+            http2_keepalive_interval: src.parse(
+                "http2_keepalive_interval",
+                "a duration like 30s",
+                parse_nonzero_duration,
+            )?,
+            http2_keepalive_timeout: src.parse(
+                "http2_keepalive_timeout",
+                "a duration like 10s",
+                parse_nonzero_duration,
+            )?,
+            http2_max_local_error_reset_streams: src.parse(
+                "http2_max_local_error_reset_streams",
+                "a count (0: no limit)",
+                |s| parse_u64(s).map(|n| (n > 0).then_some(n as usize)),
+            )?,
+        };
+        let tls_cert = src.parse("tls_cert", "a path", path)?;
+        let tls_key = src.parse("tls_key", "a path", path)?;
+        let tls = match (tls_cert, tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                for (k, p) in [("tls_cert", &cert), ("tls_key", &key)] {
+                    if !p.is_file() {
+                        let (_, origin) = src.get(k);
+                        return Err(ConfigError(format!(
+                            "{}: `{}` is not a readable file",
+                            src.describe(k, origin),
+                            p.display()
+                        )));
+                    }
+                }
+                Some(TlsFiles { cert, key })
+            }
+            (Some(_), None) | (None, Some(_)) => return Err(ConfigError(
+                "TLS needs both `tls_cert` and `tls_key` (MISTGUARD_TLS_CERT, MISTGUARD_TLS_KEY)"
+                    .into(),
+            )),
+        };
+        let auth_tokens_file = src.parse("auth_tokens_file", "a path", path)?;
+        let subject_key_file = src.parse("subject_key_file", "a path", path)?;
+        let escalation = EscalationConfig {
+            level2_hits: src.parse(
+                "escalation.level2_hits",
+                "a count between 1 and 1000",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=1000).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
+            level2_window: src.parse(
+                "escalation.level2_window",
+                "a duration like 10m",
+                parse_nonzero_duration,
+            )?,
+            suspension: src.parse(
+                "escalation.suspension",
+                "a duration like 15m",
+                parse_nonzero_duration,
+            )?,
+            rate_limit: src.parse(
+                "escalation.rate_limit",
+                "a duration like 5m",
+                parse_duration,
+            )?,
+            level3_subjects: src.parse(
+                "escalation.level3_subjects",
+                "a count between 1 and 100000",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=100_000).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
+            level3_window: src.parse(
+                "escalation.level3_window",
+                "a duration like 10m",
+                parse_nonzero_duration,
+            )?,
+            max_subjects: src.parse("escalation.max_subjects", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
+        };
+        Ok(Config {
+            listen: src.parse("listen", "an address like 127.0.0.1:50051", addr)?,
+            metrics_listen,
+            rulesets,
+            log_format: src.parse("log_format", "`text` or `json`", |s| match s {
+                "text" => Some(LogFormat::Text),
+                "json" => Some(LogFormat::Json),
+                _ => None,
+            })?,
+            log_level: src.parse("log_level", "a tracing filter", |s| {
+                tracing_subscriber::EnvFilter::try_new(s)
+                    .ok()
+                    .map(|_| s.to_string())
+            })?,
+            drain_deadline: src.parse(
+                "drain_deadline",
+                "a duration like 20s",
+                parse_nonzero_duration,
+            )?,
+            limits,
+            tls,
+            auth_tokens_file,
+            subject_key_file,
+            escalation,
+        })
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    s.replace('_', "").parse().ok()
+}
+
+/// `1048576`, `64KiB`, `1MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`, `GB`: all binary).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n = parse_u64(num)?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// `500ms`, `20s`, `10m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+fn parse_nonzero_duration(s: &str) -> Option<Duration> {
+    parse_duration(s).filter(|d| !d.is_zero())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_bounded() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.limits.max_message_bytes, 1 << 20);
+        assert_eq!(c.drain_deadline, Duration::from_secs(20));
+        assert_eq!(c.escalation.level2_hits, 3);
+        assert_eq!(c.escalation.suspension, Duration::from_secs(900));
+        assert!(c.rulesets.is_none() && c.tls.is_none() && c.auth_tokens_file.is_none());
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let file = "listen = \"127.0.0.1:1\"\nmax_inflight = 7\ndrain_deadline = \"3s\"\n[escalation]\nlevel2_hits = 9\n";
+        let src = Sources {
+            flags: flags(&[("listen", "127.0.0.1:3")]),
+            ..Default::default()
+        }
+        .with_env([
+            ("MISTGUARD_LISTEN", "127.0.0.1:2"),
+            ("MISTGUARD_MAX_INFLIGHT", "8"),
+            ("HOME", "/x"),
+        ])
+        .with_file_text(Path::new("m.toml"), file)
+        .unwrap();
+        let c = Config::from_sources(&src).unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert_eq!(c.limits.max_inflight, 8);
+        assert_eq!(c.drain_deadline, Duration::from_secs(3));
+        assert_eq!(c.escalation.level2_hits, 9);
+    }
+
+    #[test]
+    fn bad_values_name_setting_and_origin() {
+        let src = Sources::default().with_env([("MISTGUARD_MAX_MESSAGE_BYTES", "lots")]);
+        let e = Config::from_sources(&src).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "MISTGUARD_MAX_MESSAGE_BYTES: `lots` is not a size between 1KiB and 64MiB"
+        );
+        assert!(!e.contains('\n'));
+
+        let src = Sources {
+            flags: flags(&[("drain_deadline", "0s")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().to_string();
+        assert!(e.starts_with("--drain-deadline:"), "{e}");
+
+        let src = Sources::default()
+            .with_file_text(Path::new("m.toml"), "[escalation]\nsuspension = \"soon\"\n")
+            .unwrap();
+        let e = Config::from_sources(&src).unwrap_err().to_string();
+        assert!(e.starts_with("m.toml: `escalation.suspension`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_and_half_tls_are_refused() {
+        let e = Sources::default()
+            .with_file_text(Path::new("m.toml"), "lisen = \"x\"\n")
+            .unwrap_err();
+        assert!(e.0.contains("unknown setting `lisen`"), "{e}");
+        let e = Sources::default()
+            .with_file_text(Path::new("m.toml"), "listen = ")
+            .unwrap_err();
+        assert!(e.0.starts_with("m.toml: "), "{e}");
+        let src = Sources {
+            flags: flags(&[("tls_cert", "/etc/hostname")]),
+            ..Default::default()
+        };
+        assert!(Config::from_sources(&src)
+            .unwrap_err()
+            .0
+            .contains("both `tls_cert` and `tls_key`"));
+    }
+
+    #[test]
+    fn missing_rulesets_dir_is_refused() {
+        let src = Sources {
+            flags: flags(&[("rulesets", "/nonexistent/mistguard")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().0;
+        assert_eq!(e, "--rulesets: `/nonexistent/mistguard` is not a directory");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("64 KiB"), Some(64 << 10));
+        assert_eq!(parse_size("1_000"), Some(1000));
+        assert_eq!(parse_size("1 parsec"), None);
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("-1s"), None);
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let src = Sources {
+            flags: flags(&[("metrics_listen", "off")]),
+            ..Default::default()
+        };
+        assert_eq!(Config::from_sources(&src).unwrap().metrics_listen, None);
+    }
+
+    #[test]
+    fn env_and_flag_names_follow_keys() {
+        let s = SETTINGS
+            .iter()
+            .find(|s| s.key == "escalation.level2_hits")
+            .unwrap();
+        assert_eq!(s.env_var(), "MISTGUARD_ESCALATION_LEVEL2_HITS");
+        assert_eq!(s.flag(), "--escalation-level2-hits");
+    }
+}

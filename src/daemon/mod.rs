@@ -1,0 +1,301 @@
+//! The network daemon: `mistguard serve` and `mistguard bench`.
+//!
+//! The only module that knows tonic and prost. Requests are converted by hand at the boundary
+//! (`convert.rs`) into the core's types; the core knows nothing of the network.
+//!
+//! - `config`: settings from flags, `MISTGUARD_*` environment and a TOML file, validated before
+//!   any port is bound;
+//! - `server`: the tonic server, health, reflection, reload and draining shutdown;
+//! - `service`: the `mistguard.v1.Guard` RPCs;
+//! - `escalation`: per-subject state of the escalation matrix;
+//! - `ids`: decision ids and the keyed subject hash;
+//! - `metrics`: Prometheus metrics and the `/metrics` endpoint;
+//! - `bench`: the load generator.
+
+pub mod bench;
+pub mod config;
+pub mod convert;
+pub mod escalation;
+pub mod ids;
+pub mod metrics;
+pub mod pb;
+pub mod server;
+pub mod service;
+
+pub use bench::{bench_main, BenchArgs};
+pub use config::{Config, ConfigError, Sources};
+pub use server::{prepare, serve_with, Control, Listeners, Prepared};
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for bad configuration (sysexits `EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Flags of `mistguard serve`. Every flag also has a `MISTGUARD_*` variable and a key in the
+/// `--config` file (see docs/DAEMON.md); flags beat the environment, which beats the file.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file (also `MISTGUARD_CONFIG`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long = "listen", value_name = "VALUE")]
+    pub listen: Option<String>,
+    #[arg(long = "metrics-listen", value_name = "VALUE")]
+    pub metrics_listen: Option<String>,
+    #[arg(long = "rulesets", value_name = "VALUE")]
+    pub rulesets: Option<String>,
+    #[arg(long = "log-format", value_name = "VALUE")]
+    pub log_format: Option<String>,
+    #[arg(long = "log-level", value_name = "VALUE")]
+    pub log_level: Option<String>,
+    #[arg(long = "drain-deadline", value_name = "VALUE")]
+    pub drain_deadline: Option<String>,
+    #[arg(long = "max-message-bytes", value_name = "VALUE")]
+    pub max_message_bytes: Option<String>,
+    #[arg(long = "stream-max-bytes", value_name = "VALUE")]
+    pub stream_max_bytes: Option<String>,
+    #[arg(long = "stream-max-chunks", value_name = "VALUE")]
+    pub stream_max_chunks: Option<String>,
+    #[arg(long = "stream-idle-timeout", value_name = "VALUE")]
+    pub stream_idle_timeout: Option<String>,
+    #[arg(long = "max-streams-per-connection", value_name = "VALUE")]
+    pub max_streams_per_connection: Option<String>,
+    #[arg(long = "max-streams", value_name = "VALUE")]
+    pub max_streams: Option<String>,
+    #[arg(long = "max-inflight", value_name = "VALUE")]
+    pub max_inflight: Option<String>,
+    #[arg(long = "http2-keepalive-interval", value_name = "VALUE")]
+    pub http2_keepalive_interval: Option<String>,
+    #[arg(long = "http2-keepalive-timeout", value_name = "VALUE")]
+    pub http2_keepalive_timeout: Option<String>,
+    #[arg(long = "http2-max-local-error-reset-streams", value_name = "VALUE")]
+    pub http2_max_local_error_reset_streams: Option<String>,
+    #[arg(long = "tls-cert", value_name = "VALUE")]
+    pub tls_cert: Option<String>,
+    #[arg(long = "tls-key", value_name = "VALUE")]
+    pub tls_key: Option<String>,
+    #[arg(long = "auth-tokens-file", value_name = "VALUE")]
+    pub auth_tokens_file: Option<String>,
+    #[arg(long = "subject-key-file", value_name = "VALUE")]
+    pub subject_key_file: Option<String>,
+    #[arg(long = "escalation-level2-hits", value_name = "VALUE")]
+    pub escalation_level2_hits: Option<String>,
+    #[arg(long = "escalation-level2-window", value_name = "VALUE")]
+    pub escalation_level2_window: Option<String>,
+    #[arg(long = "escalation-suspension", value_name = "VALUE")]
+    pub escalation_suspension: Option<String>,
+    #[arg(long = "escalation-rate-limit", value_name = "VALUE")]
+    pub escalation_rate_limit: Option<String>,
+    #[arg(long = "escalation-level3-subjects", value_name = "VALUE")]
+    pub escalation_level3_subjects: Option<String>,
+    #[arg(long = "escalation-level3-window", value_name = "VALUE")]
+    pub escalation_level3_window: Option<String>,
+    #[arg(long = "escalation-max-subjects", value_name = "VALUE")]
+    pub escalation_max_subjects: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags given, keyed by setting key.
+    pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
+        let pairs: [(&str, &Option<String>); 27] = [
+            ("listen", &self.listen),
+            ("metrics_listen", &self.metrics_listen),
+            ("rulesets", &self.rulesets),
+            ("log_format", &self.log_format),
+            ("log_level", &self.log_level),
+            ("drain_deadline", &self.drain_deadline),
+            ("max_message_bytes", &self.max_message_bytes),
+            ("stream_max_bytes", &self.stream_max_bytes),
+            ("stream_max_chunks", &self.stream_max_chunks),
+            ("stream_idle_timeout", &self.stream_idle_timeout),
+            (
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            ),
+            ("max_streams", &self.max_streams),
+            ("max_inflight", &self.max_inflight),
+            ("http2_keepalive_interval", &self.http2_keepalive_interval),
+            ("http2_keepalive_timeout", &self.http2_keepalive_timeout),
+            (
+                "http2_max_local_error_reset_streams",
+                &self.http2_max_local_error_reset_streams,
+            ),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("auth_tokens_file", &self.auth_tokens_file),
+            ("subject_key_file", &self.subject_key_file),
+            ("escalation.level2_hits", &self.escalation_level2_hits),
+            ("escalation.level2_window", &self.escalation_level2_window),
+            ("escalation.suspension", &self.escalation_suspension),
+            ("escalation.rate_limit", &self.escalation_rate_limit),
+            (
+                "escalation.level3_subjects",
+                &self.escalation_level3_subjects,
+            ),
+            ("escalation.level3_window", &self.escalation_level3_window),
+            ("escalation.max_subjects", &self.escalation_max_subjects),
+        ];
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect()
+    }
+
+    /// Gathers flags, the process environment and the config file, and validates them.
+    ///
+    /// # Errors
+    /// One line naming the bad setting.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut sources = Sources {
+            flags: self.flag_values(),
+            ..Default::default()
+        }
+        .with_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let file = self
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("MISTGUARD_CONFIG").map(PathBuf::from));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            sources = sources.with_file_text(&path, &text)?;
+        }
+        Config::from_sources(&sources)
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// `mistguard serve`: validates the configuration and loads every file before binding; exits 64
+/// with one line on stderr when anything is wrong.
+pub fn serve_main(args: ServeArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mistguard: configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let prepared = match prepare(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mistguard: configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mistguard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let deadline = config.drain_deadline;
+    let result = runtime.block_on(async move {
+        let listeners = match server::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("mistguard: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(forward_signals(tx));
+        serve_with(config, prepared, listeners, rx)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            })
+    });
+    // Tasks that outlived the drain (a connection stuck mid-write) must not hold the exit.
+    runtime.shutdown_timeout(deadline.min(std::time::Duration::from_secs(1)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+async fn forward_signals(tx: tokio::sync::mpsc::Sender<Control>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        let c = tokio::select! {
+            _ = hup.recv() => Control::Reload,
+            _ = term.recv() => Control::Shutdown,
+            _ = int.recv() => Control::Shutdown,
+        };
+        tracing::info!(signal = ?c, "signal received");
+        if tx.send(c).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn every_setting_has_its_flag() {
+        let cmd = Wrapper::command();
+        for s in config::SETTINGS {
+            let flag = s.flag();
+            assert!(
+                cmd.get_arguments()
+                    .any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
+                "no flag {flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        use clap::Parser;
+        let w = Wrapper::try_parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:7",
+            "--escalation-level2-hits",
+            "4",
+        ])
+        .unwrap();
+        let src = Sources {
+            flags: w.serve.flag_values(),
+            ..Default::default()
+        };
+        let c = Config::from_sources(&src).unwrap();
+        assert_eq!(c.listen.port(), 7);
+        assert_eq!(c.escalation.level2_hits, 4);
+    }
+}
