@@ -25,7 +25,6 @@ use aho_corasick::automaton::Automaton as AcAutomaton;
 use regex_automata::dfa::{dense, Automaton as DfaAutomaton, StartKind};
 use regex_automata::util::primitives::StateID;
 use regex_automata::{nfa::thompson, Anchored, Input, MatchKind, PatternID};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Size limit of one view's DFA (forward), and of its determinization.
@@ -288,9 +287,12 @@ pub struct Scanner {
     raw_ac: Option<aho_corasick::dfa::DFA>,
     raw_ac_patterns: Vec<(RawPattern, Box<[u8]>)>,
     raw_ac_max: u64,
+    /// Largest `look_behind` of the confirmed regexes: a match can start this far before its
+    /// anchor, so a stream holds back that much more.
+    raw_look_behind: u64,
     raw_ac_start: aho_corasick::automaton::StateID,
     /// Confirmation regexes of anchored triggers, by trigger index.
-    confirm: HashMap<u32, regex_automata::meta::Regex>,
+    confirm: Vec<Option<regex_automata::meta::Regex>>,
     /// Ring sizes (powers of two).
     word_window: usize,
     raw_window: usize,
@@ -325,7 +327,7 @@ impl Scanner {
         // (rule, forward pattern, what it stands for); reverse ids are assigned per group.
         let mut raw: Vec<(usize, String, RawPattern)> = Vec::new();
         let mut raw_lits: Vec<(RawPattern, Box<[u8]>)> = Vec::new();
-        let mut confirm = HashMap::new();
+        let mut confirm: Vec<Option<regex_automata::meta::Regex>> = vec![None; rs.triggers.len()];
         let mut raw_max = 8usize;
         for (ti, t) in rs.triggers.iter().enumerate() {
             let ti = ti as u32;
@@ -412,7 +414,7 @@ impl Scanner {
                             line: Some(t.line),
                             message: format!("regex `{pattern}`: {e}"),
                         })?;
-                    confirm.insert(ti, re);
+                    confirm[ti as usize] = Some(re);
                 }
             }
         }
@@ -479,6 +481,15 @@ impl Scanner {
             )
         };
         let raw_ac_max = raw_lits.iter().map(|l| l.1.len()).max().unwrap_or(0) as u64;
+        let raw_look_behind = rs
+            .triggers
+            .iter()
+            .map(|t| match &t.kind {
+                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
         let raw_ac_start = match &raw_ac {
             Some(ac) => ac
                 .start_state(aho_corasick::Anchored::No)
@@ -524,6 +535,7 @@ impl Scanner {
             raw_ac,
             raw_ac_patterns: raw_lits,
             raw_ac_max,
+            raw_look_behind,
             raw_ac_start,
             confirm,
             word_window,
@@ -536,6 +548,15 @@ impl Scanner {
 
     pub fn stats(&self) -> &ScannerStats {
         &self.stats
+    }
+
+    /// The most a stream holds back behind the bytes it has received, once its language is
+    /// decided and no hit is pending: the longest partial match of any view (plus the largest
+    /// look-behind of a confirmed regex).
+    pub fn holdback_bound(&self) -> u64 {
+        let word = self.word_ac_max.max(self.word_dfa_max) + 4;
+        let raw = (self.raw_ac_max + self.raw_look_behind).max(self.raw_dfa_max);
+        word.max(raw)
     }
 }
 
@@ -977,7 +998,9 @@ impl StreamSession {
             .max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
         let mut r = self.raw_pos.min(raw_free);
         let raw_depth = if self.raw_ac_sid == sc.raw_ac_start { 0 } else { sc.raw_ac_max };
-        r = r.min(self.raw_pos - raw_depth.min(self.raw_pos));
+        // An anchor not seen yet starts at or after `raw_pos - raw_depth`; its match may begin up to
+        // the largest look-behind before it.
+        r = r.min(self.raw_pos.saturating_sub(raw_depth + sc.raw_look_behind));
         for a in &self.anchors {
             let lb = match &engine.rules.triggers[a.trigger as usize].kind {
                 TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
@@ -1043,8 +1066,7 @@ impl StreamSession {
     }
 
     fn word_window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        let mask = self.word_bytes.len() - 1;
-        (lo..hi).map(|p| self.word_bytes[(p as usize) & mask]).collect()
+        ring_slice(&self.word_bytes, lo, hi)
     }
 
     fn word_dfa_matches(&mut self, sc: &Scanner, group: usize, sid: StateID, end: u64, found: &mut Vec<Found>) {
@@ -1149,8 +1171,7 @@ impl StreamSession {
     }
 
     fn raw_window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        let mask = self.raw_ring.len() - 1;
-        (lo..hi).map(|p| self.raw_ring[(p as usize) & mask]).collect()
+        ring_slice(&self.raw_ring, lo, hi)
     }
 
     /// Reports the raw-view matches of a match state, ending at `end`.
@@ -1241,7 +1262,7 @@ impl StreamSession {
         let TriggerKind::Anchored { max_len, look_behind, .. } = &t.kind else {
             return;
         };
-        let Some(re) = sc.confirm.get(&a.trigger) else {
+        let Some(re) = sc.confirm[a.trigger as usize].as_ref() else {
             return;
         };
         let ring = self.raw_ring.len() as u64;
@@ -1301,6 +1322,21 @@ impl StreamSession {
             rule_scores,
         }
     }
+}
+
+/// The bytes at stream offsets `lo..hi` of a ring (power-of-two length), copied out in at most
+/// two slices.
+fn ring_slice(ring: &[u8], lo: u64, hi: u64) -> Vec<u8> {
+    let mask = ring.len() - 1;
+    let mut out = Vec::with_capacity((hi - lo) as usize);
+    let (a, b) = ((lo as usize) & mask, (hi as usize) & mask);
+    if hi - lo == ring.len() as u64 || (a > b) {
+        out.extend_from_slice(&ring[a..]);
+        out.extend_from_slice(&ring[..b]);
+    } else {
+        out.extend_from_slice(&ring[a..b]);
+    }
+    out
 }
 
 /// Receives the normalizer's bytes and walks the word-view automata over them.

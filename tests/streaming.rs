@@ -114,6 +114,6 @@ fn a_trigger_split_byte_by_byte_is_found_and_held_back() {
     // Before the trigger begins, the benign prefix is released: a stream holds back at most the
     // longest pattern (plus the language probe), not the whole text.
     let released_before = st.steps[found_at - 1].release_offset;
-    let longest = engine.scanner().stats().word_window as u64;
+    let longest = engine.scanner().holdback_bound();
     assert!(released_before + longest >= start, "released only {released_before} of {start}");
 }
