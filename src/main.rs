@@ -187,8 +187,8 @@ fn pattern_table(counts: &std::collections::BTreeMap<String, std::collections::B
         s.push_str(&format!("{rule:<14}"));
         for c in &cols {
             match m.get(c) {
-                Some(n) => s.push_str(&format!("{n:>5}")),
-                None => s.push_str(&format!("{:>5}", ".")),
+                Some(n) => s.push_str(&format!("{n:>8}")),
+                None => s.push_str(&format!("{:>8}", ".")),
             }
         }
         s.push_str(&format!("  {:>5}\n", m.values().sum::<usize>()));

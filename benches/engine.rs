@@ -1,0 +1,136 @@
+//! Scanning-engine throughput on a mixed-language corpus the bench generates itself, with the
+//! bundled rulesets: the whole engine (normalize, language, scan, score) on whole texts and on
+//! streams cut into 4-, 16- and 256-byte chunks, next to aho-corasick's raw scan of the same
+//! literal patterns over the same text. Also prints the bytes of state one stream holds.
+//!
+//! `cargo bench --bench engine` (add `-- --quick` for a short run).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mistguard::rules::TriggerKind;
+use mistguard::{ClassifyOptions, Engine};
+use std::hint::black_box;
+use std::sync::Arc;
+
+/// Everyday words per language (written for this bench), so the corpus looks like prose in many
+/// scripts without being anyone's text.
+const WORDS: &[(&str, &str)] = &[
+    ("en", "the weather today is mild and the team will meet after lunch to review the quarterly report and plan next steps"),
+    ("fr", "le temps est doux aujourd hui et l équipe se réunira après le déjeuner pour revoir le rapport trimestriel"),
+    ("de", "das Wetter ist heute mild und das Team trifft sich nach dem Mittagessen um den Quartalsbericht zu besprechen"),
+    ("es", "el tiempo es templado hoy y el equipo se reunirá después del almuerzo para revisar el informe trimestral"),
+    ("ru", "сегодня мягкая погода и команда встретится после обеда чтобы обсудить квартальный отчёт и следующие шаги"),
+    ("zh", "今天天气温和团队将在午饭后开会讨论季度报告并计划下一步工作"),
+    ("ja", "今日は穏やかな天気でチームは昼食後に集まり四半期報告を確認して次の段階を計画します"),
+    ("ar", "الطقس معتدل اليوم وسيجتمع الفريق بعد الغداء لمراجعة التقرير الفصلي وتخطيط الخطوات التالية"),
+    ("hi", "आज मौसम सुहावना है और टीम दोपहर के भोजन के बाद तिमाही रिपोर्ट की समीक्षा करेगी"),
+    ("ko", "오늘 날씨는 온화하고 팀은 점심 식사 후에 모여 분기 보고서를 검토할 것입니다"),
+    ("th", "วันนี้อากาศดีและทีมจะประชุมหลังอาหารกลางวันเพื่อทบทวนรายงานรายไตรมาส"),
+    ("code", "def handler(event): rows = db.query(sql, params); return {\"status\": 200, \"rows\": len(rows)}"),
+];
+
+/// About `size` bytes of paragraphs in rotating languages, one trigger phrase every ~4 KiB.
+fn corpus(engine: &Engine, size: usize) -> String {
+    let phrases: Vec<&String> = engine
+        .ruleset()
+        .triggers
+        .iter()
+        .filter_map(|t| match &t.kind {
+            TriggerKind::Phrases(p) => p.first(),
+            _ => None,
+        })
+        .collect();
+    let mut out = String::with_capacity(size + 512);
+    let mut i = 0usize;
+    while out.len() < size {
+        let (_, text) = WORDS[i % WORDS.len()];
+        out.push_str(text);
+        out.push_str(". ");
+        if i % 30 == 29 {
+            out.push_str(phrases[(i * 7919) % phrases.len()]);
+            out.push_str(". ");
+        }
+        if i % 6 == 5 {
+            out.push('\n');
+        }
+        i += 1;
+    }
+    out
+}
+
+fn literal_patterns(engine: &Engine) -> Vec<String> {
+    engine
+        .ruleset()
+        .triggers
+        .iter()
+        .filter_map(|t| match &t.kind {
+            TriggerKind::Phrases(p) => Some(p.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn chunks(text: &str, n: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < text.len() {
+        let mut end = (at + n).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&text[at..end]);
+        at = end;
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let engine = Arc::new(Engine::bundled().expect("bundled rulesets"));
+    let text = corpus(&engine, 2 << 20);
+    let opts = ClassifyOptions::default();
+
+    // State of one stream, after a long text (steady state) — printed, not timed.
+    let mut s = engine.session(&opts);
+    for ch in chunks(&text[..256 << 10], 16) {
+        s.feed(ch);
+    }
+    eprintln!("state bytes per stream after 256 KiB in 16-byte chunks: {}", s.state_bytes());
+    let fresh = engine.session(&opts);
+    eprintln!("state bytes of a fresh stream: {}", fresh.state_bytes());
+
+    let mut g = c.benchmark_group("scan");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(text.len() as u64));
+
+    let patterns = literal_patterns(&engine);
+    let ac_default = aho_corasick::AhoCorasick::new(&patterns).unwrap();
+    let ac_dfa = aho_corasick::AhoCorasick::builder()
+        .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+        .build(&patterns)
+        .unwrap();
+    g.bench_function("baseline/aho-corasick-default-overlapping", |b| {
+        b.iter(|| black_box(ac_default.find_overlapping_iter(&text).count()))
+    });
+    g.bench_function("baseline/aho-corasick-dfa-overlapping", |b| {
+        b.iter(|| black_box(ac_dfa.find_overlapping_iter(&text).count()))
+    });
+    g.bench_function("engine/block", |b| b.iter(|| black_box(engine.classify(&text, &opts).hits.len())));
+    for n in [4usize, 16, 256] {
+        let parts = chunks(&text, n);
+        g.bench_with_input(BenchmarkId::new("engine/stream", n), &parts, |b, parts| {
+            b.iter(|| {
+                let mut s = engine.session(&opts);
+                let mut hits = 0;
+                for p in parts {
+                    hits += s.feed(p).hits.len();
+                }
+                hits += s.finish().hits.len();
+                black_box(hits)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,83 @@
+//! Fuzz stand-ins that run in CI: the ruleset loader and the normalizer never panic, whatever
+//! they are given, and the normalizer gives the same output however its input is cut.
+
+use mistguard::normalize::{normalize, Normalizer};
+use mistguard::rules::load_files;
+use proptest::prelude::*;
+
+const POLICY: &str = "version = \"t\"\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\n";
+const RULE: &str = "rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"a\"\nlang = \"en\"\nphrases = [\"ignore previous instructions\"]\n[[trigger]]\nid = \"b\"\nlang = \"neutral\"\nregex = 'x{1,5}y'\n";
+
+fn load(policy: &str, rule: &str) -> Result<(), String> {
+    let files = vec![("policy.toml".to_string(), policy.to_string()), ("mist-009.toml".to_string(), rule.to_string())];
+    let rs = load_files(&files, "fuzz").map_err(|e| e.to_string())?;
+    mistguard::Engine::from_ruleset(rs).map(|_| ()).map_err(|e| e.to_string())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn loader_never_panics_on_mutated_files(pos in 0usize..RULE.len(), junk in "\\PC{0,12}", cut in any::<bool>()) {
+        let mut rule = RULE.to_string();
+        let mut p = pos.min(rule.len());
+        while !rule.is_char_boundary(p) { p -= 1; }
+        if cut { rule.truncate(p); } else { rule.insert_str(p, &junk); }
+        let _ = load(POLICY, &rule);
+    }
+
+    #[test]
+    fn loader_never_panics_on_random_regexes(re in "\\PC{0,24}") {
+        let rule = format!("rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"a\"\nlang = \"en\"\nregex = {re:?}\n");
+        let _ = load(POLICY, &rule);
+        let raw = rule.replace("lang = \"en\"", "lang = \"neutral\"");
+        let _ = load(POLICY, &raw);
+    }
+
+    #[test]
+    fn normalizer_is_total_and_cut_invariant(text in "\\PC{0,40}", cuts in prop::collection::vec(0usize..40, 0..4)) {
+        let whole = normalize(&text);
+        let mut n = Normalizer::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut cuts = cuts;
+        cuts.sort();
+        for c in cuts {
+            let mut c = c.min(text.len()).max(at);
+            while !text.is_char_boundary(c) { c += 1; }
+            n.feed(&text[at..c], &mut out);
+            at = c;
+        }
+        n.feed(&text[at..], &mut out);
+        n.finish(&mut out);
+        prop_assert_eq!(String::from_utf8(out).unwrap(), whole);
+    }
+}
+
+#[test]
+fn the_loader_refuses_what_would_hurt_with_file_and_line() {
+    let cases: &[(&str, &str)] = &[
+        ("phrases = [\"   \"]", "empty"),
+        ("regex = 'ignore.*'", "without bound"),
+        ("regex = 'a{5}{5}{5}{5}{5}{5}'", "maximum length"),
+        ("regex = '\\bkill\\b'", "Unicode word boundary"),
+        ("regex = 'précédent'", "normalization"),
+    ];
+    for (body, why) in cases {
+        let rule = format!("rule = \"RULE-MIST-009\"\nname = \"x\"\n\n[[trigger]]\nid = \"a\"\nlang = \"fr\"\n{body}\n");
+        let err = load(POLICY, &rule).expect_err(body);
+        assert!(err.contains(why), "{body}: {err}");
+        assert!(err.starts_with("mist-009.toml:"), "{err}");
+    }
+    // The bomb is refused for its size even when the file raises the bound.
+    let rule = "rule = \"RULE-MIST-009\"\nname = \"x\"\nmax_match_len = 1024\n[[trigger]]\nid = \"a\"\nlang = \"neutral\"\nmax_len = 1024\nregex = '(?:a{5}{5}{5}{5}{5}){4}'\n";
+    let err = load(POLICY, rule).expect_err("bomb");
+    assert!(err.contains("maximum length") || err.contains("too large"), "{err}");
+    let rule = "rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"a\"\nlang = \"xx\"\nphrases = [\"a\"]\n";
+    assert!(load(POLICY, rule).unwrap_err().contains("unknown language `xx`"));
+    let dup = format!("{RULE}[[trigger]]\nid = \"a\"\nlang = \"en\"\nphrases = [\"b\"]\n");
+    assert!(load(POLICY, &dup).unwrap_err().contains("duplicate trigger id"));
+    let lowered = "version = \"t\"\n[rules.\"RULE-MIST-006\"]\naction = \"block\"\n";
+    let files = vec![("policy.toml".to_string(), lowered.to_string())];
+    assert!(load_files(&files, "x").unwrap_err().to_string().contains("hard_block"));
+}
