@@ -215,13 +215,25 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
     )
     .await;
     let streams = streaming(&channels, args.streams, args.chunk_bytes, secs).await?;
+    // The engine alone on one thread, without gRPC: separates its cost from the daemon's.
+    let engine_only = match &args.target {
+        Some(_) => None,
+        None => {
+            let dir = args.rulesets.clone();
+            let text = sample_text(1024);
+            Some(tokio::task::spawn_blocking(move || engine_only(dir, &text, secs)).await??)
+        }
+    };
 
     println!();
     println!(
         "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
         "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
     );
-    for r in [&ping, &c1k, &c16k, &open, &streams] {
+    for r in [&ping, &c1k, &c16k, &open, &streams]
+        .into_iter()
+        .chain(engine_only.as_ref())
+    {
         let p = |q| {
             r.percentile(q)
                 .map_or("-".to_string(), |v| format!("{v:.0}"))
@@ -380,6 +392,28 @@ async fn open_loop(
         secs,
         latencies_us,
     }
+}
+
+/// `Engine::classify` of a 1 KiB text in a loop on one thread (no gRPC, no daemon).
+fn engine_only(dir: Option<PathBuf>, text: &str, dur: Duration) -> Result<PhaseResult, BoxError> {
+    let engine = super::server::load_engine(dir.as_deref())?;
+    let opts = crate::engine::ClassifyOptions::default();
+    let start = Instant::now();
+    let mut latencies_us = Vec::new();
+    while start.elapsed() < dur && (latencies_us.len() as u64) < MAX_CALLS_PER_PHASE {
+        let t = Instant::now();
+        std::hint::black_box(engine.classify(std::hint::black_box(text), &opts));
+        latencies_us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    Ok(PhaseResult {
+        name: "engine only, 1 KiB, 1 thread".into(),
+        calls: latencies_us.len() as u64,
+        errors: 0,
+        secs,
+        latencies_us,
+    })
 }
 
 /// `streams` concurrent streams, each sending a chunk and waiting for its response, for `dur`.
