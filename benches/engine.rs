@@ -94,7 +94,10 @@ fn bench(c: &mut Criterion) {
     for ch in chunks(&text[..256 << 10], 16) {
         s.feed(ch);
     }
-    eprintln!("state bytes per stream after 256 KiB in 16-byte chunks: {}", s.state_bytes());
+    eprintln!(
+        "state bytes per stream after 256 KiB in 16-byte chunks: {}",
+        s.state_bytes()
+    );
     let fresh = engine.session(&opts);
     eprintln!("state bytes of a fresh stream: {}", fresh.state_bytes());
 
@@ -114,7 +117,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("baseline/aho-corasick-dfa-overlapping", |b| {
         b.iter(|| black_box(ac_dfa.find_overlapping_iter(&text).count()))
     });
-    g.bench_function("engine/block", |b| b.iter(|| black_box(engine.classify(&text, &opts).hits.len())));
+    g.bench_function("engine/block", |b| {
+        b.iter(|| black_box(engine.classify(&text, &opts).hits.len()))
+    });
     for n in [4usize, 16, 256] {
         let parts = chunks(&text, n);
         g.bench_with_input(BenchmarkId::new("engine/stream", n), &parts, |b, parts| {

@@ -5,7 +5,9 @@ use std::fmt;
 
 /// What the caller should do with the text. Ordered by severity: the verdict is the maximum of the
 /// actions of the rules that fired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     #[default]

@@ -10,7 +10,12 @@ pub const FILTERED: &str = "[FILTERED]";
 /// The message for a verdict: each fired rule's message (in the text's language where the rule
 /// file has one, else English, else the policy's), most severe first, plus the safe alternatives
 /// named by the triggers that hit (RULE-MIST-002's WARN).
-pub fn message(engine: &Engine, action: Action, hits: &[&Hit], language: Option<&str>) -> Option<String> {
+pub fn message(
+    engine: &Engine,
+    action: Action,
+    hits: &[&Hit],
+    language: Option<&str>,
+) -> Option<String> {
     if action == Action::Allow {
         return None;
     }

@@ -28,7 +28,10 @@ pub struct Item {
 
 impl Item {
     pub fn hard_negative(&self) -> bool {
-        self.meta.get("hard_negative").and_then(|v| v.as_bool()).unwrap_or(false)
+        self.meta
+            .get("hard_negative")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
     }
     pub fn noisy(&self) -> bool {
         self.meta.get("label_quality").and_then(|v| v.as_str()) == Some("noisy")
@@ -47,7 +50,8 @@ pub fn read_corpus(path: &std::path::Path) -> Result<Vec<Item>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let item: Item = serde_json::from_str(&line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let item: Item = serde_json::from_str(&line)
+            .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
         items.push(item);
     }
     Ok(items)
@@ -107,7 +111,9 @@ pub struct Report {
 
 /// Classifies every item (in parallel) and returns the outcomes in order.
 pub fn run(engine: &Arc<Engine>, items: &[Item], use_lang_hint: bool) -> Vec<Outcome> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
     let chunk = items.len().div_ceil(threads).max(1);
     let mut out: Vec<Outcome> = Vec::with_capacity(items.len());
     std::thread::scope(|s| {
@@ -119,7 +125,8 @@ pub fn run(engine: &Arc<Engine>, items: &[Item], use_lang_hint: bool) -> Vec<Out
                     part.iter()
                         .map(|it| {
                             let opts = ClassifyOptions {
-                                lang_hint: (use_lang_hint && !it.lang.is_empty()).then(|| it.lang.clone()),
+                                lang_hint: (use_lang_hint && !it.lang.is_empty())
+                                    .then(|| it.lang.clone()),
                             };
                             let v = engine.classify(&it.text, &opts);
                             Outcome {
@@ -167,13 +174,20 @@ pub fn score(items: &[Item], outcomes: &[Outcome]) -> Report {
             }
         }
         if labels.is_empty() {
-            let fps: Vec<&String> = o.predicted.iter().filter(|p| !alt.contains(p.as_str())).collect();
+            let fps: Vec<&String> = o
+                .predicted
+                .iter()
+                .filter(|p| !alt.contains(p.as_str()))
+                .collect();
             let flagged = !fps.is_empty();
             for p in &fps {
                 *r.benign_fp_by_rule.entry(p.to_string()).or_default() += 1;
             }
             bump(&mut r.benign_fpr, flagged);
-            bump(r.benign_fpr_per_lang.entry(it.lang.clone()).or_default(), flagged);
+            bump(
+                r.benign_fpr_per_lang.entry(it.lang.clone()).or_default(),
+                flagged,
+            );
             if it.hard_negative() {
                 bump(&mut r.hard_negative_fpr, flagged);
             }
@@ -205,7 +219,9 @@ fn frac(x: Option<f64>) -> String {
 pub fn render(r: &Report, only_rule: Option<&str>) -> String {
     let mut s = String::new();
     s.push_str(&format!("items: {}\n\n", r.items));
-    s.push_str("rule            precision  recall    tp    fp    fn   | clean: precision  recall\n");
+    s.push_str(
+        "rule            precision  recall    tp    fp    fn   | clean: precision  recall\n",
+    );
     for (rule, c) in &r.per_rule {
         if only_rule.is_some_and(|o| o != rule) {
             continue;
@@ -233,7 +249,12 @@ pub fn render(r: &Report, only_rule: Option<&str>) -> String {
     ));
     s.push_str("\nbenign FPR per language:\n");
     for (l, rate) in &r.benign_fpr_per_lang {
-        s.push_str(&format!("  {l:<4} {:>6} ({} of {})\n", pct(rate.rate()), rate.flagged, rate.total));
+        s.push_str(&format!(
+            "  {l:<4} {:>6} ({} of {})\n",
+            pct(rate.rate()),
+            rate.flagged,
+            rate.total
+        ));
     }
     s.push_str("\nbenign false positives by rule:\n");
     for (rule, n) in &r.benign_fp_by_rule {
@@ -241,7 +262,12 @@ pub fn render(r: &Report, only_rule: Option<&str>) -> String {
     }
     s.push_str("\nrecall per language (all labelled rules):\n");
     for (l, c) in &r.per_lang_recall {
-        s.push_str(&format!("  {l:<4} {:>7} ({} of {})\n", frac(c.recall()), c.tp, c.tp + c.fn_));
+        s.push_str(&format!(
+            "  {l:<4} {:>7} ({} of {})\n",
+            frac(c.recall()),
+            c.tp,
+            c.tp + c.fn_
+        ));
     }
     s
 }
@@ -255,12 +281,21 @@ pub fn list(items: &[Item], outcomes: &[Outcome], rule: &str, fp: bool) -> Strin
         let alt = it.alt_labels.iter().any(|x| x == rule);
         let show = if fp { p && !l && !alt } else { l && !p };
         if show {
-            let text: String = it.text.chars().take(240).collect::<String>().replace('\n', " ");
+            let text: String = it
+                .text
+                .chars()
+                .take(240)
+                .collect::<String>()
+                .replace('\n', " ");
             s.push_str(&format!(
                 "{}\t{}\t{}{}\t[{}]\t{}\n",
                 it.id,
                 it.lang,
-                if it.labels.is_empty() { "benign" } else { "labelled" },
+                if it.labels.is_empty() {
+                    "benign"
+                } else {
+                    "labelled"
+                },
                 if it.hard_negative() { ",hard" } else { "" },
                 o.triggers.join(","),
                 text

@@ -88,7 +88,10 @@ pub const NEUTRAL: LangId = u8::MAX;
 pub const ENGLISH: LangId = 0;
 
 pub fn lang_id(code: &str) -> Option<LangId> {
-    LANGS.iter().position(|l| l.code == code).map(|i| i as LangId)
+    LANGS
+        .iter()
+        .position(|l| l.code == code)
+        .map(|i| i as LangId)
 }
 
 pub fn code(id: LangId) -> &'static str {
@@ -196,9 +199,7 @@ impl LangSet {
 
     /// Whether a trigger of language `id` applies.
     pub fn accepts(&self, id: LangId) -> bool {
-        id == NEUTRAL
-            || self.langs & (1 << id) != 0
-            || writings_of(id) & self.writings == 0
+        id == NEUTRAL || self.langs & (1 << id) != 0 || writings_of(id) & self.writings == 0
     }
 
     pub fn codes(&self) -> Vec<&'static str> {
@@ -219,7 +220,10 @@ mod tests {
             "Bonjour, je voudrais savoir comment préparer une bonne tarte aux pommes pour ce soir avec mes enfants.",
         );
         assert_eq!(s.codes(), vec!["en", "fr"]);
-        assert!(s.accepts(lang_id("zh").unwrap()), "another script always applies");
+        assert!(
+            s.accepts(lang_id("zh").unwrap()),
+            "another script always applies"
+        );
         assert!(!s.accepts(lang_id("es").unwrap()));
     }
 

@@ -171,7 +171,9 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
 }
 
 /// Rules as rows, languages as columns.
-fn pattern_table(counts: &std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, usize>>) -> String {
+fn pattern_table(
+    counts: &std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, usize>>,
+) -> String {
     let mut cols: Vec<&str> = mistguard::lang::LANGS.iter().map(|l| l.code).collect();
     cols.push("neutral");
     let cols: Vec<&str> = cols
@@ -196,7 +198,12 @@ fn pattern_table(counts: &std::collections::BTreeMap<String, std::collections::B
     s
 }
 
-fn classify(text: Option<String>, lang: Option<String>, rulesets: Option<PathBuf>, chunk: Option<usize>) -> ExitCode {
+fn classify(
+    text: Option<String>,
+    lang: Option<String>,
+    rulesets: Option<PathBuf>,
+    chunk: Option<usize>,
+) -> ExitCode {
     let engine = match load(rulesets.as_ref()) {
         Ok(e) => e,
         Err(e) => {
@@ -273,7 +280,11 @@ fn eval(
         }
     };
     let started = std::time::Instant::now();
-    eprintln!("evaluating {} items from {} ...", items.len(), corpus.display());
+    eprintln!(
+        "evaluating {} items from {} ...",
+        items.len(),
+        corpus.display()
+    );
     let outcomes = mistguard::eval::run(&engine, &items, lang_hint);
     eprintln!("done in {:.2} s", started.elapsed().as_secs_f64());
     if let Some(r) = &show_fp {

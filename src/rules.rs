@@ -242,7 +242,11 @@ struct FileCtx<'a> {
 }
 
 impl FileCtx<'_> {
-    fn err<T>(&self, span: Option<std::ops::Range<usize>>, msg: impl Into<String>) -> Result<T, LoadError> {
+    fn err<T>(
+        &self,
+        span: Option<std::ops::Range<usize>>,
+        msg: impl Into<String>,
+    ) -> Result<T, LoadError> {
         Err(LoadError {
             file: self.name.to_string(),
             line: span.map(|s| line_of(self.text, s.start)),
@@ -275,7 +279,13 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         let span = p.span();
         let p = p.get_ref();
         if !RULE_IDS.contains(&id.as_str()) {
-            return pctx.err(Some(span), format!("unknown rule `{id}` (expected one of {})", RULE_IDS.join(", ")));
+            return pctx.err(
+                Some(span),
+                format!(
+                    "unknown rule `{id}` (expected one of {})",
+                    RULE_IDS.join(", ")
+                ),
+            );
         }
         let action = Action::parse(p.action.get_ref()).ok_or_else(|| LoadError {
             file: pname.clone(),
@@ -286,10 +296,16 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             ),
         })?;
         if id == "RULE-MIST-005" && action < Action::Block {
-            return pctx.err(Some(p.action.span()), "RULE-MIST-005 (CSAM) cannot be lowered below block");
+            return pctx.err(
+                Some(p.action.span()),
+                "RULE-MIST-005 (CSAM) cannot be lowered below block",
+            );
         }
         if id == "RULE-MIST-006" && action != Action::HardBlock {
-            return pctx.err(Some(p.action.span()), "RULE-MIST-006 (malware) is always hard_block");
+            return pctx.err(
+                Some(p.action.span()),
+                "RULE-MIST-006 (malware) is always hard_block",
+            );
         }
         let threshold = p.threshold.unwrap_or(1.0);
         if !(threshold.is_finite() && threshold > 0.0) {
@@ -312,24 +328,45 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         let file: RuleFile = toml::from_str(text).map_err(|e| toml_error(&ctx, e))?;
         let rid = file.rule.get_ref().as_str();
         if !RULE_IDS.contains(&rid) {
-            return ctx.err(Some(file.rule.span()), format!("unknown rule `{rid}` (expected one of {})", RULE_IDS.join(", ")));
+            return ctx.err(
+                Some(file.rule.span()),
+                format!(
+                    "unknown rule `{rid}` (expected one of {})",
+                    RULE_IDS.join(", ")
+                ),
+            );
         }
         if let Some(other) = rules.iter().find(|r| &*r.id == rid) {
-            return ctx.err(Some(file.rule.span()), format!("rule {rid} is already defined in {}", other.file));
+            return ctx.err(
+                Some(file.rule.span()),
+                format!("rule {rid} is already defined in {}", other.file),
+            );
         }
         let Some((action, threshold, message)) = policies.get(rid).cloned() else {
-            return ctx.err(Some(file.rule.span()), format!("policy.toml has no [rules.\"{rid}\"] entry (action, threshold)"));
+            return ctx.err(
+                Some(file.rule.span()),
+                format!("policy.toml has no [rules.\"{rid}\"] entry (action, threshold)"),
+            );
         };
         let mut messages = HashMap::new();
         for (code, m) in &file.messages {
             if lang::lang_id(code).is_none() {
-                return ctx.err(Some(m.span()), format!("unknown language `{code}` in [messages] (supported: {})", lang::supported_codes()));
+                return ctx.err(
+                    Some(m.span()),
+                    format!(
+                        "unknown language `{code}` in [messages] (supported: {})",
+                        lang::supported_codes()
+                    ),
+                );
             }
             messages.insert(code.clone(), m.get_ref().clone());
         }
         let ceiling = match &file.max_match_len {
             Some(m) if *m.get_ref() > HARD_MAX_MATCH_LEN || *m.get_ref() == 0 => {
-                return ctx.err(Some(m.span()), format!("max_match_len must be between 1 and {HARD_MAX_MATCH_LEN}"));
+                return ctx.err(
+                    Some(m.span()),
+                    format!("max_match_len must be between 1 and {HARD_MAX_MATCH_LEN}"),
+                );
             }
             Some(m) => *m.get_ref(),
             None => DEFAULT_MAX_MATCH_LEN,
@@ -347,7 +384,13 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         for t in &file.triggers {
             let info = compile_trigger(&ctx, t, rule_idx, ceiling)?;
             if let Some((f, l)) = ids.get(&*info.id) {
-                return ctx.err(Some(t.get_ref().id.span()), format!("duplicate trigger id `{}` (first defined at {f}:{l})", info.id));
+                return ctx.err(
+                    Some(t.get_ref().id.span()),
+                    format!(
+                        "duplicate trigger id `{}` (first defined at {f}:{l})",
+                        info.id
+                    ),
+                );
             }
             ids.insert(info.id.to_string(), (ctx.name.clone(), info.line));
             triggers.push(info);
@@ -395,7 +438,10 @@ fn compile_trigger(
         lang::lang_id(lang_code).ok_or_else(|| LoadError {
             file: ctx.name.to_string(),
             line: Some(line_of(ctx.text, t.lang.span().start)),
-            message: format!("unknown language `{lang_code}` (supported: {} neutral)", lang::supported_codes()),
+            message: format!(
+                "unknown language `{lang_code}` (supported: {} neutral)",
+                lang::supported_codes()
+            ),
         })?
     };
     let weight = match &t.weight {
@@ -410,10 +456,19 @@ fn compile_trigger(
         None => View::Word,
         Some(("word", _)) => View::Word,
         Some(("raw", _)) => View::Raw,
-        Some((other, span)) => return ctx.err(Some(span), format!("unknown view `{other}` (expected word or raw)")),
+        Some((other, span)) => {
+            return ctx.err(
+                Some(span),
+                format!("unknown view `{other}` (expected word or raw)"),
+            )
+        }
     };
     let spaced = lang == NEUTRAL || lang::LANGS[lang as usize].spaced;
-    let boundary = match t.boundary.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+    let boundary = match t
+        .boundary
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
         None if spaced => Boundary::Word,
         None => Boundary::None,
         Some(("word", _)) => Boundary::Word,
@@ -421,7 +476,10 @@ fn compile_trigger(
         Some(("end", _)) => Boundary::End,
         Some(("none", _)) => Boundary::None,
         Some((other, span)) => {
-            return ctx.err(Some(span), format!("unknown boundary `{other}` (expected word, start, end or none)"))
+            return ctx.err(
+                Some(span),
+                format!("unknown boundary `{other}` (expected word, start, end or none)"),
+            )
         }
     };
     let validate = match &t.validate {
@@ -429,7 +487,10 @@ fn compile_trigger(
         Some(v) => Some(Validator::parse(v.get_ref()).ok_or_else(|| LoadError {
             file: ctx.name.to_string(),
             line: Some(line_of(ctx.text, v.span().start)),
-            message: format!("unknown validator `{}` (expected luhn, iban or ssn)", v.get_ref()),
+            message: format!(
+                "unknown validator `{}` (expected luhn, iban or ssn)",
+                v.get_ref()
+            ),
         })?),
     };
     let max_len = match &t.max_len {
@@ -441,12 +502,23 @@ fn compile_trigger(
     };
     let kind = match (&t.phrases, &t.regex, &t.anchors) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return ctx.err(Some(tspan), format!("trigger `{id}` has both phrases and a regex; split it in two"));
+            return ctx.err(
+                Some(tspan),
+                format!("trigger `{id}` has both phrases and a regex; split it in two"),
+            );
         }
-        (None, None, _) => return ctx.err(Some(tspan), format!("trigger `{id}` has neither phrases nor regex")),
+        (None, None, _) => {
+            return ctx.err(
+                Some(tspan),
+                format!("trigger `{id}` has neither phrases nor regex"),
+            )
+        }
         (Some(phrases), None, None) => {
             if phrases.is_empty() {
-                return ctx.err(Some(tspan), format!("trigger `{id}` has an empty phrases list"));
+                return ctx.err(
+                    Some(tspan),
+                    format!("trigger `{id}` has an empty phrases list"),
+                );
             }
             let mut out = Vec::with_capacity(phrases.len());
             for p in phrases {
@@ -459,7 +531,13 @@ fn compile_trigger(
                     return ctx.err(Some(p.span()), format!("phrase {raw:?} is empty or only whitespace/punctuation after normalization"));
                 }
                 if compiled.len() > max_len {
-                    return ctx.err(Some(p.span()), format!("phrase {raw:?} is {} bytes, over the maximum match length {max_len}", compiled.len()));
+                    return ctx.err(
+                        Some(p.span()),
+                        format!(
+                            "phrase {raw:?} is {} bytes, over the maximum match length {max_len}",
+                            compiled.len()
+                        ),
+                    );
                 }
                 out.push(compiled);
             }
@@ -525,7 +603,13 @@ pub fn syntax_config(view: View) -> regex_automata::util::syntax::Config {
     }
 }
 
-fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, in_dfa: bool) -> Result<(), LoadError> {
+fn check_regex(
+    ctx: &FileCtx,
+    re: &Spanned<String>,
+    view: View,
+    max_len: usize,
+    in_dfa: bool,
+) -> Result<(), LoadError> {
     let pattern = re.get_ref();
     let span = Some(re.span());
     if pattern.is_empty() {
@@ -540,7 +624,15 @@ fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, 
     }
     let hir = match parser.build().parse(pattern) {
         Ok(h) => h,
-        Err(e) => return ctx.err(span, format!("regex `{pattern}` does not parse: {}", e.to_string().replace('\n', " "))),
+        Err(e) => {
+            return ctx.err(
+                span,
+                format!(
+                    "regex `{pattern}` does not parse: {}",
+                    e.to_string().replace('\n', " ")
+                ),
+            )
+        }
     };
     let props = hir.properties();
     match props.maximum_len() {
@@ -556,7 +648,10 @@ fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, 
         _ => {}
     }
     if props.minimum_len() == Some(0) {
-        return ctx.err(span, format!("regex `{pattern}` can match the empty string"));
+        return ctx.err(
+            span,
+            format!("regex `{pattern}` can match the empty string"),
+        );
     }
     let looks = props.look_set();
     if in_dfa && (looks.contains_word_unicode()) {
@@ -579,7 +674,12 @@ fn check_regex(ctx: &FileCtx, re: &Spanned<String>, view: View, max_len: usize, 
         )
         .build(pattern);
     if let Err(e) = nfa {
-        return ctx.err(span, format!("regex `{pattern}` is too large to compile ({e}); counted repetitions multiply"));
+        return ctx.err(
+            span,
+            format!(
+                "regex `{pattern}` is too large to compile ({e}); counted repetitions multiply"
+            ),
+        );
     }
     if view == View::Word {
         // Regexes are not normalized for the author: refuse characters the text can never contain.
@@ -629,7 +729,12 @@ pub fn pattern_counts(rs: &CompiledRuleset) -> BTreeMap<String, BTreeMap<&'stati
 
 /// Ids of languages with at least one trigger.
 pub fn languages(rs: &CompiledRuleset) -> Vec<&'static str> {
-    let set: HashSet<LangId> = rs.triggers.iter().map(|t| t.lang).filter(|&l| l != NEUTRAL).collect();
+    let set: HashSet<LangId> = rs
+        .triggers
+        .iter()
+        .map(|t| t.lang)
+        .filter(|&l| l != NEUTRAL)
+        .collect();
     let mut v: Vec<_> = set.into_iter().collect();
     v.sort();
     v.into_iter().map(lang::code).collect()

@@ -19,8 +19,8 @@ use crate::action::Action;
 use crate::engine::{Engine, Hit, StepResult, Verdict};
 use crate::lang::{self, LangSet, NEUTRAL, PROBE_BYTES};
 use crate::normalize::{NormSink, Normalizer};
-use crate::score::RuleState;
 use crate::rules::{syntax_config, Boundary, CompiledRuleset, LoadError, TriggerKind, View};
+use crate::score::RuleState;
 use aho_corasick::automaton::Automaton as AcAutomaton;
 use regex_automata::dfa::{dense, Automaton as DfaAutomaton, StartKind};
 use regex_automata::util::primitives::StateID;
@@ -66,7 +66,12 @@ struct RegexDfa {
 }
 
 impl RegexDfa {
-    fn build_limited(view: View, fwd_patterns: &[String], rev_patterns: &[String], limit: usize) -> Result<RegexDfa, String> {
+    fn build_limited(
+        view: View,
+        fwd_patterns: &[String],
+        rev_patterns: &[String],
+        limit: usize,
+    ) -> Result<RegexDfa, String> {
         let thompson = thompson::Config::new().utf8(view == View::Word);
         let fwd = dense::Builder::new()
             .configure(
@@ -111,10 +116,21 @@ impl RegexDfa {
     }
 
     /// The leftmost start of pattern `rev_pid` matching `window[..end]` exactly up to `end`.
-    fn find_start(&self, window: &[u8], lo: usize, end: usize, rev_pid: PatternID) -> Option<usize> {
+    fn find_start(
+        &self,
+        window: &[u8],
+        lo: usize,
+        end: usize,
+        rev_pid: PatternID,
+    ) -> Option<usize> {
         let rev = self.rev.as_ref()?;
-        let input = Input::new(window).range(lo..end).anchored(Anchored::Pattern(rev_pid));
-        rev.try_search_rev(&input).ok().flatten().map(|hm| hm.offset())
+        let input = Input::new(window)
+            .range(lo..end)
+            .anchored(Anchored::Pattern(rev_pid));
+        rev.try_search_rev(&input)
+            .ok()
+            .flatten()
+            .map(|hm| hm.offset())
     }
 }
 
@@ -160,7 +176,11 @@ impl Phrases {
     }
 
     #[inline(always)]
-    fn next_state(&self, sid: aho_corasick::automaton::StateID, b: u8) -> aho_corasick::automaton::StateID {
+    fn next_state(
+        &self,
+        sid: aho_corasick::automaton::StateID,
+        b: u8,
+    ) -> aho_corasick::automaton::StateID {
         match self {
             Phrases::Dfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
             Phrases::Nfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
@@ -175,7 +195,10 @@ impl Phrases {
         }
     }
 
-    fn matches(&self, sid: aho_corasick::automaton::StateID) -> impl Iterator<Item = PatternID32> + '_ {
+    fn matches(
+        &self,
+        sid: aho_corasick::automaton::StateID,
+    ) -> impl Iterator<Item = PatternID32> + '_ {
         let n = match self {
             Phrases::Dfa(a) => a.match_len(sid),
             Phrases::Nfa(a) => a.match_len(sid),
@@ -211,7 +234,11 @@ struct AnchoredGroup {
 }
 
 impl AnchoredGroup {
-    fn build(patterns: &[String], triggers: Vec<u32>, limit: usize) -> Result<AnchoredGroup, String> {
+    fn build(
+        patterns: &[String],
+        triggers: Vec<u32>,
+        limit: usize,
+    ) -> Result<AnchoredGroup, String> {
         let dfa = dense::Builder::new()
             .configure(
                 dense::Config::new()
@@ -231,7 +258,11 @@ impl AnchoredGroup {
                     .look_behind(Some(b' ')),
             )
             .map_err(|e| e.to_string())?;
-        Ok(AnchoredGroup { dfa, triggers, start })
+        Ok(AnchoredGroup {
+            dfa,
+            triggers,
+            start,
+        })
     }
 }
 
@@ -302,8 +333,6 @@ pub struct Scanner {
     stats: ScannerStats,
 }
 
-
-
 impl Scanner {
     /// Compiles the automata of a ruleset.
     ///
@@ -365,7 +394,9 @@ impl Scanner {
                         raw_lits.push((
                             RawPattern {
                                 trigger: ti,
-                                kind: RawKind::Literal { len: p.len() as u32 },
+                                kind: RawKind::Literal {
+                                    len: p.len() as u32,
+                                },
                             },
                             p.as_bytes().into(),
                         ));
@@ -380,7 +411,9 @@ impl Scanner {
                         pattern.clone(),
                         RawPattern {
                             trigger: ti,
-                            kind: RawKind::Regex { rev: PatternID::ZERO },
+                            kind: RawKind::Regex {
+                                rev: PatternID::ZERO,
+                            },
                         },
                     ));
                     stats.raw_regexes += 1;
@@ -400,7 +433,9 @@ impl Scanner {
                         raw_lits.push((
                             RawPattern {
                                 trigger: ti,
-                                kind: RawKind::Anchor { len: a.len() as u32 },
+                                kind: RawKind::Anchor {
+                                    len: a.len() as u32,
+                                },
                             },
                             a.as_bytes().into(),
                         ));
@@ -438,7 +473,11 @@ impl Scanner {
             .iter()
             .filter(|r| spaced(r.1))
             .map(|r| {
-                let p = if r.2.starts_with(' ') { r.2.clone() } else { format!(" (?:{})", r.2) };
+                let p = if r.2.starts_with(' ') {
+                    r.2.clone()
+                } else {
+                    format!(" (?:{})", r.2)
+                };
                 (r.1, p)
             })
             .collect();
@@ -447,10 +486,19 @@ impl Scanner {
         let mut word_anchored = Vec::new();
         build_anchored(rs, &anchored, &mut word_anchored)?;
         if trace {
-            eprintln!("anchored word DFAs: {} patterns, {} groups, {:?}", anchored.len(), word_anchored.len(), t0.elapsed());
+            eprintln!(
+                "anchored word DFAs: {} patterns, {} groups, {:?}",
+                anchored.len(),
+                word_anchored.len(),
+                t0.elapsed()
+            );
         }
         let mut word_dfas = Vec::new();
-        let mut rules: Vec<usize> = word_re.iter().filter(|r| !spaced(r.1)).map(|r| r.0).collect();
+        let mut rules: Vec<usize> = word_re
+            .iter()
+            .filter(|r| !spaced(r.1))
+            .map(|r| r.0)
+            .collect();
         rules.dedup();
         for rule in rules {
             let group: Vec<(u32, String)> = word_re
@@ -460,7 +508,12 @@ impl Scanner {
                 .collect();
             build_groups(rs, View::Word, &group, &mut word_dfas)?;
             if trace {
-                eprintln!("unanchored word DFA for {}: {} patterns, {:?}", rs.rules[rule].id, group.len(), t0.elapsed());
+                eprintln!(
+                    "unanchored word DFA for {}: {} patterns, {:?}",
+                    rs.rules[rule].id,
+                    group.len(),
+                    t0.elapsed()
+                );
             }
         }
         if trace {
@@ -501,11 +554,19 @@ impl Scanner {
         raw_rules.sort();
         raw_rules.dedup();
         for rule in raw_rules {
-            let group: Vec<(String, RawPattern)> =
-                raw.iter().filter(|r| r.0 == rule).map(|r| (r.1.clone(), r.2)).collect();
+            let group: Vec<(String, RawPattern)> = raw
+                .iter()
+                .filter(|r| r.0 == rule)
+                .map(|r| (r.1.clone(), r.2))
+                .collect();
             build_raw_groups(rs, &group, &mut raw_dfas)?;
             if trace {
-                eprintln!("raw DFAs for {}: {} patterns, {:?}", rs.rules[rule].id, group.len(), t0.elapsed());
+                eprintln!(
+                    "raw DFAs for {}: {} patterns, {:?}",
+                    rs.rules[rule].id,
+                    group.len(),
+                    t0.elapsed()
+                );
             }
         }
         if trace {
@@ -642,12 +703,20 @@ fn build_raw_groups(
 }
 
 /// Builds anchored DFAs for `patterns`, halving the set until each part fits.
-fn build_anchored(rs: &CompiledRuleset, patterns: &[(u32, String)], out: &mut Vec<AnchoredGroup>) -> Result<(), LoadError> {
+fn build_anchored(
+    rs: &CompiledRuleset,
+    patterns: &[(u32, String)],
+    out: &mut Vec<AnchoredGroup>,
+) -> Result<(), LoadError> {
     if patterns.is_empty() {
         return Ok(());
     }
     let res: Vec<String> = patterns.iter().map(|p| p.1.clone()).collect();
-    match AnchoredGroup::build(&res, patterns.iter().map(|p| p.0).collect(), GROUP_DFA_LIMIT) {
+    match AnchoredGroup::build(
+        &res,
+        patterns.iter().map(|p| p.0).collect(),
+        GROUP_DFA_LIMIT,
+    ) {
         Ok(g) => {
             out.push(g);
             Ok(())
@@ -672,7 +741,6 @@ fn build_anchored(rs: &CompiledRuleset, patterns: &[(u32, String)], out: &mut Ve
     }
 }
 
-
 /// A hit before its rule's score is known.
 #[derive(Clone, Debug)]
 struct Found {
@@ -690,7 +758,6 @@ struct PendingAnchor {
     /// Offset at which the window is complete.
     due: u64,
 }
-
 
 enum LangState {
     Decided(LangSet),
@@ -967,10 +1034,15 @@ impl StreamSession {
                 self.hits_dropped += 1;
             }
         }
-        let release = if self.finished { self.raw_pos } else { self.release_bound() };
+        let release = if self.finished {
+            self.raw_pos
+        } else {
+            self.release_bound()
+        };
         self.released = self.released.max(release);
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
-        let message = crate::decide::message(&self.engine, self.action, &self.fired_hits(), language);
+        let message =
+            crate::decide::message(&self.engine, self.action, &self.fired_hits(), language);
         StepResult {
             action: self.action,
             hits,
@@ -997,7 +1069,11 @@ impl StreamSession {
             .unwrap_or(self.raw_pos)
             .max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
         let mut r = self.raw_pos.min(raw_free);
-        let raw_depth = if self.raw_ac_sid == sc.raw_ac_start { 0 } else { sc.raw_ac_max };
+        let raw_depth = if self.raw_ac_sid == sc.raw_ac_start {
+            0
+        } else {
+            sc.raw_ac_max
+        };
         // An anchor not seen yet starts at or after `raw_pos - raw_depth`; its match may begin up to
         // the largest look-behind before it.
         r = r.min(self.raw_pos.saturating_sub(raw_depth + sc.raw_look_behind));
@@ -1010,7 +1086,11 @@ impl StreamSession {
         }
         r = r.min(self.norm.settled_offset());
         // Word view: the oldest live partial match of either automaton.
-        let depth = if self.ac_sid == sc.word_ac_start { 0 } else { sc.word_ac_max };
+        let depth = if self.ac_sid == sc.word_ac_start {
+            0
+        } else {
+            sc.word_ac_max
+        };
         let word_free = self
             .wdfa
             .iter()
@@ -1069,7 +1149,14 @@ impl StreamSession {
         ring_slice(&self.word_bytes, lo, hi)
     }
 
-    fn word_dfa_matches(&mut self, sc: &Scanner, group: usize, sid: StateID, end: u64, found: &mut Vec<Found>) {
+    fn word_dfa_matches(
+        &mut self,
+        sc: &Scanner,
+        group: usize,
+        sid: StateID,
+        end: u64,
+        found: &mut Vec<Found>,
+    ) {
         let (dfa, triggers) = &sc.word_dfas[group];
         if !dfa.fwd.is_match_state(sid) {
             return;
@@ -1175,7 +1262,14 @@ impl StreamSession {
     }
 
     /// Reports the raw-view matches of a match state, ending at `end`.
-    fn raw_matches(&mut self, sc: &Scanner, group: usize, sid: StateID, end: u64, found: &mut Vec<Found>) {
+    fn raw_matches(
+        &mut self,
+        sc: &Scanner,
+        group: usize,
+        sid: StateID,
+        end: u64,
+        found: &mut Vec<Found>,
+    ) {
         let (dfa, patterns) = &sc.raw_dfas[group];
         if !dfa.fwd.is_match_state(sid) {
             return;
@@ -1244,7 +1338,11 @@ impl StreamSession {
                         due: anchor_start + max_len + 1,
                     };
                     // One pending confirmation per trigger and anchor start.
-                    if self.anchors.iter().any(|x| x.trigger == a.trigger && x.anchor_start == a.anchor_start) {
+                    if self
+                        .anchors
+                        .iter()
+                        .any(|x| x.trigger == a.trigger && x.anchor_start == a.anchor_start)
+                    {
                         continue;
                     }
                     let at = self.anchors.partition_point(|x| x.due <= a.due);
@@ -1259,7 +1357,12 @@ impl StreamSession {
     fn confirm_anchor(&mut self, sc: &Scanner, a: PendingAnchor, found: &mut Vec<Found>) {
         let engine = self.engine.clone();
         let t = &engine.rules.triggers[a.trigger as usize];
-        let TriggerKind::Anchored { max_len, look_behind, .. } = &t.kind else {
+        let TriggerKind::Anchored {
+            max_len,
+            look_behind,
+            ..
+        } = &t.kind
+        else {
             return;
         };
         let Some(re) = sc.confirm[a.trigger as usize].as_ref() else {
@@ -1267,7 +1370,10 @@ impl StreamSession {
         };
         let ring = self.raw_ring.len() as u64;
         // One byte of context on each side, so look-around sees the real neighbours.
-        let lo = a.anchor_start.saturating_sub(*look_behind as u64 + 1).max(self.raw_pos.saturating_sub(ring));
+        let lo = a
+            .anchor_start
+            .saturating_sub(*look_behind as u64 + 1)
+            .max(self.raw_pos.saturating_sub(ring));
         let hi = (a.anchor_start + *max_len as u64 + 1).min(self.raw_pos);
         let window = self.raw_window(lo, hi);
         let span_lo = a.anchor_start.saturating_sub(*look_behind as u64).max(lo) - lo;
@@ -1364,7 +1470,8 @@ impl NormSink for WordSink<'_> {
                 for pid in ac.matches(s.ac_sid) {
                     let p = sc.word_ac_patterns[pid];
                     let start = end - p.len as u64;
-                    if let Some((os, oe)) = s.word_span(start + p.lead as u64, end - p.trail as u64) {
+                    if let Some((os, oe)) = s.word_span(start + p.lead as u64, end - p.trail as u64)
+                    {
                         self.found.push(Found {
                             trigger: p.trigger,
                             start: os,

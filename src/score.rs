@@ -21,7 +21,14 @@ pub struct RuleState {
 impl RuleState {
     /// Adds a hit of `trigger`. Hits that become reportable are appended to `out`. Returns true
     /// when this hit made the rule fire.
-    pub fn add(&mut self, trigger: u32, weight: f32, threshold: f32, hit: Hit, out: &mut Vec<Hit>) -> bool {
+    pub fn add(
+        &mut self,
+        trigger: u32,
+        weight: f32,
+        threshold: f32,
+        hit: Hit,
+        out: &mut Vec<Hit>,
+    ) -> bool {
         if !self.seen.contains(&trigger) {
             self.seen.push(trigger);
             self.score += weight;
@@ -76,7 +83,9 @@ mod tests {
     fn tenths_reach_one() {
         let mut st = RuleState::default();
         let mut out = Vec::new();
-        let fired: Vec<bool> = (0..10).map(|i| st.add(i, 0.1, 1.0, hit("x"), &mut out)).collect();
+        let fired: Vec<bool> = (0..10)
+            .map(|i| st.add(i, 0.1, 1.0, hit("x"), &mut out))
+            .collect();
         assert_eq!(fired.iter().filter(|f| **f).count(), 1);
         assert!(fired[9]);
     }

@@ -30,7 +30,11 @@ impl Validator {
 
 /// Luhn over the digits of `s` (other bytes ignored); 12 to 19 digits.
 pub fn luhn(s: &[u8]) -> bool {
-    let digits: Vec<u32> = s.iter().filter(|b| b.is_ascii_digit()).map(|b| (b - b'0') as u32).collect();
+    let digits: Vec<u32> = s
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| (b - b'0') as u32)
+        .collect();
     if !(12..=19).contains(&digits.len()) || digits.iter().all(|&d| d == digits[0]) {
         return false;
     }
@@ -56,7 +60,11 @@ pub fn luhn(s: &[u8]) -> bool {
 
 /// ISO 13616 IBAN check (spaces ignored): country letters, two check digits, mod 97 == 1.
 pub fn iban(s: &[u8]) -> bool {
-    let chars: Vec<u8> = s.iter().filter(|b| !b.is_ascii_whitespace() && **b != b'-').map(|b| b.to_ascii_uppercase()).collect();
+    let chars: Vec<u8> = s
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace() && **b != b'-')
+        .map(|b| b.to_ascii_uppercase())
+        .collect();
     if !(15..=34).contains(&chars.len())
         || !chars[..2].iter().all(|b| b.is_ascii_uppercase())
         || !chars[2..4].iter().all(|b| b.is_ascii_digit())
@@ -66,15 +74,27 @@ pub fn iban(s: &[u8]) -> bool {
     }
     let mut rem: u32 = 0;
     for &b in chars[4..].iter().chain(&chars[..4]) {
-        let v = if b.is_ascii_digit() { (b - b'0') as u32 } else { (b - b'A') as u32 + 10 };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        let v = if b.is_ascii_digit() {
+            (b - b'0') as u32
+        } else {
+            (b - b'A') as u32 + 10
+        };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
 
 /// US SSN: AAA-GG-SSSS with area not 000, 666 or 9xx, group not 00, serial not 0000.
 pub fn ssn(s: &[u8]) -> bool {
-    let d: Vec<u8> = s.iter().filter(|b| b.is_ascii_digit()).map(|b| b - b'0').collect();
+    let d: Vec<u8> = s
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| b - b'0')
+        .collect();
     if d.len() != 9 {
         return false;
     }

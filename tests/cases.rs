@@ -37,7 +37,8 @@ fn load_cases() -> Vec<(String, Case)> {
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        let file: CaseFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let file: CaseFile =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         out.extend(file.cases.into_iter().map(|c| (name.clone(), c)));
     }
@@ -48,7 +49,11 @@ fn load_cases() -> Vec<(String, Case)> {
 fn every_case_holds_whole_and_streamed() {
     let engine = common::bundled();
     let cases = load_cases();
-    assert!(cases.len() >= 10, "expected rule cases under tests/cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 10,
+        "expected rule cases under tests/cases, found {}",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for (file, case) in &cases {
         let opts = ClassifyOptions {
@@ -60,7 +65,9 @@ fn every_case_holds_whole_and_streamed() {
         let where_ = format!("{file}: {}", case.name);
         if got != want {
             let triggers: Vec<&str> = whole.hits.iter().map(|h| &*h.trigger_id).collect();
-            failures.push(format!("{where_}: fired {got:?}, expected {want:?} (triggers {triggers:?})"));
+            failures.push(format!(
+                "{where_}: fired {got:?}, expected {want:?} (triggers {triggers:?})"
+            ));
             continue;
         }
         if let Some(a) = &case.action {
@@ -89,12 +96,22 @@ fn every_case_holds_whole_and_streamed() {
         }
         for chunks in chunkings {
             let st = common::stream(&engine, &case.text, &chunks, &opts);
-            if st.hits != whole.hits || st.action != whole.action || st.sanitized != whole.sanitized_text {
+            if st.hits != whole.hits
+                || st.action != whole.action
+                || st.sanitized != whole.sanitized_text
+            {
                 failures.push(format!(
                     "{where_}: streamed in {} chunks differs from whole: {:?} vs {:?}",
                     chunks.len(),
-                    st.hits.iter().map(|h| (&*h.trigger_id, h.start, h.end)).collect::<Vec<_>>(),
-                    whole.hits.iter().map(|h| (&*h.trigger_id, h.start, h.end)).collect::<Vec<_>>()
+                    st.hits
+                        .iter()
+                        .map(|h| (&*h.trigger_id, h.start, h.end))
+                        .collect::<Vec<_>>(),
+                    whole
+                        .hits
+                        .iter()
+                        .map(|h| (&*h.trigger_id, h.start, h.end))
+                        .collect::<Vec<_>>()
                 ));
                 break;
             }

@@ -9,9 +9,14 @@ const POLICY: &str = "version = \"t\"\n[rules.\"RULE-MIST-009\"]\naction = \"san
 const RULE: &str = "rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"a\"\nlang = \"en\"\nphrases = [\"ignore previous instructions\"]\n[[trigger]]\nid = \"b\"\nlang = \"neutral\"\nregex = 'x{1,5}y'\n";
 
 fn load(policy: &str, rule: &str) -> Result<(), String> {
-    let files = vec![("policy.toml".to_string(), policy.to_string()), ("mist-009.toml".to_string(), rule.to_string())];
+    let files = vec![
+        ("policy.toml".to_string(), policy.to_string()),
+        ("mist-009.toml".to_string(), rule.to_string()),
+    ];
     let rs = load_files(&files, "fuzz").map_err(|e| e.to_string())?;
-    mistguard::Engine::from_ruleset(rs).map(|_| ()).map_err(|e| e.to_string())
+    mistguard::Engine::from_ruleset(rs)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 proptest! {
@@ -72,12 +77,22 @@ fn the_loader_refuses_what_would_hurt_with_file_and_line() {
     // The bomb is refused for its size even when the file raises the bound.
     let rule = "rule = \"RULE-MIST-009\"\nname = \"x\"\nmax_match_len = 1024\n[[trigger]]\nid = \"a\"\nlang = \"neutral\"\nmax_len = 1024\nregex = '(?:a{5}{5}{5}{5}{5}){4}'\n";
     let err = load(POLICY, rule).expect_err("bomb");
-    assert!(err.contains("maximum length") || err.contains("too large"), "{err}");
+    assert!(
+        err.contains("maximum length") || err.contains("too large"),
+        "{err}"
+    );
     let rule = "rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"a\"\nlang = \"xx\"\nphrases = [\"a\"]\n";
-    assert!(load(POLICY, rule).unwrap_err().contains("unknown language `xx`"));
+    assert!(load(POLICY, rule)
+        .unwrap_err()
+        .contains("unknown language `xx`"));
     let dup = format!("{RULE}[[trigger]]\nid = \"a\"\nlang = \"en\"\nphrases = [\"b\"]\n");
-    assert!(load(POLICY, &dup).unwrap_err().contains("duplicate trigger id"));
+    assert!(load(POLICY, &dup)
+        .unwrap_err()
+        .contains("duplicate trigger id"));
     let lowered = "version = \"t\"\n[rules.\"RULE-MIST-006\"]\naction = \"block\"\n";
     let files = vec![("policy.toml".to_string(), lowered.to_string())];
-    assert!(load_files(&files, "x").unwrap_err().to_string().contains("hard_block"));
+    assert!(load_files(&files, "x")
+        .unwrap_err()
+        .to_string()
+        .contains("hard_block"));
 }

@@ -405,9 +405,20 @@ pub async fn serve_with(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    let drain_started = tokio::time::Instant::now();
     let _ = shutdown_tx.send(true);
+    // Let open streams write their final response before tonic's graceful shutdown sends GOAWAY
+    // (a client can see the GOAWAY before a final frame still queued on the connection): wait
+    // until every stream task has ended (or half the deadline), then a moment for the frames.
+    let grace = deadline / 2;
+    while shared.streams.available_permits() < limits.max_streams && drain_started.elapsed() < grace
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50).min(grace)).await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(deadline, &mut server).await {
+    let left = deadline.saturating_sub(drain_started.elapsed());
+    match tokio::time::timeout(left, &mut server).await {
         Ok(_) => tracing::info!("drained; exiting"),
         Err(_) => {
             let open = limits.max_streams - shared.streams.available_permits();

@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock};
 pub fn bundled() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| Arc::new(Engine::bundled().unwrap_or_else(|e| panic!("bundled rulesets: {e}"))))
+        .get_or_init(|| {
+            Arc::new(Engine::bundled().unwrap_or_else(|e| panic!("bundled rulesets: {e}")))
+        })
         .clone()
 }
 
@@ -37,7 +39,12 @@ pub struct Streamed {
     pub sanitized: Option<String>,
 }
 
-pub fn stream(engine: &Arc<Engine>, text: &str, chunks: &[&str], opts: &ClassifyOptions) -> Streamed {
+pub fn stream(
+    engine: &Arc<Engine>,
+    text: &str,
+    chunks: &[&str],
+    opts: &ClassifyOptions,
+) -> Streamed {
     let mut s = engine.session(opts);
     let mut steps = Vec::new();
     for c in chunks {
@@ -67,7 +74,10 @@ pub fn check_release(st: &Streamed) -> Result<(), String> {
             }
         }
         if step.release_offset < released {
-            return Err(format!("step {i}: release went back from {released} to {}", step.release_offset));
+            return Err(format!(
+                "step {i}: release went back from {released} to {}",
+                step.release_offset
+            ));
         }
         released = step.release_offset;
     }
