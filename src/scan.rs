@@ -147,7 +147,13 @@ enum Phrases {
 
 impl Phrases {
     fn build(patterns: &[String]) -> Result<Phrases, String> {
-        if patterns.len() <= PHRASE_DFA_MAX_PATTERNS {
+        // MISTGUARD_PHRASE_AUTOMATON=dfa|nfa overrides the choice (for measuring both).
+        let want_dfa = match std::env::var("MISTGUARD_PHRASE_AUTOMATON").as_deref() {
+            Ok("dfa") => true,
+            Ok("nfa") => false,
+            _ => patterns.len() <= PHRASE_DFA_MAX_PATTERNS,
+        };
+        if want_dfa {
             aho_corasick::dfa::DFA::builder()
                 .match_kind(aho_corasick::MatchKind::Standard)
                 .start_kind(aho_corasick::StartKind::Unanchored)
@@ -794,6 +800,14 @@ pub struct StreamSession {
     hits: Vec<Hit>,
     /// Hits reported beyond this cap are counted, not kept (bounds a stream's memory).
     hits_dropped: u64,
+    /// The first hit of each distinct trigger reported (what the message is made of).
+    distinct: Vec<Hit>,
+    /// The message of the last step, and what it was made from.
+    #[allow(clippy::type_complexity)]
+    message: (
+        Option<(Action, Option<&'static str>, usize)>,
+        Option<String>,
+    ),
     released: u64,
     finished: bool,
 }
@@ -831,6 +845,8 @@ impl StreamSession {
             action: Action::Allow,
             hits: Vec::new(),
             hits_dropped: 0,
+            distinct: Vec::new(),
+            message: (None, None),
             released: 0,
             finished: false,
             engine,
@@ -1028,6 +1044,9 @@ impl StreamSession {
     fn step(&mut self, mut hits: Vec<Hit>) -> StepResult {
         hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
         for h in &hits {
+            if !self.distinct.iter().any(|d| d.trigger_id == h.trigger_id) {
+                self.distinct.push(h.clone());
+            }
             if self.hits.len() < MAX_KEPT_HITS {
                 self.hits.push(h.clone());
             } else {
@@ -1041,8 +1060,15 @@ impl StreamSession {
         };
         self.released = self.released.max(release);
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
-        let message =
-            crate::decide::message(&self.engine, self.action, &self.fired_hits(), language);
+        // The message depends only on the action, the language and the distinct triggers: rebuild
+        // it when one of them changes, not on every chunk.
+        let key = (self.action, language, self.distinct.len());
+        if self.message.0 != Some(key) {
+            let refs: Vec<&Hit> = self.distinct.iter().collect();
+            let m = crate::decide::message(&self.engine, self.action, &refs, language);
+            self.message = (Some(key), m);
+        }
+        let message = self.message.1.clone();
         StepResult {
             action: self.action,
             hits,
@@ -1050,10 +1076,6 @@ impl StreamSession {
             language,
             message,
         }
-    }
-
-    fn fired_hits(&self) -> Vec<&Hit> {
-        self.hits.iter().collect()
     }
 
     /// The original offset before which no trigger can still complete a match.
@@ -1405,7 +1427,7 @@ impl StreamSession {
         hits.dedup();
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
         let languages_applied = self.lang_set().map(|s| s.codes()).unwrap_or_default();
-        let refs: Vec<&Hit> = hits.iter().collect();
+        let refs: Vec<&Hit> = self.distinct.iter().collect();
         let message = crate::decide::message(&self.engine, self.action, &refs, language);
         let sanitized_text = match text {
             Some(t) if self.action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
