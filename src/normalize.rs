@@ -214,8 +214,17 @@ impl Normalizer {
             if is_ignorable(d) {
                 continue;
             }
+            if is_plain_letter(d) {
+                // Caseless or already lower-case letters of common scripts: no table lookups.
+                self.emit_char(d, at, len, sink);
+                self.prev_latin = false;
+                self.strip_marks = strips_marks(d);
+                continue;
+            }
             let strip = strips_marks(d);
-            let latin = is_latin_letter(d);
+            // `d` is fully decomposed: a Latin letter is ASCII or one without a decomposition.
+            let latin = d.is_ascii_alphabetic()
+                || (matches!(d as u32, 0xC0..=0x24F | 0x1E00..=0x1EFF) && d != '×' && d != '÷');
             let mut any = false;
             for l in lower(d) {
                 if l.is_alphanumeric() {
@@ -342,6 +351,20 @@ fn strips_marks(c: char) -> bool {
         | 0xFF21..=0xFF5A)
 }
 
+/// Letters that are their own lower case, in blocks where every code point in the range is a
+/// letter: the normalizer's fast path (same result as the general path, without Unicode tables).
+fn is_plain_letter(c: char) -> bool {
+    matches!(c as u32,
+        0x0430..=0x045F      // Cyrillic lower case
+        | 0x05D0..=0x05EA    // Hebrew letters
+        | 0x0621..=0x063A | 0x0641..=0x064A // Arabic letters
+        | 0x0905..=0x0939    // Devanagari letters
+        | 0x0E01..=0x0E30    // Thai letters
+        | 0x3041..=0x3096    // Hiragana
+        | 0x30A1..=0x30FA    // Katakana
+        | 0x4E00..=0x9FFF) // CJK unified ideographs
+}
+
 fn is_hangul_syllable(c: char) -> bool {
     matches!(c as u32, 0xAC00..=0xD7A3)
 }
@@ -415,6 +438,24 @@ mod tests {
         assert_eq!(normalize_phrase("मार डालो"), "मार डालो");
         assert_eq!(normalize_phrase("殺す"), "殺す");
         assert_eq!(normalize_phrase("죽여"), "죽여");
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_one() {
+        for c in (0x0400u32..0x0600)
+            .chain(0x0600..0x0700)
+            .chain(0x0900..0x0980)
+            .chain(0x0E00..0x0E80)
+            .chain(0x3040..0x3100)
+            .chain(0x4E00..0x4F00)
+            .filter_map(char::from_u32)
+        {
+            if is_plain_letter(c) {
+                assert!(c.is_alphanumeric(), "{c:?}");
+                assert_eq!(c.to_lowercase().collect::<String>(), c.to_string(), "{c:?}");
+                assert!(!is_latin_letter(c), "{c:?}");
+            }
+        }
     }
 
     #[test]
