@@ -88,6 +88,14 @@ fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, LoadError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
+        // Printing commands end quietly when their reader goes away (`mistguard check | head`)
+        // instead of panicking on a broken pipe. The daemon keeps Rust's ignored SIGPIPE.
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Check { dir, json } => check(dir, json),
         Command::Classify {

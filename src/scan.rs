@@ -631,120 +631,105 @@ impl Scanner {
 /// split into several DFAs (each costs one more table lookup per byte).
 pub const GROUP_DFA_LIMIT: usize = 16 << 20;
 
-/// Builds DFAs for `patterns`, halving the set until each part fits under [`GROUP_DFA_LIMIT`].
+/// Builds automata over `patterns` with `build`, halving the set until each part fits under
+/// [`GROUP_DFA_LIMIT`]. A single pattern that does not fit is refused with its trigger's place;
+/// `trigger` names the trigger of a pattern, `hint` says what to do about it.
+fn build_halving<P, G>(
+    rs: &CompiledRuleset,
+    patterns: &[P],
+    trigger: &dyn Fn(&P) -> u32,
+    build: &dyn Fn(&[P]) -> Result<G, String>,
+    hint: &str,
+    out: &mut Vec<G>,
+) -> Result<(), LoadError> {
+    if patterns.is_empty() {
+        return Ok(());
+    }
+    match build(patterns) {
+        Ok(g) => {
+            out.push(g);
+            Ok(())
+        }
+        Err(e) if patterns.len() == 1 => {
+            let t = &rs.triggers[trigger(&patterns[0]) as usize];
+            Err(LoadError {
+                file: t.file.to_string(),
+                line: Some(t.line),
+                message: format!(
+                    "pattern of trigger `{}` alone needs a DFA over {} MiB ({e}); {hint}",
+                    t.id,
+                    GROUP_DFA_LIMIT >> 20
+                ),
+            })
+        }
+        Err(_) => {
+            let (a, b) = patterns.split_at(patterns.len() / 2);
+            build_halving(rs, a, trigger, build, hint, out)?;
+            build_halving(rs, b, trigger, build, hint, out)
+        }
+    }
+}
+
+const SHORTEN: &str = "shorten its counted repetitions or alternations";
+
+/// Unanchored DFAs (with reverse DFAs for match starts) over word-view regexes.
 fn build_groups(
     rs: &CompiledRuleset,
     view: View,
     patterns: &[(u32, String)],
     out: &mut Vec<(RegexDfa, Vec<u32>)>,
 ) -> Result<(), LoadError> {
-    let res: Vec<String> = patterns.iter().map(|p| p.1.clone()).collect();
-    match RegexDfa::build_limited(view, &res, &res, GROUP_DFA_LIMIT) {
-        Ok(dfa) => {
-            out.push((dfa, patterns.iter().map(|p| p.0).collect()));
-            Ok(())
-        }
-        Err(e) if patterns.len() == 1 => {
-            let t = &rs.triggers[patterns[0].0 as usize];
-            Err(LoadError {
-                file: t.file.to_string(),
-                line: Some(t.line),
-                message: format!(
-                    "regex of trigger `{}` alone needs a DFA over {} MiB ({e}); shorten its counted repetitions or alternations",
-                    t.id,
-                    GROUP_DFA_LIMIT >> 20
-                ),
-            })
-        }
-        Err(_) => {
-            let (a, b) = patterns.split_at(patterns.len() / 2);
-            build_groups(rs, view, a, out)?;
-            build_groups(rs, view, b, out)
-        }
-    }
+    let build = |part: &[(u32, String)]| {
+        let res: Vec<String> = part.iter().map(|p| p.1.clone()).collect();
+        RegexDfa::build_limited(view, &res, &res, GROUP_DFA_LIMIT)
+            .map(|d| (d, part.iter().map(|p| p.0).collect()))
+    };
+    build_halving(rs, patterns, &|p| p.0, &build, SHORTEN, out)
 }
 
-/// Builds raw-view DFAs for `patterns`, halving the set until each part fits.
+/// Raw-view DFAs; reverse pattern ids are numbered per group.
 fn build_raw_groups(
     rs: &CompiledRuleset,
     patterns: &[(String, RawPattern)],
     out: &mut Vec<(RegexDfa, Vec<RawPattern>)>,
 ) -> Result<(), LoadError> {
-    let fwd: Vec<String> = patterns.iter().map(|p| p.0.clone()).collect();
-    let mut rev = Vec::new();
-    let mut kinds = Vec::new();
-    for (pat, p) in patterns {
-        let mut p = *p;
-        if let RawKind::Regex { .. } = p.kind {
-            p.kind = RawKind::Regex {
-                rev: PatternID::new_unchecked(rev.len()),
-            };
-            rev.push(pat.clone());
+    let build = |part: &[(String, RawPattern)]| {
+        let fwd: Vec<String> = part.iter().map(|p| p.0.clone()).collect();
+        let mut rev = Vec::new();
+        let mut kinds = Vec::new();
+        for (pat, p) in part {
+            let mut p = *p;
+            if let RawKind::Regex { .. } = p.kind {
+                p.kind = RawKind::Regex {
+                    rev: PatternID::new_unchecked(rev.len()),
+                };
+                rev.push(pat.clone());
+            }
+            kinds.push(p);
         }
-        kinds.push(p);
-    }
-    match RegexDfa::build_limited(View::Raw, &fwd, &rev, GROUP_DFA_LIMIT) {
-        Ok(dfa) => {
-            out.push((dfa, kinds));
-            Ok(())
-        }
-        Err(e) if patterns.len() == 1 => {
-            let t = &rs.triggers[patterns[0].1.trigger as usize];
-            Err(LoadError {
-                file: t.file.to_string(),
-                line: Some(t.line),
-                message: format!(
-                    "pattern of trigger `{}` alone needs a DFA over {} MiB ({e}); use anchors + regex for long token shapes",
-                    t.id,
-                    GROUP_DFA_LIMIT >> 20
-                ),
-            })
-        }
-        Err(_) => {
-            let (a, b) = patterns.split_at(patterns.len() / 2);
-            build_raw_groups(rs, a, out)?;
-            build_raw_groups(rs, b, out)
-        }
-    }
+        RegexDfa::build_limited(View::Raw, &fwd, &rev, GROUP_DFA_LIMIT).map(|d| (d, kinds))
+    };
+    build_halving(
+        rs,
+        patterns,
+        &|p| p.1.trigger,
+        &build,
+        "use anchors + regex for long token shapes",
+        out,
+    )
 }
 
-/// Builds anchored DFAs for `patterns`, halving the set until each part fits.
+/// Anchored DFAs over word-view regexes of spaced languages.
 fn build_anchored(
     rs: &CompiledRuleset,
     patterns: &[(u32, String)],
     out: &mut Vec<AnchoredGroup>,
 ) -> Result<(), LoadError> {
-    if patterns.is_empty() {
-        return Ok(());
-    }
-    let res: Vec<String> = patterns.iter().map(|p| p.1.clone()).collect();
-    match AnchoredGroup::build(
-        &res,
-        patterns.iter().map(|p| p.0).collect(),
-        GROUP_DFA_LIMIT,
-    ) {
-        Ok(g) => {
-            out.push(g);
-            Ok(())
-        }
-        Err(e) if patterns.len() == 1 => {
-            let t = &rs.triggers[patterns[0].0 as usize];
-            Err(LoadError {
-                file: t.file.to_string(),
-                line: Some(t.line),
-                message: format!(
-                    "regex of trigger `{}` alone needs a DFA over {} MiB ({e}); shorten its counted repetitions or alternations",
-                    t.id,
-                    GROUP_DFA_LIMIT >> 20
-                ),
-            })
-        }
-        Err(_) => {
-            let (a, b) = patterns.split_at(patterns.len() / 2);
-            build_anchored(rs, a, out)?;
-            build_anchored(rs, b, out)
-        }
-    }
+    let build = |part: &[(u32, String)]| {
+        let res: Vec<String> = part.iter().map(|p| p.1.clone()).collect();
+        AnchoredGroup::build(&res, part.iter().map(|p| p.0).collect(), GROUP_DFA_LIMIT)
+    };
+    build_halving(rs, patterns, &|p| p.0, &build, SHORTEN, out)
 }
 
 /// A hit before its rule's score is known.
