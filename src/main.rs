@@ -78,12 +78,17 @@ enum Command {
     Bench(mistguard::daemon::BenchArgs),
 }
 
-fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, LoadError> {
-    let e = match rulesets {
-        Some(d) => Engine::from_dir(d)?,
-        None => Engine::bundled()?,
+/// The engine of `rulesets` (bundled when `None`); a load error is printed in one line and
+/// becomes exit status 1.
+fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, ExitCode> {
+    let loaded: Result<Engine, LoadError> = match rulesets {
+        Some(d) => Engine::from_dir(d),
+        None => Engine::bundled(),
     };
-    Ok(Arc::new(e))
+    loaded.map(Arc::new).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    })
 }
 
 fn main() -> ExitCode {
@@ -122,10 +127,7 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
     let started = std::time::Instant::now();
     let engine = match load(dir.as_ref()) {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let rs = engine.ruleset();
     let stats = engine.scanner().stats();
@@ -214,10 +216,7 @@ fn classify(
 ) -> ExitCode {
     let engine = match load(rulesets.as_ref()) {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     if let Some(l) = &lang {
         if mistguard::lang::lang_id(l).is_none() {
@@ -275,10 +274,7 @@ fn eval(
 ) -> ExitCode {
     let engine = match load(rulesets.as_ref()) {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let items = match mistguard::eval::read_corpus(&corpus) {
         Ok(i) => i,

@@ -255,16 +255,7 @@ impl Shared {
         )?;
         let decision_id = self.ids.next();
         let bytes = req.text.len() as u64;
-        let forced = match self.gate(meta.subject.as_ref()) {
-            Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
-            Gate::RateLimited { level } => Some((
-                Action::RateLimit,
-                level,
-                "rate_limited",
-                RATE_LIMITED_MESSAGE,
-            )),
-            Gate::Open { .. } => None,
-        };
+        let forced = refusal(self.gate(meta.subject.as_ref()));
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => action.as_str()).increment(1);
@@ -485,16 +476,7 @@ impl StreamTask {
             }
         };
         let decision_id = shared.ids.next();
-        let forced = match shared.gate(meta.subject.as_ref()) {
-            Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
-            Gate::RateLimited { level } => Some((
-                Action::RateLimit,
-                level,
-                "rate_limited",
-                RATE_LIMITED_MESSAGE,
-            )),
-            Gate::Open { .. } => None,
-        };
+        let forced = refusal(shared.gate(meta.subject.as_ref()));
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str())
@@ -798,5 +780,20 @@ fn stream_decode_error(status: Status, limit: usize) -> Status {
         ),
         Code::Cancelled => status,
         _ => reject("malformed", status),
+    }
+}
+
+/// The answer for a subject the escalation gate stops: (action, level, reason, message), or
+/// `None` when the gate is open. Shared by Classify and ClassifyStream.
+fn refusal(gate: Gate) -> Option<(Action, u32, &'static str, &'static str)> {
+    match gate {
+        Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
+        Gate::RateLimited { level } => Some((
+            Action::RateLimit,
+            level,
+            "rate_limited",
+            RATE_LIMITED_MESSAGE,
+        )),
+        Gate::Open { .. } => None,
     }
 }
