@@ -120,6 +120,21 @@ fn bench(c: &mut Criterion) {
     g.bench_function("engine/block", |b| {
         b.iter(|| black_box(engine.classify(&text, &opts).hits.len()))
     });
+    // Many short texts, as the daemon sees them: per-call cost (session, language, verdict)
+    // on top of the scan.
+    let small = chunks(&text, 1024);
+    let small = &small[..small.len().min(512)];
+    let small_bytes: usize = small.iter().map(|s| s.len()).sum();
+    g.throughput(Throughput::Bytes(small_bytes as u64));
+    g.bench_function("engine/classify-1KiB-texts", |b| {
+        b.iter(|| {
+            small
+                .iter()
+                .map(|t| engine.classify(t, &opts).hits.len())
+                .sum::<usize>()
+        })
+    });
+    g.throughput(Throughput::Bytes(text.len() as u64));
     for n in [4usize, 16, 256] {
         let parts = chunks(&text, n);
         g.bench_with_input(BenchmarkId::new("engine/stream", n), &parts, |b, parts| {

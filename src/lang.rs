@@ -15,7 +15,7 @@
 use whatlang::Lang;
 
 /// Bytes of text used to decide the language.
-pub const PROBE_BYTES: usize = 256;
+pub const PROBE_BYTES: usize = 128;
 
 /// Coarse writing systems, as a bit in a `u16` set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +176,9 @@ impl LangSet {
         }
         let single = writings.count_ones() == 1
             || writings == (1 << Writing::Han as u8) | (1 << Writing::Kana as u8);
-        if let Some(info) = whatlang::detect(probe) {
+        // One detection (the costliest step of a short text's scan), used twice.
+        let info = whatlang::detect(probe);
+        if let Some(info) = &info {
             if single && info.is_reliable() {
                 if let Some(i) = LANGS.iter().position(|l| l.whatlang == Some(info.lang())) {
                     return Self::from_bits((1 << i) | 1, Some(i as LangId));
@@ -190,7 +192,7 @@ impl LangSet {
             }
         }
         // A lone script that only one language uses still names it.
-        let primary = whatlang::detect(probe)
+        let primary = info
             .and_then(|info| LANGS.iter().position(|l| l.whatlang == Some(info.lang())))
             .filter(|&i| bits & (1 << i) != 0)
             .map(|i| i as LangId);

@@ -115,8 +115,34 @@ impl Normalizer {
             }
             let c = chunk[i..].chars().next().expect("char boundary");
             let len = c.len_utf8();
-            self.char(c, base + i as u64, len as u8, sink);
+            let at = base + i as u64;
             i += len;
+            if self.pending.is_none() {
+                // Table fast path: the precomputed result of `char` for common characters.
+                let e = fast_entry(c);
+                match e & KIND_MASK {
+                    EMIT => {
+                        let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
+                        self.emit_char(ch, at, len as u8, sink);
+                        self.prev_latin = e & PREV_LATIN != 0;
+                        self.strip_marks = e & STRIP != 0;
+                        continue;
+                    }
+                    MARK => {
+                        if !self.strip_marks {
+                            self.emit_char(c, at, len as u8, sink);
+                        }
+                        continue;
+                    }
+                    SEP => {
+                        self.separator(sink, at, len as u8);
+                        continue;
+                    }
+                    SKIP => continue,
+                    _ => {}
+                }
+            }
+            self.char(c, at, len as u8, sink);
         }
         self.pos = base + bytes.len() as u64;
     }
@@ -317,8 +343,145 @@ fn lookalike(c: char) -> Option<u8> {
     })
 }
 
+// The fast-path table: for each character below `TABLE_END` (and the CJK and Hangul blocks
+// checked at build time), what `Normalizer::char` does with it when no look-alike is pending.
+// An entry is a character in the low 21 bits, a kind and two flags.
+const CHAR_MASK: u32 = 0x1F_FFFF;
+const KIND_MASK: u32 = 0x7 << 21;
+const SLOW: u32 = 0;
+/// Emit the entry's character; then `prev_latin` and `strip_marks` take the flags.
+const EMIT: u32 = 1 << 21;
+/// A combining mark: emitted unless marks are being stripped.
+const MARK: u32 = 2 << 21;
+/// A separator.
+const SEP: u32 = 3 << 21;
+/// Dropped without a trace.
+const SKIP: u32 = 4 << 21;
+const PREV_LATIN: u32 = 1 << 24;
+const STRIP: u32 = 1 << 25;
+/// `is_latin_letter` of the character itself (for resolving a pending look-alike).
+const LATIN_LETTER: u32 = 1 << 26;
+const TABLE_END: u32 = 0x3400;
+
+struct FastTable {
+    low: Box<[u32]>,
+    /// Every CJK unified ideograph (U+3400–U+9FFF) and Hangul syllable is emitted as itself.
+    cjk_plain: bool,
+    hangul_plain: bool,
+}
+
+static TABLE: std::sync::OnceLock<FastTable> = std::sync::OnceLock::new();
+
+fn table() -> &'static FastTable {
+    TABLE.get_or_init(|| {
+        let low = (0..TABLE_END)
+            .map(|u| char::from_u32(u).map_or(SLOW, classify))
+            .collect();
+        let plain = |r: std::ops::RangeInclusive<u32>| {
+            r.filter_map(char::from_u32)
+                .all(|c| classify(c) == EMIT | c as u32)
+        };
+        FastTable {
+            low,
+            cjk_plain: plain(0x3400..=0x9FFF),
+            hangul_plain: plain(0xAC00..=0xD7A3),
+        }
+    })
+}
+
+#[inline]
+fn fast_entry(c: char) -> u32 {
+    let u = c as u32;
+    let t = table();
+    if u < TABLE_END {
+        t.low[u as usize]
+    } else if (t.cjk_plain && (0x3400..=0x9FFF).contains(&u))
+        || (t.hangul_plain && (0xAC00..=0xD7A3).contains(&u))
+    {
+        EMIT | u
+    } else {
+        SLOW
+    }
+}
+
+/// Records what the normalizer emits, for building the table.
+#[derive(Default, PartialEq, Eq)]
+struct Record(Vec<u8>);
+
+impl NormSink for Record {
+    fn push(&mut self, byte: u8, _orig_start: u64, _orig_len: u8) {
+        self.0.push(byte);
+    }
+}
+
+/// The table entry of a non-ASCII character: runs the general path from every starting state and
+/// keeps the character only where the result is one of the simple kinds.
+fn classify(c: char) -> u32 {
+    let latin_bit = if latin_letter_slow(c) { LATIN_LETTER } else { 0 };
+    if c.is_ascii() || lookalike(c).is_some() {
+        return SLOW | latin_bit;
+    }
+    if is_ignorable(c) {
+        return SKIP | latin_bit;
+    }
+    if is_combining_mark(c) {
+        return MARK | latin_bit;
+    }
+    let mut kinds = Vec::new();
+    for (strip, last_space, prev_latin) in [
+        (false, false, false),
+        (true, true, true),
+        (false, true, false),
+        (true, false, true),
+    ] {
+        let mut n = Normalizer {
+            pos: 0,
+            pending: None,
+            prev_latin,
+            last_space,
+            strip_marks: strip,
+            started: true,
+        };
+        let mut out = Record::default();
+        n.fold(c, 0, c.len_utf8() as u8, &mut out);
+        let text = String::from_utf8(out.0).expect("normalizer emits UTF-8");
+        let after = (n.prev_latin, n.last_space, n.strip_marks);
+        let mut chars = text.chars();
+        let kind = match (chars.next(), chars.next()) {
+            (Some(ch), None) if ch != ' ' && !n.last_space => {
+                let mut e = EMIT | ch as u32;
+                if n.prev_latin {
+                    e |= PREV_LATIN;
+                }
+                if n.strip_marks {
+                    e |= STRIP;
+                }
+                e
+            }
+            _ if text == if last_space { "" } else { " " } && after == (false, true, false) => SEP,
+            (None, _) if after == (prev_latin, last_space, strip) => SKIP,
+            _ => SLOW,
+        };
+        kinds.push(kind);
+    }
+    if kinds.iter().all(|&k| k == kinds[0]) {
+        kinds[0] | latin_bit
+    } else {
+        SLOW | latin_bit
+    }
+}
+
 /// Whether `c` is a Latin letter (its compatibility decomposition starts with an ASCII letter).
 fn is_latin_letter(c: char) -> bool {
+    if (c as u32) < TABLE_END && !c.is_ascii() {
+        if let Some(t) = TABLE.get() {
+            return t.low[c as usize] & LATIN_LETTER != 0;
+        }
+    }
+    latin_letter_slow(c)
+}
+
+fn latin_letter_slow(c: char) -> bool {
     if c.is_ascii() {
         return c.is_ascii_alphabetic();
     }
@@ -454,6 +617,45 @@ mod tests {
                 assert!(c.is_alphanumeric(), "{c:?}");
                 assert_eq!(c.to_lowercase().collect::<String>(), c.to_string(), "{c:?}");
                 assert!(!is_latin_letter(c), "{c:?}");
+            }
+        }
+    }
+
+    /// The general path alone: every non-ASCII character through `char`, no table.
+    fn normalize_general(text: &str) -> Vec<u8> {
+        let mut n = Normalizer::new();
+        let mut out = Vec::new();
+        n.start(&mut out);
+        for (i, c) in text.char_indices() {
+            n.char(c, i as u64, c.len_utf8() as u8, &mut out);
+        }
+        n.pos = text.len() as u64;
+        n.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn the_table_agrees_with_the_general_path() {
+        // Every table character and a sample of the blocks checked in bulk, each between
+        // neighbours that exercise the state it depends on: a Latin letter, a mark, a space, a
+        // look-alike, a digit.
+        let neighbours = ["a", "\u{301}", " ", "\u{430}", "1", "\u{4e00}", "\u{5d0}"];
+        let sample = (0x80u32..TABLE_END)
+            .chain((0x3400..=0x9FFF).step_by(97))
+            .chain((0xAC00..=0xD7A3).step_by(89))
+            .chain(0xFF00..0xFFF0)
+            .filter_map(char::from_u32);
+        for c in sample {
+            for l in neighbours {
+                for r in neighbours {
+                    let text = format!("{l}{c}{r}{c}\u{301}{c}");
+                    assert_eq!(
+                        normalize(&text).into_bytes(),
+                        normalize_general(&text),
+                        "U+{:04X} in {text:?}",
+                        c as u32
+                    );
+                }
             }
         }
     }

@@ -181,40 +181,6 @@ impl Phrases {
         .map_err(|e| e.to_string())
     }
 
-    #[inline(always)]
-    fn next_state(
-        &self,
-        sid: aho_corasick::automaton::StateID,
-        b: u8,
-    ) -> aho_corasick::automaton::StateID {
-        match self {
-            Phrases::Dfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
-            Phrases::Nfa(a) => a.next_state(aho_corasick::Anchored::No, sid, b),
-        }
-    }
-
-    #[inline(always)]
-    fn is_match(&self, sid: aho_corasick::automaton::StateID) -> bool {
-        match self {
-            Phrases::Dfa(a) => a.is_special(sid) && a.is_match(sid),
-            Phrases::Nfa(a) => a.is_special(sid) && a.is_match(sid),
-        }
-    }
-
-    fn matches(
-        &self,
-        sid: aho_corasick::automaton::StateID,
-    ) -> impl Iterator<Item = PatternID32> + '_ {
-        let n = match self {
-            Phrases::Dfa(a) => a.match_len(sid),
-            Phrases::Nfa(a) => a.match_len(sid),
-        };
-        (0..n).map(move |k| match self {
-            Phrases::Dfa(a) => a.match_pattern(sid, k).as_usize(),
-            Phrases::Nfa(a) => a.match_pattern(sid, k).as_usize(),
-        })
-    }
-
     fn memory_usage(&self) -> usize {
         match self {
             Phrases::Dfa(a) => a.memory_usage(),
@@ -229,8 +195,6 @@ impl Phrases {
         }
     }
 }
-
-type PatternID32 = usize;
 
 /// An anchored DFA over word-view regexes, with (pattern id → trigger).
 struct AnchoredGroup {
@@ -899,17 +863,12 @@ impl StreamSession {
             buf.push_str(&chunk[..take]);
         }
         self.scan_raw(chunk.as_bytes(), &mut found);
-        let engine = self.engine.clone();
-        {
-            let mut sink = WordSink {
-                sc: &engine.scanner,
-                s: self,
-                found: &mut found,
-            };
-            let mut norm = sink.s.norm.clone();
-            norm.feed(chunk, &mut sink);
-            sink.s.norm = norm;
-        }
+        BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.clear();
+            self.norm.feed(chunk, &mut *b);
+            self.scan_words(&b, &mut found);
+        });
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) && self.raw_pos >= PROBE_BYTES as u64 {
             self.decide_language();
@@ -943,28 +902,25 @@ impl StreamSession {
             self.confirm_anchor(sc, a, &mut found);
         }
         // Word view: the held character, the closing space, then end of input.
-        {
-            let mut sink = WordSink {
-                sc,
-                s: self,
-                found: &mut found,
-            };
-            let mut norm = sink.s.norm.clone();
-            norm.finish(&mut sink);
-            sink.s.norm = norm;
-        }
-        let walkers = std::mem::take(&mut self.walkers);
+        BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.clear();
+            self.norm.finish(&mut *b);
+            self.scan_words(&b, &mut found);
+        });
+        let view = self.word_view(&NO_BATCH);
         let mut reported = Vec::new();
-        for w in walkers {
+        for &w in &self.walkers {
             let g = &sc.word_anchored[w.group as usize];
             let eoi = g.dfa.next_eoi_state(w.sid);
-            self.walker_matches(sc, w, eoi, self.word_pos, &mut reported, &mut found);
+            walker_matches(sc, &view, w, eoi, self.word_pos, &mut reported, &mut found);
         }
         for g in 0..sc.word_dfas.len() {
             let eoi = sc.word_dfas[g].0.fwd.next_eoi_state(self.wdfa[g].0);
             let end = self.word_pos;
-            self.word_dfa_matches(sc, g, eoi, end, &mut found);
+            word_dfa_matches(sc, &view, g, eoi, end, self.word_pos, &mut found);
         }
+        self.walkers.clear();
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) {
             self.decide_language();
@@ -1132,92 +1088,103 @@ impl StreamSession {
         self.word_starts[(n as usize) & (self.word_bytes.len() - 1)] as u64
     }
 
-    fn word_orig_end(&self, n: u64) -> u64 {
-        let i = (n as usize) & (self.word_bytes.len() - 1);
-        self.word_starts[i] as u64 + self.word_lens[i] as u64
+    /// The word view's bytes and spans: the ring (older bytes) and this chunk's batch from
+    /// offset `word_pos` on.
+    fn word_view<'a>(&'a self, batch: &'a WordBatch) -> WordView<'a> {
+        WordView {
+            base: self.word_pos,
+            batch,
+            bytes: &self.word_bytes,
+            starts: &self.word_starts,
+            lens: &self.word_lens,
+        }
     }
 
-    /// Maps a normalized span (framing spaces trimmed) to the original text.
-    fn word_span(&self, mut start: u64, mut end: u64) -> Option<(u64, u64)> {
-        let mask = self.word_bytes.len() - 1;
-        while start < end && self.word_bytes[(start as usize) & mask] == b' ' {
-            start += 1;
-        }
-        while end > start && self.word_bytes[((end - 1) as usize) & mask] == b' ' {
-            end -= 1;
-        }
-        if start >= end {
-            return None;
-        }
-        Some((self.word_orig_start(start), self.word_orig_end(end - 1)))
-    }
-
-    fn word_window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        ring_slice(&self.word_bytes, lo, hi)
-    }
-
-    fn word_dfa_matches(
-        &mut self,
-        sc: &Scanner,
-        group: usize,
-        sid: StateID,
-        end: u64,
-        found: &mut Vec<Found>,
-    ) {
-        let (dfa, triggers) = &sc.word_dfas[group];
-        if !dfa.fwd.is_match_state(sid) {
+    /// Walks the word-view automata over one batch of normalized bytes, one automaton at a time,
+    /// then keeps the batch's tail in the rings.
+    fn scan_words(&mut self, b: &WordBatch, found: &mut Vec<Found>) {
+        let engine = self.engine.clone();
+        let sc = &engine.scanner;
+        let n = b.bytes.len();
+        if n == 0 {
             return;
         }
-        let w = self.word_bytes.len() as u64 - 1;
-        let lo = end.saturating_sub(w).max(self.word_pos.saturating_sub(w));
-        for k in 0..dfa.fwd.match_len(sid) {
-            let pid = dfa.fwd.match_pattern(sid, k);
-            let trigger = triggers[pid.as_usize()];
-            let rev = pid;
-            // Window: [lo, word_pos) — the byte after `end` (if any) is context for look-ahead.
-            let window = self.word_window(lo, self.word_pos);
-            let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
-                continue;
+        let base = self.word_pos;
+        {
+            let view = WordView {
+                base,
+                batch: b,
+                bytes: &self.word_bytes,
+                starts: &self.word_starts,
+                lens: &self.word_lens,
             };
-            if let Some((os, oe)) = self.word_span(lo + s as u64, end) {
-                found.push(Found {
-                    trigger,
-                    start: os,
-                    end: oe,
-                });
+            if let Some(ac) = &sc.word_ac {
+                self.ac_sid = match ac {
+                    Phrases::Dfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found),
+                    Phrases::Nfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found),
+                };
+            }
+            if !sc.word_anchored.is_empty() {
+                let mut reported: Vec<(u16, PatternID)> = Vec::new();
+                let walkers = &mut self.walkers;
+                for (k, &byte) in b.bytes.iter().enumerate() {
+                    let end = base + k as u64 + 1;
+                    if byte == b' ' {
+                        for (g, group) in sc.word_anchored.iter().enumerate() {
+                            walkers.push(Walker {
+                                group: g as u16,
+                                sid: group.start,
+                                start: end - 1,
+                            });
+                        }
+                    }
+                    reported.clear();
+                    let mut i = 0;
+                    while i < walkers.len() {
+                        let w = walkers[i];
+                        let dfa = &sc.word_anchored[w.group as usize].dfa;
+                        let sid = dfa.next_state(w.sid, byte);
+                        if dfa.is_special_state(sid) {
+                            if dfa.is_dead_state(sid) {
+                                walkers.remove(i);
+                                continue;
+                            }
+                            if dfa.is_match_state(sid) {
+                                walker_matches(sc, &view, w, sid, end - 1, &mut reported, found);
+                            }
+                        }
+                        walkers[i].sid = sid;
+                        i += 1;
+                    }
+                }
+            }
+            for g in 0..sc.word_dfas.len() {
+                let dfa = &sc.word_dfas[g].0.fwd;
+                let (mut sid, mut free) = self.wdfa[g];
+                for (k, &byte) in b.bytes.iter().enumerate() {
+                    let end = base + k as u64 + 1;
+                    sid = dfa.next_state(sid, byte);
+                    if dfa.is_special_state(sid) {
+                        if dfa.is_start_state(sid) {
+                            free = end;
+                        } else if dfa.is_match_state(sid) {
+                            word_dfa_matches(sc, &view, g, sid, end - 1, end, found);
+                        }
+                    }
+                }
+                self.wdfa[g] = (sid, free);
             }
         }
-    }
-
-    /// Reports the matches of an anchored walker in state `sid`, ending at `end`. A pattern already
-    /// reported at this end by an older walker (`reported`) is not reported again.
-    fn walker_matches(
-        &mut self,
-        sc: &Scanner,
-        w: Walker,
-        sid: StateID,
-        end: u64,
-        reported: &mut Vec<(u16, PatternID)>,
-        found: &mut Vec<Found>,
-    ) {
-        let g = &sc.word_anchored[w.group as usize];
-        if !g.dfa.is_match_state(sid) {
-            return;
+        // Keep the batch's tail in the rings.
+        let mask = self.word_bytes.len() - 1;
+        let keep = n.min(self.word_bytes.len());
+        for k in n - keep..n {
+            let i = ((base + k as u64) as usize) & mask;
+            self.word_bytes[i] = b.bytes[k];
+            self.word_starts[i] = b.starts[k];
+            self.word_lens[i] = b.lens[k];
         }
-        for k in 0..g.dfa.match_len(sid) {
-            let pid = g.dfa.match_pattern(sid, k);
-            if reported.contains(&(w.group, pid)) {
-                continue;
-            }
-            reported.push((w.group, pid));
-            if let Some((os, oe)) = self.word_span(w.start, end) {
-                found.push(Found {
-                    trigger: g.triggers[pid.as_usize()],
-                    start: os,
-                    end: oe,
-                });
-            }
-        }
+        self.word_pos = base + n as u64;
     }
 
     fn scan_raw(&mut self, bytes: &[u8], found: &mut Vec<Found>) {
@@ -1452,82 +1419,185 @@ fn ring_slice(ring: &[u8], lo: u64, hi: u64) -> Vec<u8> {
     out
 }
 
-/// Receives the normalizer's bytes and walks the word-view automata over them.
-struct WordSink<'a> {
-    sc: &'a Scanner,
-    s: &'a mut StreamSession,
-    found: &'a mut Vec<Found>,
+/// One chunk of normalized bytes, with the original span of each (a per-thread scratch buffer).
+#[derive(Default)]
+struct WordBatch {
+    bytes: Vec<u8>,
+    starts: Vec<u32>,
+    lens: Vec<u8>,
 }
 
-impl NormSink for WordSink<'_> {
+impl WordBatch {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.starts.clear();
+        self.lens.clear();
+    }
+}
+
+impl NormSink for WordBatch {
     #[inline]
     fn push(&mut self, byte: u8, orig_start: u64, orig_len: u8) {
-        let s = &mut *self.s;
-        let sc = self.sc;
-        let mask = s.word_bytes.len() - 1;
-        let i = (s.word_pos as usize) & mask;
-        s.word_bytes[i] = byte;
-        s.word_starts[i] = orig_start as u32;
-        s.word_lens[i] = orig_len;
-        s.word_pos += 1;
-        let end = s.word_pos;
-        if let Some(ac) = &sc.word_ac {
-            s.ac_sid = ac.next_state(s.ac_sid, byte);
-            if ac.is_match(s.ac_sid) {
-                for pid in ac.matches(s.ac_sid) {
-                    let p = sc.word_ac_patterns[pid];
-                    let start = end - p.len as u64;
-                    if let Some((os, oe)) = s.word_span(start + p.lead as u64, end - p.trail as u64)
-                    {
-                        self.found.push(Found {
-                            trigger: p.trigger,
-                            start: os,
-                            end: oe,
-                        });
-                    }
-                }
-            }
+        self.bytes.push(byte);
+        self.starts.push(orig_start as u32);
+        self.lens.push(orig_len);
+    }
+}
+
+thread_local! {
+    static BATCH: std::cell::RefCell<WordBatch> = std::cell::RefCell::new(WordBatch::default());
+}
+
+static NO_BATCH: WordBatch = WordBatch {
+    bytes: Vec::new(),
+    starts: Vec::new(),
+    lens: Vec::new(),
+};
+
+/// The word view during a scan: offsets from `base` on are in the batch, older ones in the ring.
+struct WordView<'a> {
+    base: u64,
+    batch: &'a WordBatch,
+    bytes: &'a [u8],
+    starts: &'a [u32],
+    lens: &'a [u8],
+}
+
+impl WordView<'_> {
+    #[inline]
+    fn byte(&self, n: u64) -> u8 {
+        if n >= self.base {
+            self.batch.bytes[(n - self.base) as usize]
+        } else {
+            self.bytes[(n as usize) & (self.bytes.len() - 1)]
         }
-        if !sc.word_anchored.is_empty() {
-            if byte == b' ' {
-                for (g, group) in sc.word_anchored.iter().enumerate() {
-                    s.walkers.push(Walker {
-                        group: g as u16,
-                        sid: group.start,
-                        start: end - 1,
+    }
+
+    fn orig_start(&self, n: u64) -> u64 {
+        if n >= self.base {
+            self.batch.starts[(n - self.base) as usize] as u64
+        } else {
+            self.starts[(n as usize) & (self.bytes.len() - 1)] as u64
+        }
+    }
+
+    fn orig_end(&self, n: u64) -> u64 {
+        let len = if n >= self.base {
+            self.batch.lens[(n - self.base) as usize]
+        } else {
+            self.lens[(n as usize) & (self.bytes.len() - 1)]
+        };
+        self.orig_start(n) + len as u64
+    }
+
+    /// Maps a normalized span (framing spaces trimmed) to the original text.
+    fn span(&self, mut start: u64, mut end: u64) -> Option<(u64, u64)> {
+        while start < end && self.byte(start) == b' ' {
+            start += 1;
+        }
+        while end > start && self.byte(end - 1) == b' ' {
+            end -= 1;
+        }
+        if start >= end {
+            return None;
+        }
+        Some((self.orig_start(start), self.orig_end(end - 1)))
+    }
+
+    fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
+        (lo..hi).map(|n| self.byte(n)).collect()
+    }
+}
+
+/// Walks the phrase automaton over a batch; returns the state it ends in.
+fn phrase_loop<A: AcAutomaton>(
+    ac: &A,
+    sc: &Scanner,
+    view: &WordView<'_>,
+    mut sid: aho_corasick::automaton::StateID,
+    found: &mut Vec<Found>,
+) -> aho_corasick::automaton::StateID {
+    for (k, &byte) in view.batch.bytes.iter().enumerate() {
+        sid = ac.next_state(aho_corasick::Anchored::No, sid, byte);
+        if ac.is_special(sid) && ac.is_match(sid) {
+            let end = view.base + k as u64 + 1;
+            for m in 0..ac.match_len(sid) {
+                let p = sc.word_ac_patterns[ac.match_pattern(sid, m).as_usize()];
+                let start = end - p.len as u64;
+                if let Some((os, oe)) = view.span(start + p.lead as u64, end - p.trail as u64) {
+                    found.push(Found {
+                        trigger: p.trigger,
+                        start: os,
+                        end: oe,
                     });
                 }
             }
-            let mut reported: Vec<(u16, PatternID)> = Vec::new();
-            let mut i = 0;
-            while i < s.walkers.len() {
-                let w = s.walkers[i];
-                let dfa = &sc.word_anchored[w.group as usize].dfa;
-                let sid = dfa.next_state(w.sid, byte);
-                if dfa.is_special_state(sid) {
-                    if dfa.is_dead_state(sid) {
-                        s.walkers.remove(i);
-                        continue;
-                    }
-                    if dfa.is_match_state(sid) {
-                        s.walker_matches(sc, w, sid, end - 1, &mut reported, self.found);
-                    }
-                }
-                s.walkers[i].sid = sid;
-                i += 1;
-            }
         }
-        for g in 0..sc.word_dfas.len() {
-            let dfa = &sc.word_dfas[g].0.fwd;
-            let sid = dfa.next_state(s.wdfa[g].0, byte);
-            s.wdfa[g].0 = sid;
-            if dfa.is_special_state(sid) {
-                if dfa.is_start_state(sid) {
-                    s.wdfa[g].1 = end;
-                } else if dfa.is_match_state(sid) {
-                    s.word_dfa_matches(sc, g, sid, end - 1, self.found);
-                }
-            }
+    }
+    sid
+}
+
+/// Reports the matches of a word-view unanchored DFA in state `sid`, ending at `end`; `now` is
+/// the word offset scanned so far (the window reaches it, for look-ahead).
+fn word_dfa_matches(
+    sc: &Scanner,
+    view: &WordView<'_>,
+    group: usize,
+    sid: StateID,
+    end: u64,
+    now: u64,
+    found: &mut Vec<Found>,
+) {
+    let (dfa, triggers) = &sc.word_dfas[group];
+    if !dfa.fwd.is_match_state(sid) {
+        return;
+    }
+    let w = view.bytes.len() as u64 - 1;
+    let lo = end.saturating_sub(w).max(now.saturating_sub(w));
+    for k in 0..dfa.fwd.match_len(sid) {
+        let pid = dfa.fwd.match_pattern(sid, k);
+        let trigger = triggers[pid.as_usize()];
+        let window = view.window(lo, now);
+        let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, pid) else {
+            continue;
+        };
+        if let Some((os, oe)) = view.span(lo + s as u64, end) {
+            found.push(Found {
+                trigger,
+                start: os,
+                end: oe,
+            });
+        }
+    }
+}
+
+/// Reports the matches of an anchored walker in state `sid`, ending at `end`. A pattern already
+/// reported at this end by an older walker (`reported`) is not reported again.
+fn walker_matches(
+    sc: &Scanner,
+    view: &WordView<'_>,
+    w: Walker,
+    sid: StateID,
+    end: u64,
+    reported: &mut Vec<(u16, PatternID)>,
+    found: &mut Vec<Found>,
+) {
+    let g = &sc.word_anchored[w.group as usize];
+    if !g.dfa.is_match_state(sid) {
+        return;
+    }
+    for k in 0..g.dfa.match_len(sid) {
+        let pid = g.dfa.match_pattern(sid, k);
+        if reported.contains(&(w.group, pid)) {
+            continue;
+        }
+        reported.push((w.group, pid));
+        if let Some((os, oe)) = view.span(w.start, end) {
+            found.push(Found {
+                trigger: g.triggers[pid.as_usize()],
+                start: os,
+                end: oe,
+            });
         }
     }
 }
