@@ -893,13 +893,19 @@ impl StreamSession {
         let sc = &engine.scanner;
         let mut found = Vec::new();
         // Raw view: end of input.
-        for g in 0..sc.raw_dfas.len() {
-            let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(self.raw[g].0);
-            self.raw_matches(sc, g, eoi, self.raw_pos, &mut found);
-        }
-        let anchors = std::mem::take(&mut self.anchors);
-        for a in anchors {
-            self.confirm_anchor(sc, a, &mut found);
+        {
+            let view = RawView {
+                base: self.raw_pos,
+                chunk: &[],
+                ring: &self.raw_ring,
+            };
+            for g in 0..sc.raw_dfas.len() {
+                let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(self.raw[g].0);
+                raw_matches(&engine, &view, g, eoi, self.raw_pos, self.raw_pos, &mut found);
+            }
+            for a in self.anchors.drain(..) {
+                confirm_anchor(&engine, &view, a, self.raw_pos, &mut found);
+            }
         }
         // Word view: the held character, the closing space, then end of input.
         BATCH.with(|b| {
@@ -1187,104 +1193,83 @@ impl StreamSession {
         self.word_pos = base + n as u64;
     }
 
+    /// Walks the raw-view automata over one chunk, one automaton at a time, confirms the anchors
+    /// whose window is complete, then keeps the chunk's tail in the ring.
     fn scan_raw(&mut self, bytes: &[u8], found: &mut Vec<Found>) {
         let engine = self.engine.clone();
         let sc = &engine.scanner;
-        let mask = self.raw_ring.len() - 1;
-        let mut pos = self.raw_pos;
-        let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
-        for &b in bytes {
-            self.raw_ring[(pos as usize) & mask] = b;
-            pos += 1;
-            if let Some(ac) = &sc.raw_ac {
-                self.raw_ac_sid = ac.next_state(aho_corasick::Anchored::No, self.raw_ac_sid, b);
-                if ac.is_special(self.raw_ac_sid) && ac.is_match(self.raw_ac_sid) {
-                    self.raw_pos = pos;
-                    self.raw_literals(sc, pos, found);
+        let ring = std::mem::take(&mut self.raw_ring);
+        let base = self.raw_pos;
+        let view = RawView {
+            base,
+            chunk: bytes,
+            ring: &ring,
+        };
+        if let Some(ac) = &sc.raw_ac {
+            // Anchors are confirmed as soon as their window is complete, so few are pending.
+            let mut sid = self.raw_ac_sid;
+            let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+            for (k, &b) in bytes.iter().enumerate() {
+                let pos = base + k as u64 + 1;
+                sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
+                if ac.is_special(sid) && ac.is_match(sid) {
+                    self.raw_literals(sc, &view, sid, pos, found);
+                    due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                }
+                if pos >= due {
+                    let n = self.anchors.partition_point(|a| a.due <= pos);
+                    for a in self.anchors.drain(..n) {
+                        confirm_anchor(&engine, &view, a, pos, found);
+                    }
                     due = self.anchors.first().map_or(u64::MAX, |a| a.due);
                 }
             }
-            for g in 0..sc.raw_dfas.len() {
-                let dfa = &sc.raw_dfas[g].0.fwd;
-                let sid = dfa.next_state(self.raw[g].0, b);
-                self.raw[g].0 = sid;
+            self.raw_ac_sid = sid;
+        }
+        for g in 0..sc.raw_dfas.len() {
+            let dfa = &sc.raw_dfas[g].0.fwd;
+            let (mut sid, mut free) = self.raw[g];
+            for (k, &b) in bytes.iter().enumerate() {
+                let pos = base + k as u64 + 1;
+                sid = dfa.next_state(sid, b);
                 if dfa.is_special_state(sid) {
                     if dfa.is_start_state(sid) {
-                        self.raw[g].1 = pos;
+                        free = pos;
                     } else if dfa.is_match_state(sid) {
                         // One-byte delay: the match ended before the byte just read.
-                        self.raw_pos = pos;
-                        self.raw_matches(sc, g, sid, pos - 1, found);
-                        due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                        raw_matches(&engine, &view, g, sid, pos - 1, pos, found);
                     }
                 }
             }
-            if pos >= due {
-                self.raw_pos = pos;
-                while self.anchors.first().is_some_and(|a| a.due <= pos) {
-                    let a = self.anchors.remove(0);
-                    self.confirm_anchor(sc, a, found);
-                }
-                due = self.anchors.first().map_or(u64::MAX, |a| a.due);
-            }
+            self.raw[g] = (sid, free);
         }
-        self.raw_pos = pos;
+        let end = base + bytes.len() as u64;
+        self.raw_pos = end;
+        let due = self.anchors.partition_point(|a| a.due <= end);
+        for a in self.anchors.drain(..due) {
+            confirm_anchor(&engine, &view, a, end, found);
+        }
+        self.raw_ring = ring;
+        let mask = self.raw_ring.len() - 1;
+        let keep = bytes.len().min(self.raw_ring.len());
+        for k in bytes.len() - keep..bytes.len() {
+            self.raw_ring[((base + k as u64) as usize) & mask] = bytes[k];
+        }
     }
 
-    fn raw_window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        ring_slice(&self.raw_ring, lo, hi)
-    }
-
-    /// Reports the raw-view matches of a match state, ending at `end`.
-    fn raw_matches(
+    /// Reports the raw phrases and anchors of the aho-corasick match state `sid` reached at `end`.
+    fn raw_literals(
         &mut self,
         sc: &Scanner,
-        group: usize,
-        sid: StateID,
+        view: &RawView<'_>,
+        sid: aho_corasick::automaton::StateID,
         end: u64,
         found: &mut Vec<Found>,
     ) {
-        let (dfa, patterns) = &sc.raw_dfas[group];
-        if !dfa.fwd.is_match_state(sid) {
-            return;
-        }
-        let engine = self.engine.clone();
-        for k in 0..dfa.fwd.match_len(sid) {
-            let pid = dfa.fwd.match_pattern(sid, k);
-            let p = patterns[pid.as_usize()];
-            let t = &engine.rules.triggers[p.trigger as usize];
-            match p.kind {
-                RawKind::Literal { .. } | RawKind::Anchor { .. } => {}
-                RawKind::Regex { rev } => {
-                    let w = self.raw_ring.len() as u64 - 1;
-                    let lo = self.raw_pos.saturating_sub(w);
-                    let window = self.raw_window(lo, self.raw_pos);
-                    let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
-                        continue;
-                    };
-                    let start = lo + s as u64;
-                    if let Some(v) = t.validate {
-                        if !v.check(&window[s..(end - lo) as usize]) {
-                            continue;
-                        }
-                    }
-                    found.push(Found {
-                        trigger: p.trigger,
-                        start,
-                        end,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Reports the raw phrases and anchors of the aho-corasick match state reached at `end`.
-    fn raw_literals(&mut self, sc: &Scanner, end: u64, found: &mut Vec<Found>) {
         let Some(ac) = &sc.raw_ac else {
             return;
         };
         let engine = self.engine.clone();
-        let sid = self.raw_ac_sid;
         for k in 0..ac.match_len(sid) {
             let pid = ac.match_pattern(sid, k);
             let (p, bytes) = &sc.raw_ac_patterns[pid.as_usize()];
@@ -1297,7 +1282,7 @@ impl StreamSession {
                 RawKind::Anchor { len } => {
                     let anchor_start = end - len as u64;
                     // Anchors are case-sensitive; the automaton folds ASCII case.
-                    if self.raw_window(anchor_start, end) != bytes[..] {
+                    if view.window(anchor_start, end) != bytes[..] {
                         continue;
                     }
                     let t = &engine.rules.triggers[p.trigger as usize];
@@ -1323,50 +1308,6 @@ impl StreamSession {
                     self.anchors.insert(at, a);
                 }
                 RawKind::Regex { .. } => {}
-            }
-        }
-    }
-
-    /// Runs an anchored trigger's regex over the window around its anchor.
-    fn confirm_anchor(&mut self, sc: &Scanner, a: PendingAnchor, found: &mut Vec<Found>) {
-        let engine = self.engine.clone();
-        let t = &engine.rules.triggers[a.trigger as usize];
-        let TriggerKind::Anchored {
-            max_len,
-            look_behind,
-            ..
-        } = &t.kind
-        else {
-            return;
-        };
-        let Some(re) = sc.confirm[a.trigger as usize].as_ref() else {
-            return;
-        };
-        let ring = self.raw_ring.len() as u64;
-        // One byte of context on each side, so look-around sees the real neighbours.
-        let lo = a
-            .anchor_start
-            .saturating_sub(*look_behind as u64 + 1)
-            .max(self.raw_pos.saturating_sub(ring));
-        let hi = (a.anchor_start + *max_len as u64 + 1).min(self.raw_pos);
-        let window = self.raw_window(lo, hi);
-        let span_lo = a.anchor_start.saturating_sub(*look_behind as u64).max(lo) - lo;
-        let span_hi = (a.anchor_start + *max_len as u64).min(hi) - lo;
-        let input = Input::new(&window).range(span_lo as usize..span_hi as usize);
-        for m in re.find_iter(input) {
-            let (s, e) = (lo + m.start() as u64, lo + m.end() as u64);
-            if s <= a.anchor_start && e >= a.anchor_end {
-                if let Some(v) = t.validate {
-                    if !v.check(&window[m.start()..m.end()]) {
-                        continue;
-                    }
-                }
-                found.push(Found {
-                    trigger: a.trigger,
-                    start: s,
-                    end: e,
-                });
-                break;
             }
         }
     }
@@ -1404,19 +1345,118 @@ impl StreamSession {
     }
 }
 
-/// The bytes at stream offsets `lo..hi` of a ring (power-of-two length), copied out in at most
-/// two slices.
-fn ring_slice(ring: &[u8], lo: u64, hi: u64) -> Vec<u8> {
-    let mask = ring.len() - 1;
-    let mut out = Vec::with_capacity((hi - lo) as usize);
-    let (a, b) = ((lo as usize) & mask, (hi as usize) & mask);
-    if hi - lo == ring.len() as u64 || (a > b) {
-        out.extend_from_slice(&ring[a..]);
-        out.extend_from_slice(&ring[..b]);
-    } else {
-        out.extend_from_slice(&ring[a..b]);
+/// The raw view during a scan: offsets from `base` on are in the chunk, older ones in the ring.
+struct RawView<'a> {
+    base: u64,
+    chunk: &'a [u8],
+    ring: &'a [u8],
+}
+
+impl RawView<'_> {
+    fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
+        let mask = self.ring.len() - 1;
+        (lo..hi)
+            .map(|n| {
+                if n >= self.base {
+                    self.chunk[(n - self.base) as usize]
+                } else {
+                    self.ring[(n as usize) & mask]
+                }
+            })
+            .collect()
     }
-    out
+}
+
+/// Reports the raw-view regex matches of a match state, ending at `end`; `now` is the offset
+/// scanned so far (the window reaches it).
+fn raw_matches(
+    engine: &Engine,
+    view: &RawView<'_>,
+    group: usize,
+    sid: StateID,
+    end: u64,
+    now: u64,
+    found: &mut Vec<Found>,
+) {
+    let (dfa, patterns) = &engine.scanner.raw_dfas[group];
+    if !dfa.fwd.is_match_state(sid) {
+        return;
+    }
+    for k in 0..dfa.fwd.match_len(sid) {
+        let pid = dfa.fwd.match_pattern(sid, k);
+        let p = patterns[pid.as_usize()];
+        let t = &engine.rules.triggers[p.trigger as usize];
+        let RawKind::Regex { rev } = p.kind else {
+            continue;
+        };
+        let lo = now.saturating_sub(view.ring.len() as u64 - 1);
+        let window = view.window(lo, now);
+        let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
+            continue;
+        };
+        if let Some(v) = t.validate {
+            if !v.check(&window[s..(end - lo) as usize]) {
+                continue;
+            }
+        }
+        found.push(Found {
+            trigger: p.trigger,
+            start: lo + s as u64,
+            end,
+        });
+    }
+}
+
+/// Runs an anchored trigger's regex over the window around its anchor; `raw_pos` is the offset
+/// scanned so far.
+fn confirm_anchor(
+    engine: &Engine,
+    view: &RawView<'_>,
+    a: PendingAnchor,
+    raw_pos: u64,
+    found: &mut Vec<Found>,
+) {
+    let t = &engine.rules.triggers[a.trigger as usize];
+    let TriggerKind::Anchored {
+        max_len,
+        look_behind,
+        ..
+    } = &t.kind
+    else {
+        return;
+    };
+    let Some(re) = engine.scanner.confirm[a.trigger as usize].as_ref() else {
+        return;
+    };
+    // The window ends where it is complete (`due`), or at the end of input if that comes first.
+    let now = raw_pos.min(a.due);
+    let ring = view.ring.len() as u64;
+    // One byte of context on each side, so look-around sees the real neighbours.
+    let lo = a
+        .anchor_start
+        .saturating_sub(*look_behind as u64 + 1)
+        .max(now.saturating_sub(ring));
+    let hi = (a.anchor_start + *max_len as u64 + 1).min(now);
+    let window = view.window(lo, hi);
+    let span_lo = a.anchor_start.saturating_sub(*look_behind as u64).max(lo) - lo;
+    let span_hi = (a.anchor_start + *max_len as u64).min(hi) - lo;
+    let input = Input::new(&window).range(span_lo as usize..span_hi as usize);
+    for m in re.find_iter(input) {
+        let (s, e) = (lo + m.start() as u64, lo + m.end() as u64);
+        if s <= a.anchor_start && e >= a.anchor_end {
+            if let Some(v) = t.validate {
+                if !v.check(&window[m.start()..m.end()]) {
+                    continue;
+                }
+            }
+            found.push(Found {
+                trigger: a.trigger,
+                start: s,
+                end: e,
+            });
+            break;
+        }
+    }
 }
 
 /// One chunk of normalized bytes, with the original span of each (a per-thread scratch buffer).
