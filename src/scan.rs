@@ -1252,8 +1252,9 @@ impl StreamSession {
         self.raw_ring = ring;
         let mask = self.raw_ring.len() - 1;
         let keep = bytes.len().min(self.raw_ring.len());
-        for k in bytes.len() - keep..bytes.len() {
-            self.raw_ring[((base + k as u64) as usize) & mask] = bytes[k];
+        let from = bytes.len() - keep;
+        for (k, &b) in bytes.iter().enumerate().skip(from) {
+            self.raw_ring[((base + k as u64) as usize) & mask] = b;
         }
     }
 
