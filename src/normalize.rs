@@ -417,7 +417,11 @@ impl NormSink for Record {
 /// The table entry of a non-ASCII character: runs the general path from every starting state and
 /// keeps the character only where the result is one of the simple kinds.
 fn classify(c: char) -> u32 {
-    let latin_bit = if latin_letter_slow(c) { LATIN_LETTER } else { 0 };
+    let latin_bit = if latin_letter_slow(c) {
+        LATIN_LETTER
+    } else {
+        0
+    };
     if c.is_ascii() || lookalike(c).is_some() {
         return SLOW | latin_bit;
     }

@@ -200,7 +200,10 @@ impl Phrases {
 struct AnchoredGroup {
     dfa: dense::DFA<Vec<u32>>,
     triggers: Vec<u32>,
-    start: StateID,
+    /// The state after the opening space (where a walker is spawned, see `spawn`).
+    after_space: StateID,
+    /// Languages of the group's triggers (a group of no applicable language is not walked).
+    langs: Vec<crate::lang::LangId>,
 }
 
 impl AnchoredGroup {
@@ -228,10 +231,12 @@ impl AnchoredGroup {
                     .look_behind(Some(b' ')),
             )
             .map_err(|e| e.to_string())?;
+        let after_space = dfa.next_state(start, b' ');
         Ok(AnchoredGroup {
             dfa,
             triggers,
-            start,
+            after_space,
+            langs: Vec::new(),
         })
     }
 }
@@ -279,6 +284,9 @@ pub struct Scanner {
     /// space (a walker per word start, dropped when it dies). Anchored DFAs stay small where the
     /// unanchored union of many phrase-like regexes explodes.
     word_anchored: Vec<AnchoredGroup>,
+    /// For each byte, the anchored groups (bit per group) whose walker survives a space followed
+    /// by that byte: the only walkers spawned there.
+    spawn: Box<[u64]>,
     /// Raw-view DFAs: one per rule, split further where a rule's patterns together would exceed
     /// [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → what it stands for).
     raw_dfas: Vec<(RegexDfa, Vec<RawPattern>)>,
@@ -454,7 +462,60 @@ impl Scanner {
         let trace = std::env::var_os("MISTGUARD_TRACE_BUILD").is_some();
         let t0 = std::time::Instant::now();
         let mut word_anchored = Vec::new();
-        build_anchored(rs, &anchored, &mut word_anchored)?;
+        // One bucket per language of the Latin script (English with the neutral set), one for the
+        // other scripts: groups of one language can be skipped once the text's language is known,
+        // and regexes of different languages, kept apart, do not multiply each other's states.
+        let bucket = |ti: u32| {
+            let l = rs.triggers[ti as usize].lang;
+            if l == NEUTRAL || l == lang::ENGLISH {
+                0
+            } else if lang::LANGS[l as usize].writing == lang::Writing::Latin {
+                1 + l as usize
+            } else {
+                usize::MAX
+            }
+        };
+        let mut buckets: Vec<usize> = anchored.iter().map(|a| bucket(a.0)).collect();
+        buckets.sort();
+        buckets.dedup();
+        for b in buckets {
+            let part: Vec<(u32, String)> = anchored
+                .iter()
+                .filter(|a| bucket(a.0) == b)
+                .cloned()
+                .collect();
+            build_anchored(rs, &part, &mut word_anchored)?;
+        }
+        if word_anchored.len() > 64 {
+            return Err(fail(
+                "word-view regexes",
+                format!(
+                    "{} anchored DFA groups (at most 64): merge or shorten regexes",
+                    word_anchored.len()
+                ),
+            ));
+        }
+        for g in &mut word_anchored {
+            let mut langs: Vec<crate::lang::LangId> = g
+                .triggers
+                .iter()
+                .map(|&t| rs.triggers[t as usize].lang)
+                .collect();
+            langs.sort();
+            langs.dedup();
+            g.langs = langs;
+        }
+        let mut spawn = vec![0u64; 256].into_boxed_slice();
+        for (gi, g) in word_anchored.iter().enumerate() {
+            for (b, m) in spawn.iter_mut().enumerate() {
+                if !g
+                    .dfa
+                    .is_dead_state(g.dfa.next_state(g.after_space, b as u8))
+                {
+                    *m |= 1 << gi;
+                }
+            }
+        }
         if trace {
             eprintln!(
                 "anchored word DFAs: {} patterns, {} groups, {:?}",
@@ -562,6 +623,7 @@ impl Scanner {
             word_ac_start,
             word_dfas,
             word_anchored,
+            spawn,
             raw_dfas,
             raw_ac,
             raw_ac_patterns: raw_lits,
@@ -689,6 +751,13 @@ fn build_anchored(
     patterns: &[(u32, String)],
     out: &mut Vec<AnchoredGroup>,
 ) -> Result<(), LoadError> {
+    if std::env::var("MISTGUARD_TRACE_BUILD").as_deref() == Ok("2") {
+        for (t, re) in patterns {
+            let size = AnchoredGroup::build(std::slice::from_ref(re), vec![*t], GROUP_DFA_LIMIT)
+                .map(|g| g.dfa.memory_usage() / 1024);
+            eprintln!("anchored {} {:?} KiB", rs.triggers[*t as usize].id, size);
+        }
+    }
     let build = |part: &[(u32, String)]| {
         let res: Vec<String> = part.iter().map(|p| p.1.clone()).collect();
         AnchoredGroup::build(&res, part.iter().map(|p| p.0).collect(), GROUP_DFA_LIMIT)
@@ -738,6 +807,10 @@ pub struct StreamSession {
     wdfa: Box<[(StateID, u64)]>,
     /// Live anchored walkers, oldest first.
     walkers: Vec<Walker>,
+    /// A space whose walkers are spawned when the next byte shows which can live.
+    pending_space: Option<u64>,
+    /// Anchored groups (bit per group) that hold a trigger of an applicable language.
+    active_groups: u64,
     word_bytes: Box<[u8]>,
     word_starts: Box<[u32]>,
     word_lens: Box<[u8]>,
@@ -774,7 +847,7 @@ impl StreamSession {
         let raw = sc.raw_dfas.iter().map(|d| (d.0.start, 0)).collect();
         let wdfa = sc.word_dfas.iter().map(|d| (d.0.start, 0)).collect();
         let nrules = engine.rules.rules.len();
-        StreamSession {
+        let mut s = StreamSession {
             raw_pos: 0,
             raw,
             raw_ac_sid: sc.raw_ac_start,
@@ -785,6 +858,8 @@ impl StreamSession {
             ac_sid: sc.word_ac_start,
             wdfa,
             walkers: Vec::new(),
+            pending_space: None,
+            active_groups: u64::MAX,
             word_bytes: vec![0; sc.word_window].into_boxed_slice(),
             word_starts: vec![0; sc.word_window].into_boxed_slice(),
             word_lens: vec![0; sc.word_window].into_boxed_slice(),
@@ -799,7 +874,9 @@ impl StreamSession {
             released: 0,
             finished: false,
             engine,
-        }
+        };
+        s.update_active_groups();
+        s
     }
 
     /// Bytes fed so far.
@@ -863,11 +940,21 @@ impl StreamSession {
             buf.push_str(&chunk[..take]);
         }
         self.scan_raw(chunk.as_bytes(), &mut found);
+        // The word view goes through the normalizer in slices, so the batch buffer stays small
+        // (a few KiB per thread) whatever the chunk size.
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
-            b.clear();
-            self.norm.feed(chunk, &mut *b);
-            self.scan_words(&b, &mut found);
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let mut cut = rest.len().min(BATCH_INPUT);
+                while !rest.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                b.clear();
+                self.norm.feed(&rest[..cut], &mut *b);
+                self.scan_words(&b, &mut found);
+                rest = &rest[cut..];
+            }
         });
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) && self.raw_pos >= PROBE_BYTES as u64 {
@@ -901,7 +988,15 @@ impl StreamSession {
             };
             for g in 0..sc.raw_dfas.len() {
                 let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(self.raw[g].0);
-                raw_matches(&engine, &view, g, eoi, self.raw_pos, self.raw_pos, &mut found);
+                raw_matches(
+                    &engine,
+                    &view,
+                    g,
+                    eoi,
+                    self.raw_pos,
+                    self.raw_pos,
+                    &mut found,
+                );
             }
             for a in self.anchors.drain(..) {
                 confirm_anchor(&engine, &view, a, self.raw_pos, &mut found);
@@ -914,6 +1009,17 @@ impl StreamSession {
             self.norm.finish(&mut *b);
             self.scan_words(&b, &mut found);
         });
+        if let Some(at) = self.pending_space.take() {
+            for (g, group) in sc.word_anchored.iter().enumerate() {
+                if self.active_groups & (1 << g) != 0 {
+                    self.walkers.push(Walker {
+                        group: g as u16,
+                        sid: group.after_space,
+                        start: at,
+                    });
+                }
+            }
+        }
         let view = self.word_view(&NO_BATCH);
         let mut reported = Vec::new();
         for &w in &self.walkers {
@@ -950,6 +1056,22 @@ impl StreamSession {
             let set = LangSet::detect(buf);
             self.lang = LangState::Decided(set);
         }
+        self.update_active_groups();
+    }
+
+    /// Once the language is known, the anchored groups none of whose triggers can apply are no
+    /// longer walked (their hits would be dropped by the language check anyway).
+    fn update_active_groups(&mut self) {
+        let Some(set) = self.lang_set().copied() else {
+            return;
+        };
+        let mut active = 0u64;
+        for (g, group) in self.engine.scanner.word_anchored.iter().enumerate() {
+            if group.langs.iter().any(|&l| set.accepts(l)) {
+                active |= 1 << g;
+            }
+        }
+        self.active_groups = active;
     }
 
     fn lang_set(&self) -> Option<&LangSet> {
@@ -1071,6 +1193,9 @@ impl StreamSession {
         for w in &self.walkers {
             oldest = oldest.min(w.start);
         }
+        if let Some(at) = self.pending_space {
+            oldest = oldest.min(at);
+        }
         if oldest < self.word_pos {
             r = r.min(self.word_orig_start(oldest));
         }
@@ -1135,14 +1260,20 @@ impl StreamSession {
                 let walkers = &mut self.walkers;
                 for (k, &byte) in b.bytes.iter().enumerate() {
                     let end = base + k as u64 + 1;
-                    if byte == b' ' {
-                        for (g, group) in sc.word_anchored.iter().enumerate() {
+                    if let Some(at) = self.pending_space.take() {
+                        let mut m = sc.spawn[byte as usize] & self.active_groups;
+                        while m != 0 {
+                            let g = m.trailing_zeros() as usize;
+                            m &= m - 1;
                             walkers.push(Walker {
                                 group: g as u16,
-                                sid: group.start,
-                                start: end - 1,
+                                sid: sc.word_anchored[g].after_space,
+                                start: at,
                             });
                         }
+                    }
+                    if byte == b' ' {
+                        self.pending_space = Some(end - 1);
                     }
                     reported.clear();
                     let mut i = 0;
@@ -1484,6 +1615,9 @@ impl NormSink for WordBatch {
         self.lens.push(orig_len);
     }
 }
+
+/// Input bytes normalized into one batch.
+const BATCH_INPUT: usize = 4096;
 
 thread_local! {
     static BATCH: std::cell::RefCell<WordBatch> = std::cell::RefCell::new(WordBatch::default());

@@ -129,3 +129,37 @@ fn a_trigger_split_byte_by_byte_is_found_and_held_back() {
         "released only {released_before} of {start}"
     );
 }
+
+/// Long texts (many times the engine's internal batch of a few KiB), seeded with triggers across
+/// every batch boundary, give the same answer whole and in 16- or 1000-byte chunks.
+#[test]
+fn long_texts_agree_whole_and_streamed() {
+    let engine = common::bundled();
+    let seeds = seeds();
+    let mut text = String::new();
+    let mut i = 0usize;
+    while text.len() < 40_000 {
+        text.push_str("the team met after lunch, ");
+        text.push_str("le rapport trimestriel ");
+        text.push_str("季度报告 ");
+        if i % 7 == 0 {
+            text.push_str(&seeds[(i * 7919) % seeds.len()]);
+            text.push_str(". ");
+        }
+        i += 1;
+    }
+    let opts = ClassifyOptions::default();
+    let whole = engine.classify(&text, &opts);
+    assert!(
+        whole.hits.len() > 20,
+        "seeded triggers are found ({})",
+        whole.hits.len()
+    );
+    for size in [16usize, 1000] {
+        let chunks = common::cut(&text, std::iter::repeat(size));
+        let st = common::stream(&engine, &text, &chunks, &opts);
+        assert_eq!(st.hits, whole.hits, "chunks of {size}");
+        assert_eq!(st.action, whole.action);
+        common::check_release(&st).unwrap();
+    }
+}
