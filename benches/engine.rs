@@ -91,7 +91,11 @@ fn bench(c: &mut Criterion) {
 
     // State of one stream, after a long text (steady state) — printed, not timed.
     let mut s = engine.session(&opts);
-    for ch in chunks(&text[..256 << 10], 16) {
+    let mut cut = 256 << 10;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    for ch in chunks(&text[..cut], 16) {
         s.feed(ch);
     }
     eprintln!(
