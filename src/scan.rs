@@ -277,6 +277,10 @@ pub struct Scanner {
     /// back.
     word_ac_max: u64,
     word_ac_start: aho_corasick::automaton::StateID,
+    /// Bytes that keep the phrase automaton in its start state (skipped without a lookup).
+    word_ac_stay: Box<[bool]>,
+    /// The same for each word-view unanchored DFA, from its start state.
+    word_dfa_stay: Vec<(StateID, Box<[bool]>)>,
     /// Word-view regex DFAs: one per rule, split further where a rule's regexes together would
     /// exceed [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → trigger).
     word_dfas: Vec<(RegexDfa, Vec<u32>)>,
@@ -603,6 +607,27 @@ impl Scanner {
         if trace {
             eprintln!("raw DFA done {:?}", t0.elapsed());
         }
+        let word_ac_stay: Box<[bool]> = (0..=255u8)
+            .map(|b| match &word_ac {
+                Some(Phrases::Dfa(a)) => {
+                    a.next_state(aho_corasick::Anchored::No, word_ac_start, b) == word_ac_start
+                }
+                Some(Phrases::Nfa(a)) => {
+                    a.next_state(aho_corasick::Anchored::No, word_ac_start, b) == word_ac_start
+                }
+                None => true,
+            })
+            .collect();
+        let word_dfa_stay = word_dfas
+            .iter()
+            .map(|d| {
+                let st = d.0.start;
+                let stay = (0..=255u8)
+                    .map(|b| d.0.fwd.next_state(st, b) == st)
+                    .collect();
+                (st, stay)
+            })
+            .collect();
         stats.word_ac_bytes = word_ac.as_ref().map_or(0, |a| a.memory_usage());
         stats.word_ac_kind = word_ac.as_ref().map_or("none", |a| a.kind());
         stats.word_dfa_bytes = word_dfas.iter().map(|d| d.0.memory_usage()).sum();
@@ -621,6 +646,8 @@ impl Scanner {
             word_ac_patterns,
             word_ac_max,
             word_ac_start,
+            word_ac_stay,
+            word_dfa_stay,
             word_dfas,
             word_anchored,
             spawn,
@@ -939,6 +966,18 @@ impl StreamSession {
             }
             buf.push_str(&chunk[..take]);
         }
+        // The language depends on the first PROBE_BYTES only: decide it before scanning the
+        // chunk that completes them, so the scan already skips what cannot apply.
+        let mut out = Vec::new();
+        if matches!(self.lang, LangState::Probing(_))
+            && self.raw_pos + chunk.len() as u64 >= PROBE_BYTES as u64
+        {
+            self.decide_language();
+            let waiting = std::mem::take(&mut self.lang_waiting);
+            for f in waiting {
+                self.accept(f, &mut out);
+            }
+        }
         self.scan_raw(chunk.as_bytes(), &mut found);
         // The word view goes through the normalizer in slices, so the batch buffer stays small
         // (a few KiB per thread) whatever the chunk size.
@@ -956,14 +995,6 @@ impl StreamSession {
                 rest = &rest[cut..];
             }
         });
-        let mut out = Vec::new();
-        if matches!(self.lang, LangState::Probing(_)) && self.raw_pos >= PROBE_BYTES as u64 {
-            self.decide_language();
-            let waiting = std::mem::take(&mut self.lang_waiting);
-            for f in waiting {
-                self.accept(f, &mut out);
-            }
-        }
         for f in found {
             self.accept(f, &mut out);
         }
@@ -1297,9 +1328,27 @@ impl StreamSession {
             }
             for g in 0..sc.word_dfas.len() {
                 let dfa = &sc.word_dfas[g].0.fwd;
+                let (st, stay) = &sc.word_dfa_stay[g];
                 let (mut sid, mut free) = self.wdfa[g];
-                for (k, &byte) in b.bytes.iter().enumerate() {
-                    let end = base + k as u64 + 1;
+                let mut k = 0;
+                while k < n {
+                    if sid == *st {
+                        // Bytes that keep the start state (all of a Latin text, for a Chinese
+                        // regex): skipped, and a partial match cannot have begun before them.
+                        let from = k;
+                        while k < n && stay[b.bytes[k] as usize] {
+                            k += 1;
+                        }
+                        if k > from && dfa.is_start_state(*st) {
+                            free = base + k as u64;
+                        }
+                        if k == n {
+                            break;
+                        }
+                    }
+                    let byte = b.bytes[k];
+                    k += 1;
+                    let end = base + k as u64;
                     sid = dfa.next_state(sid, byte);
                     if dfa.is_special_state(sid) {
                         if dfa.is_start_state(sid) {
@@ -1692,10 +1741,24 @@ fn phrase_loop<A: AcAutomaton>(
     mut sid: aho_corasick::automaton::StateID,
     found: &mut Vec<Found>,
 ) -> aho_corasick::automaton::StateID {
-    for (k, &byte) in view.batch.bytes.iter().enumerate() {
+    let bytes = &view.batch.bytes[..];
+    let stay = &sc.word_ac_stay[..];
+    let mut k = 0;
+    while k < bytes.len() {
+        if sid == sc.word_ac_start {
+            // Most bytes of a word leave the start state where it is: skip them.
+            while k < bytes.len() && stay[bytes[k] as usize] {
+                k += 1;
+            }
+            if k == bytes.len() {
+                break;
+            }
+        }
+        let byte = bytes[k];
+        k += 1;
         sid = ac.next_state(aho_corasick::Anchored::No, sid, byte);
         if ac.is_special(sid) && ac.is_match(sid) {
-            let end = view.base + k as u64 + 1;
+            let end = view.base + k as u64;
             for m in 0..ac.match_len(sid) {
                 let p = sc.word_ac_patterns[ac.match_pattern(sid, m).as_usize()];
                 let start = end - p.len as u64;
