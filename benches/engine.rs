@@ -138,6 +138,12 @@ fn bench(c: &mut Criterion) {
                 .sum::<usize>()
         })
     });
+    // The daemon bench's text: one benign English paragraph, 1 KiB.
+    let en = mistguard::daemon::bench::sample_text(1024);
+    g.throughput(Throughput::Bytes(en.len() as u64));
+    g.bench_function("engine/classify-1KiB-english", |b| {
+        b.iter(|| black_box(engine.classify(black_box(&en), &opts).hits.len()))
+    });
     g.throughput(Throughput::Bytes(text.len() as u64));
     for n in [4usize, 16, 256] {
         let parts = chunks(&text, n);
