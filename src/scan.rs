@@ -1228,7 +1228,7 @@ impl StreamSession {
             oldest = oldest.min(at);
         }
         if oldest < self.word_pos {
-            r = r.min(self.word_orig_start(oldest));
+            r = r.min(self.word_view(&NO_BATCH).orig_start(oldest));
         }
         // Hits that may still be reported: waiting for the language, or held below threshold by
         // a rule whose action withholds text.
@@ -1243,11 +1243,6 @@ impl StreamSession {
             }
         }
         r
-    }
-
-    fn word_orig_start(&self, n: u64) -> u64 {
-        debug_assert!(n < self.word_pos && self.word_pos - n <= self.word_bytes.len() as u64);
-        self.word_starts[(n as usize) & (self.word_bytes.len() - 1)] as u64
     }
 
     /// The word view's bytes and spans: the ring (older bytes) and this chunk's batch from
@@ -1535,16 +1530,20 @@ struct RawView<'a> {
 
 impl RawView<'_> {
     fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        let mask = self.ring.len() - 1;
         (lo..hi)
-            .map(|n| {
-                if n >= self.base {
-                    self.chunk[(n - self.base) as usize]
-                } else {
-                    self.ring[(n as usize) & mask]
-                }
-            })
+            .map(|n| at(self.base, self.chunk, self.ring, n))
             .collect()
+    }
+}
+
+/// The entry for stream offset `n` of a view: in the current chunk (`batch`, from offset `base`
+/// on) or, for older offsets, in the ring (power-of-two length).
+#[inline]
+fn at<T: Copy>(base: u64, batch: &[T], ring: &[T], n: u64) -> T {
+    if n >= base {
+        batch[(n - base) as usize]
+    } else {
+        ring[(n as usize) & (ring.len() - 1)]
     }
 }
 
@@ -1563,6 +1562,8 @@ fn raw_matches(
     if !dfa.fwd.is_match_state(sid) {
         return;
     }
+    let lo = now.saturating_sub(view.ring.len() as u64 - 1);
+    let window = view.window(lo, now);
     for k in 0..dfa.fwd.match_len(sid) {
         let pid = dfa.fwd.match_pattern(sid, k);
         let p = patterns[pid.as_usize()];
@@ -1570,8 +1571,6 @@ fn raw_matches(
         let RawKind::Regex { rev } = p.kind else {
             continue;
         };
-        let lo = now.saturating_sub(view.ring.len() as u64 - 1);
-        let window = view.window(lo, now);
         let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
             continue;
         };
@@ -1690,28 +1689,15 @@ struct WordView<'a> {
 impl WordView<'_> {
     #[inline]
     fn byte(&self, n: u64) -> u8 {
-        if n >= self.base {
-            self.batch.bytes[(n - self.base) as usize]
-        } else {
-            self.bytes[(n as usize) & (self.bytes.len() - 1)]
-        }
+        at(self.base, &self.batch.bytes, self.bytes, n)
     }
 
     fn orig_start(&self, n: u64) -> u64 {
-        if n >= self.base {
-            self.batch.starts[(n - self.base) as usize] as u64
-        } else {
-            self.starts[(n as usize) & (self.bytes.len() - 1)] as u64
-        }
+        at(self.base, &self.batch.starts, self.starts, n) as u64
     }
 
     fn orig_end(&self, n: u64) -> u64 {
-        let len = if n >= self.base {
-            self.batch.lens[(n - self.base) as usize]
-        } else {
-            self.lens[(n as usize) & (self.bytes.len() - 1)]
-        };
-        self.orig_start(n) + len as u64
+        self.orig_start(n) + at(self.base, &self.batch.lens, self.lens, n) as u64
     }
 
     /// Maps a normalized span (framing spaces trimmed) to the original text.
@@ -1792,10 +1778,10 @@ fn word_dfa_matches(
     }
     let w = view.bytes.len() as u64 - 1;
     let lo = end.saturating_sub(w).max(now.saturating_sub(w));
+    let window = view.window(lo, now);
     for k in 0..dfa.fwd.match_len(sid) {
         let pid = dfa.fwd.match_pattern(sid, k);
         let trigger = triggers[pid.as_usize()];
-        let window = view.window(lo, now);
         let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, pid) else {
             continue;
         };
