@@ -63,6 +63,8 @@ struct RegexDfa {
     rev: Option<dense::DFA<Vec<u32>>>,
     /// Unanchored start state with no look-behind (stream start).
     start: StateID,
+    /// Bytes that keep the DFA in `start` (skipped by [`dfa_loop`]).
+    stay: Box<[bool]>,
 }
 
 impl RegexDfa {
@@ -108,7 +110,15 @@ impl RegexDfa {
         let start = fwd
             .start_state(&regex_automata::util::start::Config::new().anchored(Anchored::No))
             .map_err(|e| e.to_string())?;
-        Ok(RegexDfa { fwd, rev, start })
+        let stay = (0..=255u8)
+            .map(|b| fwd.next_state(start, b) == start)
+            .collect();
+        Ok(RegexDfa {
+            fwd,
+            rev,
+            start,
+            stay,
+        })
     }
 
     fn memory_usage(&self) -> usize {
@@ -279,8 +289,6 @@ pub struct Scanner {
     word_ac_start: aho_corasick::automaton::StateID,
     /// Bytes that keep the phrase automaton in its start state (skipped without a lookup).
     word_ac_stay: Box<[bool]>,
-    /// The same for each word-view unanchored DFA, from its start state.
-    word_dfa_stay: Vec<(StateID, Box<[bool]>)>,
     /// Word-view regex DFAs: one per rule, split further where a rule's regexes together would
     /// exceed [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → trigger).
     word_dfas: Vec<(RegexDfa, Vec<u32>)>,
@@ -304,6 +312,8 @@ pub struct Scanner {
     /// anchor, so a stream holds back that much more.
     raw_look_behind: u64,
     raw_ac_start: aho_corasick::automaton::StateID,
+    /// Bytes that keep the raw phrase automaton in its start state.
+    raw_ac_stay: Box<[bool]>,
     /// Confirmation regexes of anchored triggers, by trigger index.
     confirm: Vec<Option<regex_automata::meta::Regex>>,
     /// Ring sizes (powers of two).
@@ -618,16 +628,20 @@ impl Scanner {
                 None => true,
             })
             .collect();
-        let word_dfa_stay = word_dfas
-            .iter()
-            .map(|d| {
-                let st = d.0.start;
-                let stay = (0..=255u8)
-                    .map(|b| d.0.fwd.next_state(st, b) == st)
-                    .collect();
-                (st, stay)
+        let raw_ac_stay: Box<[bool]> = (0..=255u8)
+            .map(|b| {
+                raw_ac.as_ref().is_none_or(|a| {
+                    a.next_state(aho_corasick::Anchored::No, raw_ac_start, b) == raw_ac_start
+                })
             })
             .collect();
+        if trace {
+            eprintln!(
+                "start-state bytes: word phrases {}, raw phrases {}",
+                word_ac_stay.iter().filter(|s| **s).count(),
+                raw_ac_stay.iter().filter(|s| **s).count()
+            );
+        }
         stats.word_ac_bytes = word_ac.as_ref().map_or(0, |a| a.memory_usage());
         stats.word_ac_kind = word_ac.as_ref().map_or("none", |a| a.kind());
         stats.word_dfa_bytes = word_dfas.iter().map(|d| d.0.memory_usage()).sum();
@@ -647,7 +661,6 @@ impl Scanner {
             word_ac_max,
             word_ac_start,
             word_ac_stay,
-            word_dfa_stay,
             word_dfas,
             word_anchored,
             spawn,
@@ -657,6 +670,7 @@ impl Scanner {
             raw_ac_max,
             raw_look_behind,
             raw_ac_start,
+            raw_ac_stay,
             confirm,
             word_window,
             raw_window,
@@ -1322,38 +1336,11 @@ impl StreamSession {
                 }
             }
             for g in 0..sc.word_dfas.len() {
-                let dfa = &sc.word_dfas[g].0.fwd;
-                let (st, stay) = &sc.word_dfa_stay[g];
-                let (mut sid, mut free) = self.wdfa[g];
-                let mut k = 0;
-                while k < n {
-                    if sid == *st {
-                        // Bytes that keep the start state (all of a Latin text, for a Chinese
-                        // regex): skipped, and a partial match cannot have begun before them.
-                        let from = k;
-                        while k < n && stay[b.bytes[k] as usize] {
-                            k += 1;
-                        }
-                        if k > from && dfa.is_start_state(*st) {
-                            free = base + k as u64;
-                        }
-                        if k == n {
-                            break;
-                        }
-                    }
-                    let byte = b.bytes[k];
-                    k += 1;
-                    let end = base + k as u64;
-                    sid = dfa.next_state(sid, byte);
-                    if dfa.is_special_state(sid) {
-                        if dfa.is_start_state(sid) {
-                            free = end;
-                        } else if dfa.is_match_state(sid) {
-                            word_dfa_matches(sc, &view, g, sid, end - 1, end, found);
-                        }
-                    }
-                }
-                self.wdfa[g] = (sid, free);
+                let (sid, free) = self.wdfa[g];
+                self.wdfa[g] =
+                    dfa_loop(&sc.word_dfas[g].0, &b.bytes, base, sid, free, |sid, end| {
+                        word_dfa_matches(sc, &view, g, sid, end - 1, end, found)
+                    });
             }
         }
         // Keep the batch's tail in the rings.
@@ -1384,8 +1371,24 @@ impl StreamSession {
             // Anchors are confirmed as soon as their window is complete, so few are pending.
             let mut sid = self.raw_ac_sid;
             let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
-            for (k, &b) in bytes.iter().enumerate() {
-                let pos = base + k as u64 + 1;
+            let start = sc.raw_ac_start;
+            let stay = &sc.raw_ac_stay[..];
+            let mut k = 0;
+            while k < bytes.len() {
+                if sid == start {
+                    // Bytes that leave the start state where it is are skipped, up to the byte
+                    // at which the next anchor is due.
+                    let lim = (due.saturating_sub(base + 1).min(bytes.len() as u64)) as usize;
+                    while k < lim && stay[bytes[k] as usize] {
+                        k += 1;
+                    }
+                    if k == bytes.len() {
+                        break;
+                    }
+                }
+                let b = bytes[k];
+                k += 1;
+                let pos = base + k as u64;
                 sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
                 if ac.is_special(sid) && ac.is_match(sid) {
                     self.raw_literals(sc, &view, sid, pos, found);
@@ -1402,21 +1405,11 @@ impl StreamSession {
             self.raw_ac_sid = sid;
         }
         for g in 0..sc.raw_dfas.len() {
-            let dfa = &sc.raw_dfas[g].0.fwd;
-            let (mut sid, mut free) = self.raw[g];
-            for (k, &b) in bytes.iter().enumerate() {
-                let pos = base + k as u64 + 1;
-                sid = dfa.next_state(sid, b);
-                if dfa.is_special_state(sid) {
-                    if dfa.is_start_state(sid) {
-                        free = pos;
-                    } else if dfa.is_match_state(sid) {
-                        // One-byte delay: the match ended before the byte just read.
-                        raw_matches(&engine, &view, g, sid, pos - 1, pos, found);
-                    }
-                }
-            }
-            self.raw[g] = (sid, free);
+            let (sid, free) = self.raw[g];
+            // One-byte delay: a match state reached on a byte means the match ended before it.
+            self.raw[g] = dfa_loop(&sc.raw_dfas[g].0, bytes, base, sid, free, |sid, pos| {
+                raw_matches(&engine, &view, g, sid, pos - 1, pos, found)
+            });
         }
         let end = base + bytes.len() as u64;
         self.raw_pos = end;
@@ -1717,6 +1710,52 @@ impl WordView<'_> {
     fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
         (lo..hi).map(|n| self.byte(n)).collect()
     }
+}
+
+/// Walks an unanchored regex DFA over `bytes` (the first at offset `base`) from state `sid`;
+/// `free` is the offset before which none of its partial matches can have started. Bytes that
+/// keep the start state are skipped with a table lookup (all of a Latin text, for a Chinese
+/// regex). `on_match(sid, end)` is called for each match state, reached on the byte ending at
+/// `end`. Returns the new `(sid, free)`.
+#[inline]
+fn dfa_loop(
+    rd: &RegexDfa,
+    bytes: &[u8],
+    base: u64,
+    mut sid: StateID,
+    mut free: u64,
+    mut on_match: impl FnMut(StateID, u64),
+) -> (StateID, u64) {
+    let dfa = &rd.fwd;
+    let (st, stay) = (rd.start, &rd.stay[..]);
+    let n = bytes.len();
+    let mut k = 0;
+    while k < n {
+        if sid == st {
+            let from = k;
+            while k < n && stay[bytes[k] as usize] {
+                k += 1;
+            }
+            if k > from && dfa.is_start_state(st) {
+                free = base + k as u64;
+            }
+            if k == n {
+                break;
+            }
+        }
+        let byte = bytes[k];
+        k += 1;
+        let end = base + k as u64;
+        sid = dfa.next_state(sid, byte);
+        if dfa.is_special_state(sid) {
+            if dfa.is_start_state(sid) {
+                free = end;
+            } else if dfa.is_match_state(sid) {
+                on_match(sid, end);
+            }
+        }
+    }
+    (sid, free)
 }
 
 /// Walks the phrase automaton over a batch; returns the state it ends in.
