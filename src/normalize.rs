@@ -26,6 +26,14 @@ use unicode_normalization::char::{decompose_compatible, is_combining_mark};
 /// Receives normalized bytes, each with the original byte span of its source character.
 pub trait NormSink {
     fn push(&mut self, byte: u8, orig_start: u64, orig_len: u8);
+
+    /// Pushes a run of plain ASCII letters and digits, lowercased, one byte each, the first at
+    /// original offset `orig_start`. A sink may do it in bulk.
+    fn push_ascii_run(&mut self, run: &[u8], orig_start: u64) {
+        for (k, &b) in run.iter().enumerate() {
+            self.push(b.to_ascii_lowercase(), orig_start + k as u64, 1);
+        }
+    }
 }
 
 impl NormSink for Vec<u8> {
@@ -102,11 +110,17 @@ impl Normalizer {
                 // ASCII fast path.
                 let at = base + i as u64;
                 if b.is_ascii_alphanumeric() {
-                    let l = b.to_ascii_lowercase();
-                    sink.push(l, at, 1);
+                    // A run of letters and digits that are not leetspeak: lowercased in bulk.
+                    let mut j = i + 1;
+                    while j < bytes.len() && PLAIN_ALNUM[bytes[j] as usize] {
+                        j += 1;
+                    }
+                    sink.push_ascii_run(&bytes[i..j], at);
                     self.last_space = false;
-                    self.prev_latin = b.is_ascii_alphabetic();
+                    self.prev_latin = bytes[j - 1].is_ascii_alphabetic();
                     self.strip_marks = true;
+                    i = j;
+                    continue;
                 } else {
                     self.separator(sink, at, 1);
                 }
@@ -290,9 +304,20 @@ fn lower(c: char) -> impl Iterator<Item = char> {
     a.into_iter().flatten().chain(b.into_iter().flatten())
 }
 
-fn is_leet(b: u8) -> bool {
+const fn is_leet(b: u8) -> bool {
     matches!(b, b'0' | b'1' | b'3' | b'4' | b'5' | b'7' | b'@' | b'$')
 }
+
+/// ASCII letters and digits that are not leetspeak: they normalize to themselves, lowercased.
+static PLAIN_ALNUM: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 128 {
+        t[b] = (b as u8).is_ascii_alphanumeric() && !is_leet(b as u8);
+        b += 1;
+    }
+    t
+};
 
 /// The Latin letter a look-alike or leetspeak character stands for.
 fn lookalike(c: char) -> Option<u8> {

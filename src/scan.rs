@@ -1451,7 +1451,7 @@ impl StreamSession {
                 RawKind::Anchor { len } => {
                     let anchor_start = end - len as u64;
                     // Anchors are case-sensitive; the automaton folds ASCII case.
-                    if view.window(anchor_start, end) != bytes[..] {
+                    if !view.equals(anchor_start, bytes) {
                         continue;
                     }
                     let t = &engine.rules.triggers[p.trigger as usize];
@@ -1522,10 +1522,22 @@ struct RawView<'a> {
 }
 
 impl RawView<'_> {
-    fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
-        (lo..hi)
-            .map(|n| at(self.base, self.chunk, self.ring, n))
-            .collect()
+    /// Bytes `lo..hi` of the stream: borrowed from the chunk when they are all in it.
+    fn window(&self, lo: u64, hi: u64) -> std::borrow::Cow<'_, [u8]> {
+        if lo >= self.base {
+            std::borrow::Cow::Borrowed(
+                &self.chunk[(lo - self.base) as usize..(hi - self.base) as usize],
+            )
+        } else {
+            (lo..hi)
+                .map(|n| at(self.base, self.chunk, self.ring, n))
+                .collect()
+        }
+    }
+
+    /// Whether bytes `lo..` of the stream are `expect`.
+    fn equals(&self, lo: u64, expect: &[u8]) -> bool {
+        (0..expect.len()).all(|i| at(self.base, self.chunk, self.ring, lo + i as u64) == expect[i])
     }
 }
 
@@ -1654,6 +1666,14 @@ impl NormSink for WordBatch {
         self.bytes.push(byte);
         self.starts.push(orig_start as u32);
         self.lens.push(orig_len);
+    }
+
+    #[inline]
+    fn push_ascii_run(&mut self, run: &[u8], orig_start: u64) {
+        let at = orig_start as u32;
+        self.bytes.extend(run.iter().map(u8::to_ascii_lowercase));
+        self.starts.extend(at..at + run.len() as u32);
+        self.lens.resize(self.lens.len() + run.len(), 1);
     }
 }
 
