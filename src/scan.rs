@@ -1430,7 +1430,7 @@ impl StreamSession {
                 let pos = base + k as u64;
                 sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
                 if ac.is_special(sid) && ac.is_match(sid) {
-                    self.raw_literals(sc, &view, sid, pos, found);
+                    self.raw_literals(&engine, &view, sid, pos, found);
                     due = self.anchors.first().map_or(u64::MAX, |a| a.due);
                 }
                 if pos >= due {
@@ -1468,16 +1468,16 @@ impl StreamSession {
     /// Reports the raw phrases and anchors of the aho-corasick match state `sid` reached at `end`.
     fn raw_literals(
         &mut self,
-        sc: &Scanner,
+        engine: &Engine,
         view: &RawView<'_>,
         sid: aho_corasick::automaton::StateID,
         end: u64,
         found: &mut Vec<Found>,
     ) {
+        let sc = &engine.scanner;
         let Some(ac) = &sc.raw_ac else {
             return;
         };
-        let engine = self.engine.clone();
         for k in 0..ac.match_len(sid) {
             let pid = ac.match_pattern(sid, k);
             let (p, bytes) = &sc.raw_ac_patterns[pid.as_usize()];
@@ -1519,7 +1519,10 @@ impl StreamSession {
                     }) {
                         let mut g = self.anchors[i];
                         g.starts |= 1 << (anchor_start - g.first);
-                        if due <= g.due {
+                        // Usually the group is the last to fall due and stays in place.
+                        let in_order = self.anchors.get(i + 1).is_none_or(|x| x.due >= due);
+                        if due <= g.due || in_order {
+                            g.due = g.due.max(due);
                             self.anchors[i] = g;
                             continue;
                         }
