@@ -57,6 +57,32 @@ fn corpus(engine: &Engine, size: usize) -> String {
     out
 }
 
+/// About `size` bytes of benign log lines: timestamps, ids, status codes, latencies.
+fn log_text(size: usize) -> String {
+    let mut out = String::with_capacity(size + 128);
+    let mut x: u64 = 12345;
+    let mut next = |n: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    while out.len() < size {
+        out.push_str(&format!(
+            "2026-11-{:02} {:02}:{:02}:{:02} INFO request_id={} status=200 latency_ms={} bytes={}\n",
+            10 + next(20),
+            next(24),
+            next(60),
+            next(60),
+            1_000_000 + next(9_000_000),
+            1 + next(999),
+            100 + next(99_900)
+        ));
+    }
+    out.truncate(size);
+    out
+}
+
 fn literal_patterns(engine: &Engine) -> Vec<String> {
     engine
         .ruleset()
@@ -143,6 +169,12 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(en.len() as u64));
     g.bench_function("engine/classify-1KiB-english", |b| {
         b.iter(|| black_box(engine.classify(black_box(&en), &opts).hits.len()))
+    });
+    // Numeric text (log lines): digits anchor the phone, card and IBAN shapes.
+    let log = log_text(1024);
+    g.throughput(Throughput::Bytes(log.len() as u64));
+    g.bench_function("engine/classify-1KiB-log", |b| {
+        b.iter(|| black_box(engine.classify(black_box(&log), &opts).hits.len()))
     });
     g.throughput(Throughput::Bytes(text.len() as u64));
     for n in [4usize, 16, 256] {

@@ -7,6 +7,11 @@
 
 use crate::engine::Hit;
 
+/// Most hits a rule holds while it has not fired; later ones are counted, not kept. Without a cap,
+/// a stream that repeats one half-weight trigger would grow without bound. (The same bound as the
+/// hits a stream keeps for its verdict.)
+pub const MAX_HELD_HITS: usize = 4096;
+
 /// The score of one rule in one text or stream.
 #[derive(Clone, Debug, Default)]
 pub struct RuleState {
@@ -14,8 +19,10 @@ pub struct RuleState {
     pub fired: bool,
     /// Distinct triggers counted so far.
     pub seen: Vec<u32>,
-    /// Hits of this rule while it has not fired yet.
+    /// Hits of this rule while it has not fired yet (at most [`MAX_HELD_HITS`]).
     pub held: Vec<Hit>,
+    /// Hits not held because `held` was full.
+    pub held_dropped: u64,
 }
 
 impl RuleState {
@@ -37,13 +44,19 @@ impl RuleState {
             out.push(hit);
             return false;
         }
-        self.held.push(hit);
         // Weights are decimal fractions: allow for float rounding when they add up.
         if self.score + 1e-4 >= threshold {
+            // The held hits, then the one that made the rule fire (always reported).
             self.fired = true;
             out.append(&mut self.held);
             self.held = Vec::new();
+            out.push(hit);
             return true;
+        }
+        if self.held.len() < MAX_HELD_HITS {
+            self.held.push(hit);
+        } else {
+            self.held_dropped += 1;
         }
         false
     }
@@ -77,6 +90,30 @@ mod tests {
         assert_eq!(out.len(), 3, "held hits are reported when the rule fires");
         assert!(!st.add(2, 0.5, 1.0, hit("b"), &mut out));
         assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn held_hits_are_bounded_and_still_reported_when_the_rule_fires() {
+        let mut st = RuleState::default();
+        let mut out = Vec::new();
+        for _ in 0..3 * MAX_HELD_HITS {
+            assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
+        }
+        assert!(out.is_empty());
+        assert_eq!(st.held.len(), MAX_HELD_HITS);
+        assert_eq!(st.held_dropped, 2 * MAX_HELD_HITS as u64);
+        assert!(st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert_eq!(
+            out.len(),
+            MAX_HELD_HITS + 1,
+            "the kept held hits are reported on firing"
+        );
+        assert_eq!(
+            out.last().unwrap().trigger_id,
+            "b",
+            "and the hit that fired the rule"
+        );
+        assert!(st.held.is_empty());
     }
 
     #[test]
