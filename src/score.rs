@@ -109,7 +109,7 @@ mod tests {
             "the kept held hits are reported on firing"
         );
         assert_eq!(
-            out.last().unwrap().trigger_id,
+            &*out.last().unwrap().trigger_id,
             "b",
             "and the hit that fired the rule"
         );
