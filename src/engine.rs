@@ -111,7 +111,7 @@ impl Engine {
     /// Classifies a whole text: the same as one stream fed the whole text and finished.
     pub fn classify(self: &Arc<Self>, text: &str, opts: &ClassifyOptions) -> Verdict {
         let mut session = StreamSession::new(self.clone(), opts);
-        session.feed(text);
+        session.feed_last(text);
         session.finish();
         session.verdict(Some(text))
     }

@@ -911,6 +911,8 @@ pub struct StreamSession {
         Option<String>,
     ),
     released: u64,
+    /// `feed_last` was called: no more chunks may come.
+    fed_last: bool,
     finished: bool,
 }
 
@@ -952,6 +954,7 @@ impl StreamSession {
             distinct: Vec::new(),
             message: (None, None),
             released: 0,
+            fed_last: false,
             finished: false,
             engine,
         };
@@ -1005,6 +1008,21 @@ impl StreamSession {
     /// If the stream grows past 4 GiB (offsets are kept in 32 bits; the daemon caps streams far
     /// lower).
     pub fn feed(&mut self, chunk: &str) -> StepResult {
+        self.feed_chunk(chunk, false)
+    }
+
+    /// Scans the last chunk of the input (call [`finish`](Self::finish) after it). The answer is
+    /// the same as [`feed`](Self::feed)'s; knowing no more text follows lets an input shorter than
+    /// the language probe have its language decided before the scan (the probe is then the whole
+    /// input either way), so the walker groups of languages that cannot apply are not walked.
+    /// Short prompts are most of what a daemon sees.
+    pub fn feed_last(&mut self, chunk: &str) -> StepResult {
+        self.feed_chunk(chunk, true)
+    }
+
+    fn feed_chunk(&mut self, chunk: &str, last: bool) -> StepResult {
+        assert!(!self.fed_last, "feed after feed_last");
+        self.fed_last = last;
         assert!(!self.finished, "feed after finish");
         assert!(
             self.raw_pos + chunk.len() as u64 <= u32::MAX as u64,
@@ -1023,7 +1041,7 @@ impl StreamSession {
         // chunk that completes them, so the scan already skips what cannot apply.
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_))
-            && self.raw_pos + chunk.len() as u64 >= PROBE_BYTES as u64
+            && (last || self.raw_pos + chunk.len() as u64 >= PROBE_BYTES as u64)
         {
             self.decide_language();
             let waiting = std::mem::take(&mut self.lang_waiting);
