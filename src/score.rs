@@ -7,7 +7,7 @@
 
 use crate::engine::Hit;
 
-/// Most hits a rule holds while it has not fired; later ones are counted, not kept. Without a cap,
+/// Most hits a rule holds while it has not fired; later ones are dropped. Without a cap,
 /// a stream that repeats one half-weight trigger would grow without bound. (The same bound as the
 /// hits a stream keeps for its verdict.)
 pub const MAX_HELD_HITS: usize = 4096;
@@ -19,10 +19,9 @@ pub struct RuleState {
     pub fired: bool,
     /// Distinct triggers counted so far.
     pub seen: Vec<u32>,
-    /// Hits of this rule while it has not fired yet (at most [`MAX_HELD_HITS`]).
+    /// Hits of this rule while it has not fired yet (at most [`MAX_HELD_HITS`]; later ones are
+    /// dropped).
     pub held: Vec<Hit>,
-    /// Hits not held because `held` was full.
-    pub held_dropped: u64,
 }
 
 impl RuleState {
@@ -55,8 +54,6 @@ impl RuleState {
         }
         if self.held.len() < MAX_HELD_HITS {
             self.held.push(hit);
-        } else {
-            self.held_dropped += 1;
         }
         false
     }
@@ -101,7 +98,6 @@ mod tests {
         }
         assert!(out.is_empty());
         assert_eq!(st.held.len(), MAX_HELD_HITS);
-        assert_eq!(st.held_dropped, 2 * MAX_HELD_HITS as u64);
         assert!(st.add(2, 0.5, 1.0, hit("b"), &mut out));
         assert_eq!(
             out.len(),
