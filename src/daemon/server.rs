@@ -343,6 +343,12 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(guard);
+    // The rulesets are loaded (`prepare`): SERVING before the first connection is accepted, so a
+    // client never sees NOT_SERVING from a daemon that is ready.
+    health.set_serving::<GuardServer<GuardService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
@@ -364,10 +370,6 @@ pub async fn serve_with(
         })
     };
 
-    health.set_serving::<GuardServer<GuardService>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
     tracing::info!(addr = %grpc_addr, ruleset_version = %version, "mistguard serving");
 
     let mut current_version = version;
