@@ -46,8 +46,9 @@ enum RawKind {
     Regex { rev: PatternID },
     /// A phrase of fixed byte length.
     Literal { len: u32 },
-    /// An anchor of a confirmed regex.
-    Anchor { len: u32 },
+    /// An anchor of a confirmed regex: its trigger's `max_len`, and the span of anchor starts
+    /// one confirmation may cover ([`anchor_group_span`], set once the ring size is known).
+    Anchor { len: u32, max_len: u32, span: u32 },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -427,6 +428,8 @@ impl Scanner {
                                 trigger: ti,
                                 kind: RawKind::Anchor {
                                     len: a.len() as u32,
+                                    max_len: *max_len as u32,
+                                    span: 1,
                                 },
                             },
                             a.as_bytes().into(),
@@ -617,24 +620,15 @@ impl Scanner {
         if trace {
             eprintln!("raw DFA done {:?}", t0.elapsed());
         }
-        let word_ac_stay: Box<[bool]> = (0..=255u8)
-            .map(|b| match &word_ac {
-                Some(Phrases::Dfa(a)) => {
-                    a.next_state(aho_corasick::Anchored::No, word_ac_start, b) == word_ac_start
-                }
-                Some(Phrases::Nfa(a)) => {
-                    a.next_state(aho_corasick::Anchored::No, word_ac_start, b) == word_ac_start
-                }
-                None => true,
-            })
-            .collect();
-        let raw_ac_stay: Box<[bool]> = (0..=255u8)
-            .map(|b| {
-                raw_ac.as_ref().is_none_or(|a| {
-                    a.next_state(aho_corasick::Anchored::No, raw_ac_start, b) == raw_ac_start
-                })
-            })
-            .collect();
+        let word_ac_stay = match &word_ac {
+            Some(Phrases::Dfa(a)) => ac_stay(a, word_ac_start),
+            Some(Phrases::Nfa(a)) => ac_stay(a, word_ac_start),
+            None => vec![true; 256].into_boxed_slice(),
+        };
+        let raw_ac_stay = match &raw_ac {
+            Some(a) => ac_stay(a, raw_ac_start),
+            None => vec![true; 256].into_boxed_slice(),
+        };
         if trace {
             eprintln!(
                 "start-state bytes: word phrases {}, raw phrases {}",
@@ -653,6 +647,15 @@ impl Scanner {
         stats.raw_dfa_groups = raw_dfas.len();
         let word_window = (word_max + 2).next_power_of_two();
         let raw_window = (raw_max + 2).next_power_of_two();
+        for (p, _) in &mut raw_lits {
+            if let RawKind::Anchor { max_len, span, .. } = &mut p.kind {
+                let look_behind = match &rs.triggers[p.trigger as usize].kind {
+                    TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
+                    _ => 0,
+                };
+                *span = anchor_group_span(raw_window, *max_len as u64, look_behind) as u32;
+            }
+        }
         stats.word_window = word_window;
         stats.raw_window = raw_window;
         Ok(Scanner {
@@ -1505,23 +1508,13 @@ impl StreamSession {
                     start: end - len as u64,
                     end,
                 }),
-                RawKind::Anchor { len } => {
+                RawKind::Anchor { len, max_len, span } => {
                     let anchor_start = end - len as u64;
                     // Anchors are case-sensitive; the automaton folds ASCII case.
                     if !view.equals(anchor_start, bytes) {
                         continue;
                     }
-                    let t = &engine.rules.triggers[p.trigger as usize];
-                    let (max_len, look_behind) = match &t.kind {
-                        TriggerKind::Anchored {
-                            max_len,
-                            look_behind,
-                            ..
-                        } => (*max_len as u64, *look_behind as u64),
-                        _ => (0, 0),
-                    };
-                    let span = anchor_group_span(sc.raw_window, max_len, look_behind);
-                    let due = anchor_start + max_len + 1;
+                    let due = anchor_start + max_len as u64 + 1;
                     // Join the pending group of this trigger that began less than `span` bytes
                     // before, or start one. The list stays sorted by `due`.
                     let mut a = PendingAnchor {
@@ -1533,7 +1526,7 @@ impl StreamSession {
                     if let Some(i) = self.anchors.iter().rposition(|x| {
                         x.trigger == p.trigger
                             && anchor_start >= x.first
-                            && anchor_start - x.first < span
+                            && anchor_start - x.first < span as u64
                     }) {
                         let mut g = self.anchors[i];
                         g.starts |= 1 << (anchor_start - g.first);
@@ -1805,6 +1798,13 @@ impl WordView<'_> {
     fn window(&self, lo: u64, hi: u64) -> Vec<u8> {
         (lo..hi).map(|n| self.byte(n)).collect()
     }
+}
+
+/// The bytes that keep an aho-corasick automaton in its (unanchored) start state `start`.
+fn ac_stay<A: AcAutomaton>(ac: &A, start: aho_corasick::automaton::StateID) -> Box<[bool]> {
+    (0..=255u8)
+        .map(|b| ac.next_state(aho_corasick::Anchored::No, start, b) == start)
+        .collect()
 }
 
 /// Walks an unanchored regex DFA over `bytes` (the first at offset `base`) from state `sid`;
