@@ -192,15 +192,15 @@ fn pattern_table(
         .collect();
     let mut s = format!("{:<14}", "patterns");
     for c in &cols {
-        s.push_str(&format!("{c:>6}"));
+        s.push_str(&format!("{c:>w$}", w = c.len().max(4) + 2));
     }
     s.push_str("  total\n");
     for (rule, m) in counts {
         s.push_str(&format!("{rule:<14}"));
         for c in &cols {
             match m.get(c) {
-                Some(n) => s.push_str(&format!("{n:>6}")),
-                None => s.push_str(&format!("{:>6}", ".")),
+                Some(n) => s.push_str(&format!("{n:>w$}", w = c.len().max(4) + 2)),
+                None => s.push_str(&format!("{:>w$}", ".", w = c.len().max(4) + 2)),
             }
         }
         s.push_str(&format!("  {:>5}\n", m.values().sum::<usize>()));
