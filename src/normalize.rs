@@ -106,7 +106,25 @@ impl Normalizer {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
-            if b < 0x80 && self.pending.is_none() && !is_leet(b) {
+            if let Some((p, pat)) = self.pending {
+                // A look-alike waits for its right neighbour: this character. An ignorable one is
+                // transparent; any other resolves it and is then handled below as usual.
+                let c = chunk[i..].chars().next().expect("char boundary");
+                let e = fast_entry(c);
+                if e & IGNORABLE != 0 || (e & KIND_MASK == SLOW && is_ignorable(c)) {
+                    i += c.len_utf8();
+                    continue;
+                }
+                self.pending = None;
+                let next_latin = if e & KIND_MASK == SLOW && c as u32 >= TABLE_END {
+                    is_latin_letter(c)
+                } else {
+                    e & LATIN_LETTER != 0
+                };
+                self.resolve(p, pat, next_latin, sink);
+                continue;
+            }
+            if b < 0x80 && !is_leet(b) {
                 // ASCII fast path.
                 let at = base + i as u64;
                 if b.is_ascii_alphanumeric() {
@@ -131,30 +149,32 @@ impl Normalizer {
             let len = c.len_utf8();
             let at = base + i as u64;
             i += len;
-            if self.pending.is_none() {
-                // Table fast path: the precomputed result of `char` for common characters.
-                let e = fast_entry(c);
-                match e & KIND_MASK {
-                    EMIT => {
-                        let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
-                        self.emit_char(ch, at, len as u8, sink);
-                        self.prev_latin = e & PREV_LATIN != 0;
-                        self.strip_marks = e & STRIP != 0;
-                        continue;
-                    }
-                    MARK => {
-                        if !self.strip_marks {
-                            self.emit_char(c, at, len as u8, sink);
-                        }
-                        continue;
-                    }
-                    SEP => {
-                        self.separator(sink, at, len as u8);
-                        continue;
-                    }
-                    SKIP => continue,
-                    _ => {}
+            // Table fast path: the precomputed result of `char` for common characters.
+            let e = fast_entry(c);
+            match e & KIND_MASK {
+                EMIT => {
+                    let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
+                    self.emit_char(ch, at, len as u8, sink);
+                    self.prev_latin = e & PREV_LATIN != 0;
+                    self.strip_marks = e & STRIP != 0;
+                    continue;
                 }
+                MARK => {
+                    if !self.strip_marks {
+                        self.emit_char(c, at, len as u8, sink);
+                    }
+                    continue;
+                }
+                SEP => {
+                    self.separator(sink, at, len as u8);
+                    continue;
+                }
+                SKIP => continue,
+                LOOK => {
+                    self.pending = Some((c, at));
+                    continue;
+                }
+                _ => {}
             }
             self.char(c, at, len as u8, sink);
         }
@@ -204,6 +224,20 @@ impl Normalizer {
                 self.last_space = false;
                 self.prev_latin = true;
                 self.strip_marks = true;
+                return;
+            }
+        }
+        let e = fast_entry(c);
+        if e & KIND_MASK == LOOK {
+            if e & FOLD_SEP != 0 {
+                self.separator(sink, at, len);
+                return;
+            }
+            if e & FOLD_SLOW == 0 {
+                let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
+                self.emit_char(ch, at, len, sink);
+                self.prev_latin = e & PREV_LATIN != 0;
+                self.strip_marks = e & STRIP != 0;
                 return;
             }
         }
@@ -386,6 +420,15 @@ const PREV_LATIN: u32 = 1 << 24;
 const STRIP: u32 = 1 << 25;
 /// `is_latin_letter` of the character itself (for resolving a pending look-alike).
 const LATIN_LETTER: u32 = 1 << 26;
+/// A look-alike or leetspeak character: held for its right neighbour. The entry's character and
+/// flags are what folding it gives (when it does not become a Latin letter), unless one of:
+const LOOK: u32 = 5 << 21;
+/// ... folding it gives a separator;
+const FOLD_SEP: u32 = 1 << 27;
+/// ... folding it takes the general path.
+const FOLD_SLOW: u32 = 1 << 28;
+/// `is_ignorable` of the character (transparent to a pending look-alike).
+const IGNORABLE: u32 = 1 << 29;
 const TABLE_END: u32 = 0x3400;
 
 struct FastTable {
@@ -439,23 +482,39 @@ impl NormSink for Record {
     }
 }
 
-/// The table entry of a non-ASCII character: runs the general path from every starting state and
-/// keeps the character only where the result is one of the simple kinds.
+/// The table entry of a character: runs the general path from every starting state and keeps the
+/// character only where the result is one of the simple kinds.
 fn classify(c: char) -> u32 {
     let latin_bit = if latin_letter_slow(c) {
         LATIN_LETTER
     } else {
         0
     };
-    if c.is_ascii() || lookalike(c).is_some() {
+    if lookalike(c).is_some() {
+        let folded = classify_fold(c);
+        return LOOK
+            | latin_bit
+            | match folded & KIND_MASK {
+                EMIT => folded & !KIND_MASK,
+                SEP => FOLD_SEP,
+                _ => FOLD_SLOW,
+            };
+    }
+    if c.is_ascii() {
         return SLOW | latin_bit;
     }
     if is_ignorable(c) {
-        return SKIP | latin_bit;
+        return SKIP | latin_bit | IGNORABLE;
     }
     if is_combining_mark(c) {
         return MARK | latin_bit;
     }
+    classify_fold(c) | latin_bit
+}
+
+/// What `Normalizer::fold` does with `c`: EMIT, SEP or SKIP when that is the same from every
+/// state, else SLOW.
+fn classify_fold(c: char) -> u32 {
     let mut kinds = Vec::new();
     for (strip, last_space, prev_latin) in [
         (false, false, false),
@@ -494,9 +553,9 @@ fn classify(c: char) -> u32 {
         kinds.push(kind);
     }
     if kinds.iter().all(|&k| k == kinds[0]) {
-        kinds[0] | latin_bit
+        kinds[0]
     } else {
-        SLOW | latin_bit
+        SLOW
     }
 }
 
@@ -668,8 +727,10 @@ mod tests {
         // Every table character and a sample of the blocks checked in bulk, each between
         // neighbours that exercise the state it depends on: a Latin letter, a mark, a space, a
         // look-alike, a digit.
-        let neighbours = ["a", "\u{301}", " ", "\u{430}", "1", "\u{4e00}", "\u{5d0}"];
-        let sample = (0x80u32..TABLE_END)
+        let neighbours = [
+            "a", "\u{301}", " ", "\u{430}", "1", "\u{4e00}", "\u{5d0}", "\u{200b}", "@", "\u{3b1}",
+        ];
+        let sample = (0x20u32..TABLE_END)
             .chain((0x3400..=0x9FFF).step_by(97))
             .chain((0xAC00..=0xD7A3).step_by(89))
             .chain(0xFF00..0xFFF0)

@@ -1031,6 +1031,7 @@ impl StreamSession {
             self.raw_pos + chunk.len() as u64 <= u32::MAX as u64,
             "a stream is limited to 4 GiB"
         );
+        let engine = self.engine.clone();
         let mut found = Vec::new();
         if let LangState::Probing(buf) = &mut self.lang {
             let room = PROBE_BYTES.saturating_sub(buf.len());
@@ -1049,10 +1050,10 @@ impl StreamSession {
             self.decide_language();
             let waiting = std::mem::take(&mut self.lang_waiting);
             for f in waiting {
-                self.accept(f, &mut out);
+                self.accept(&engine, f, &mut out);
             }
         }
-        self.scan_raw(chunk.as_bytes(), &mut found);
+        self.scan_raw(&engine, chunk.as_bytes(), &mut found);
         // The word view goes through the normalizer in slices, so the batch buffer stays small
         // (a few KiB per thread) whatever the chunk size.
         BATCH.with(|b| {
@@ -1065,12 +1066,12 @@ impl StreamSession {
                 }
                 b.clear();
                 self.norm.feed(&rest[..cut], &mut *b);
-                self.scan_words(&b, &mut found);
+                self.scan_words(&engine, &b, &mut found);
                 rest = &rest[cut..];
             }
         });
         for f in found {
-            self.accept(f, &mut out);
+            self.accept(&engine, f, &mut out);
         }
         self.step(out)
     }
@@ -1112,7 +1113,7 @@ impl StreamSession {
             let mut b = b.borrow_mut();
             b.clear();
             self.norm.finish(&mut *b);
-            self.scan_words(&b, &mut found);
+            self.scan_words(&engine, &b, &mut found);
         });
         if let Some(at) = self.pending_space.take() {
             for (g, group) in sc.word_anchored.iter().enumerate() {
@@ -1143,11 +1144,11 @@ impl StreamSession {
             self.decide_language();
             let waiting = std::mem::take(&mut self.lang_waiting);
             for f in waiting {
-                self.accept(f, &mut out);
+                self.accept(&engine, f, &mut out);
             }
         }
         for f in found {
-            self.accept(f, &mut out);
+            self.accept(&engine, f, &mut out);
         }
         self.finished = true;
         for r in &mut self.rules {
@@ -1187,8 +1188,7 @@ impl StreamSession {
     }
 
     /// Language check, then scoring. Hits that become reportable go to `out`.
-    fn accept(&mut self, f: Found, out: &mut Vec<Hit>) {
-        let engine = self.engine.clone();
+    fn accept(&mut self, engine: &Engine, f: Found, out: &mut Vec<Hit>) {
         let t = &engine.rules.triggers[f.trigger as usize];
         if t.lang != NEUTRAL {
             match self.lang_set() {
@@ -1311,8 +1311,8 @@ impl StreamSession {
         }
         for (i, st) in self.rules.iter().enumerate() {
             if !st.fired && engine.rules.rules[i].action.withholds() {
-                for h in &st.held {
-                    r = r.min(h.start);
+                if let Some(start) = st.held_start() {
+                    r = r.min(start);
                 }
             }
         }
@@ -1333,8 +1333,7 @@ impl StreamSession {
 
     /// Walks the word-view automata over one batch of normalized bytes, one automaton at a time,
     /// then keeps the batch's tail in the rings.
-    fn scan_words(&mut self, b: &WordBatch, found: &mut Vec<Found>) {
-        let engine = self.engine.clone();
+    fn scan_words(&mut self, engine: &Engine, b: &WordBatch, found: &mut Vec<Found>) {
         let sc = &engine.scanner;
         let n = b.bytes.len();
         if n == 0 {
@@ -1417,8 +1416,7 @@ impl StreamSession {
 
     /// Walks the raw-view automata over one chunk, one automaton at a time, confirms the anchors
     /// whose window is complete, then keeps the chunk's tail in the ring.
-    fn scan_raw(&mut self, bytes: &[u8], found: &mut Vec<Found>) {
-        let engine = self.engine.clone();
+    fn scan_raw(&mut self, engine: &Engine, bytes: &[u8], found: &mut Vec<Found>) {
         let sc = &engine.scanner;
         let ring = std::mem::take(&mut self.raw_ring);
         let base = self.raw_pos;
@@ -1451,13 +1449,13 @@ impl StreamSession {
                 let pos = base + k as u64;
                 sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
                 if ac.is_special(sid) && ac.is_match(sid) {
-                    self.raw_literals(&engine, &view, sid, pos, found);
+                    self.raw_literals(engine, &view, sid, pos, found);
                     due = self.anchors.first().map_or(u64::MAX, |a| a.due);
                 }
                 if pos >= due {
                     let n = self.anchors.partition_point(|a| a.due <= pos);
                     for a in self.anchors.drain(..n) {
-                        confirm_anchor(&engine, &view, a, pos, found);
+                        confirm_anchor(engine, &view, a, pos, found);
                     }
                     due = self.anchors.first().map_or(u64::MAX, |a| a.due);
                 }
@@ -1468,14 +1466,14 @@ impl StreamSession {
             let (sid, free) = self.raw[g];
             // One-byte delay: a match state reached on a byte means the match ended before it.
             self.raw[g] = dfa_loop(&sc.raw_dfas[g].0, bytes, base, sid, free, |sid, pos| {
-                raw_matches(&engine, &view, g, sid, pos - 1, pos, found)
+                raw_matches(engine, &view, g, sid, pos - 1, pos, found)
             });
         }
         let end = base + bytes.len() as u64;
         self.raw_pos = end;
         let due = self.anchors.partition_point(|a| a.due <= end);
         for a in self.anchors.drain(..due) {
-            confirm_anchor(&engine, &view, a, end, found);
+            confirm_anchor(engine, &view, a, end, found);
         }
         self.raw_ring = ring;
         let mask = self.raw_ring.len() - 1;

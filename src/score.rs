@@ -20,7 +20,7 @@ pub struct RuleState {
     /// Distinct triggers counted so far.
     pub seen: Vec<u32>,
     /// Hits of this rule while it has not fired yet (at most [`MAX_HELD_HITS`]; later ones are
-    /// dropped).
+    /// dropped). The first has the smallest start (what holds back a stream's release).
     pub held: Vec<Hit>,
 }
 
@@ -54,8 +54,17 @@ impl RuleState {
         }
         if self.held.len() < MAX_HELD_HITS {
             self.held.push(hit);
+            let last = self.held.len() - 1;
+            if self.held[last].start < self.held[0].start {
+                self.held.swap(0, last);
+            }
         }
         false
+    }
+
+    /// The smallest start of a held hit.
+    pub fn held_start(&self) -> Option<u64> {
+        self.held.first().map(|h| h.start)
     }
 }
 
@@ -110,6 +119,20 @@ mod tests {
             "and the hit that fired the rule"
         );
         assert!(st.held.is_empty());
+    }
+
+    #[test]
+    fn the_first_held_hit_starts_first() {
+        let mut st = RuleState::default();
+        let mut out = Vec::new();
+        for start in [40, 7, 90, 3, 12, 3, 55] {
+            let mut h = hit("a");
+            h.start = start;
+            st.add(1, 0.5, 1.0, h, &mut out);
+            let min = st.held.iter().map(|h| h.start).min();
+            assert_eq!(st.held_start(), min);
+        }
+        assert_eq!(st.held_start(), Some(3));
     }
 
     #[test]

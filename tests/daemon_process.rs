@@ -173,6 +173,11 @@ async fn sighup_reloads_rules_and_a_bad_ruleset_keeps_the_old_one() {
         "the open stream kept its engine"
     );
 
+    // At the default log level a block is recorded and an allow is not.
+    let logs = p.stderr_text();
+    assert!(logs.contains("\"action\":\"block\""), "{logs}");
+    assert!(!logs.contains("\"action\":\"allow\""), "{logs}");
+
     // A broken ruleset: the reload fails, the old rules keep serving.
     std::fs::write(
         rules.path().join("mist-002.toml"),

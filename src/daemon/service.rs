@@ -150,7 +150,8 @@ impl CallMeta {
     }
 }
 
-/// One decision record: metadata only.
+/// One decision record: metadata only. ALLOW decisions are DEBUG (a busy daemon makes thousands
+/// a second, and `mistguard_decisions_total` counts them); every other action is INFO.
 #[allow(clippy::too_many_arguments)]
 fn log_decision(
     rpc: &'static str,
@@ -164,23 +165,33 @@ fn log_decision(
     bytes: u64,
     started: Instant,
 ) {
-    let subject = meta.subject.map(|s| s.short());
-    tracing::info!(
-        target: "mistguard::decision",
-        decision_id,
-        rpc,
-        request_id = %meta.request_id,
-        direction = meta.direction,
-        subject_hash = subject.as_deref().unwrap_or(""),
-        action = action.as_str(),
-        rules = %rules.join(","),
-        language = language.unwrap_or(""),
-        escalation_level = level,
-        reason,
-        bytes,
-        micros = started.elapsed().as_micros() as u64,
-        "decision"
-    );
+    macro_rules! record {
+        ($lvl:expr) => {{
+            let subject = meta.subject.map(|s| s.short());
+            tracing::event!(
+                target: "mistguard::decision",
+                $lvl,
+                decision_id,
+                rpc,
+                request_id = %meta.request_id,
+                direction = meta.direction,
+                subject_hash = subject.as_deref().unwrap_or(""),
+                action = action.as_str(),
+                rules = %rules.join(","),
+                language = language.unwrap_or(""),
+                escalation_level = level,
+                reason,
+                bytes,
+                micros = started.elapsed().as_micros() as u64,
+                "decision"
+            )
+        }};
+    }
+    if action == Action::Allow {
+        record!(tracing::Level::DEBUG)
+    } else {
+        record!(tracing::Level::INFO)
+    }
 }
 
 fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
