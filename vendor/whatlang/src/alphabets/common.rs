@@ -47,6 +47,8 @@ pub fn generic_alphabet_calculate_scores(
     let mut char_scores = vec![0; chars.len()];
     let mut max_raw_score = 0;
     // iterate over the text and scores characters.
+    // mistguard: ASCII characters are counted first and looked up once each (the same scores).
+    let mut ascii = [0usize; 128];
     for ch in text.chars() {
         if is_stop_char(ch) {
             continue;
@@ -54,10 +56,24 @@ pub fn generic_alphabet_calculate_scores(
 
         max_raw_score += 1;
 
-        if let Ok(position) = chars.binary_search(&ch) {
+        #[cfg(feature = "dev")]
+        let reference = crate::trigrams::detection::REFERENCE_SCORING
+            .load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(feature = "dev"))]
+        let reference = false;
+        if ch.is_ascii() && !reference {
+            ascii[ch as usize] += 1;
+        } else if let Ok(position) = chars.binary_search(&ch) {
             // add 2 and remove max_raw_score at the end,
             // to keep the score interval of -max_raw_score..max_raw_score
             char_scores[position] += 2;
+        }
+    }
+    for (c, &n) in ascii.iter().enumerate() {
+        if n > 0 {
+            if let Ok(position) = chars.binary_search(&(c as u8 as char)) {
+                char_scores[position] += 2 * n;
+            }
         }
     }
 

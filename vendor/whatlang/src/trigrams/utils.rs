@@ -48,15 +48,30 @@ fn trigram_occurances_to_positions(
 /// occurrences, then by trigram, both descending; here through packed integer keys (a char is at
 /// most 21 bits), which sort faster than tuples.
 pub fn sorted_trigrams(text: &LowercaseText) -> Vec<Trigram> {
-    let CountResult {
-        trigram_occurances, ..
-    } = count(text);
-    let mut keys: Vec<u128> = trigram_occurances
-        .into_iter()
-        .map(|(t, n)| {
-            ((n as u128) << 63) | ((t.0 as u128) << 42) | ((t.1 as u128) << 21) | (t.2 as u128)
-        })
-        .collect();
+    // Count by sorting the packed trigrams (a short text has few of them: faster than hashing).
+    let pack = |t: Trigram| ((t.0 as u64) << 42) | ((t.1 as u64) << 21) | (t.2 as u64);
+    let mut all: Vec<u64> = Vec::with_capacity(text.len() + 1);
+    let mut chars_iter = text.chars().map(to_trigram_char).chain(Some(' '));
+    let mut c1 = ' ';
+    let mut c2 = chars_iter.next().unwrap();
+    for c3 in chars_iter {
+        if !(c2 == ' ' && (c1 == ' ' || c3 == ' ')) {
+            all.push(pack(Trigram(c1, c2, c3)));
+        }
+        c1 = c2;
+        c2 = c3;
+    }
+    all.sort_unstable();
+    let mut keys: Vec<u128> = Vec::with_capacity(all.len());
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i + 1;
+        while j < all.len() && all[j] == all[i] {
+            j += 1;
+        }
+        keys.push((((j - i) as u128) << 63) | all[i] as u128);
+        i = j;
+    }
     keys.sort_unstable_by(|a, b| b.cmp(a));
     keys.truncate(TEXT_TRIGRAMS_SIZE);
     let ch = |k: u128, shift: u32| char::from_u32(((k >> shift) & 0x1F_FFFF) as u32).unwrap_or(' ');
