@@ -91,7 +91,16 @@ impl Engine {
     }
 
     pub fn from_ruleset(rules: CompiledRuleset) -> Result<Engine, LoadError> {
-        let scanner = Scanner::build(&rules)?;
+        Engine::from_ruleset_with(rules, &crate::scan::ScanConfig::default())
+    }
+
+    /// [`Engine::from_ruleset`] with the scanner's build choices (which change its speed, not
+    /// its results).
+    pub fn from_ruleset_with(
+        rules: CompiledRuleset,
+        config: &crate::scan::ScanConfig,
+    ) -> Result<Engine, LoadError> {
+        let scanner = Scanner::build_with(&rules, config)?;
         Ok(Engine { rules, scanner })
     }
 

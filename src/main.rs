@@ -155,12 +155,14 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
         langs.join(" ")
     );
     println!(
-        "word view: {} phrases in an {} of {} KiB, {} regexes in {} anchored DFAs of {} KiB and {} unanchored DFAs of {} KiB; ring {} bytes",
+        "word view: {} phrases (and {} spawn literals) in an {} of {} KiB, {} regexes in {} anchored DFAs ({} spawned by literals) of {} KiB and {} unanchored DFAs of {} KiB; ring {} bytes",
         stats.word_phrases,
+        stats.spawn_literals,
         stats.word_ac_kind,
         stats.word_ac_bytes / 1024,
         stats.word_regexes,
         stats.word_anchored_groups,
+        stats.prefixed_groups,
         stats.word_anchored_bytes / 1024,
         stats.word_dfa_groups,
         stats.word_dfa_bytes / 1024,

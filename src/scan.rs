@@ -211,6 +211,8 @@ impl Phrases {
 struct AnchoredGroup {
     dfa: dense::DFA<Vec<u32>>,
     triggers: Vec<u32>,
+    /// The group's patterns (as compiled, opening space included).
+    patterns: Vec<String>,
     /// The state after the opening space (where a walker is spawned, see `spawn`).
     after_space: StateID,
     /// Languages of the group's triggers (a group of no applicable language is not walked).
@@ -246,6 +248,7 @@ impl AnchoredGroup {
         Ok(AnchoredGroup {
             dfa,
             triggers,
+            patterns: patterns.to_vec(),
             after_space,
             langs: Vec::new(),
         })
@@ -274,10 +277,30 @@ pub struct ScannerStats {
     pub word_dfa_groups: usize,
     pub word_anchored_bytes: usize,
     pub word_anchored_groups: usize,
+    /// Anchored groups spawned by prefix literals, and those literals.
+    pub prefixed_groups: usize,
+    pub spawn_literals: usize,
     pub raw_dfa_bytes: usize,
     pub raw_dfa_groups: usize,
     pub word_window: usize,
     pub raw_window: usize,
+}
+
+/// Build choices of a [`Scanner`] that change its speed, never its results (tests build both
+/// ways and compare).
+#[derive(Clone, Debug)]
+pub struct ScanConfig {
+    /// Spawn the walkers of anchored word-view regexes where one of their prefix literals is
+    /// found (default), instead of at every word start that their first byte allows.
+    pub spawn_literals: bool,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            spawn_literals: true,
+        }
+    }
 }
 
 /// The compiled automata of a ruleset. Immutable and shared by every stream.
@@ -298,8 +321,11 @@ pub struct Scanner {
     /// unanchored union of many phrase-like regexes explodes.
     word_anchored: Vec<AnchoredGroup>,
     /// For each byte, the anchored groups (bit per group) whose walker survives a space followed
-    /// by that byte: the only walkers spawned there.
+    /// by that byte: the only walkers spawned there. Groups spawned by literals are not here.
     spawn: Box<[u64]>,
+    /// Prefix literals in the phrase automaton (pattern `SPAWN | i`): the group whose walker a
+    /// match of literal `i` spawns, and the walker's state after the literal.
+    spawn_lits: Vec<(u16, StateID)>,
     /// Raw-view DFAs: one per rule, split further where a rule's patterns together would exceed
     /// [`GROUP_DFA_LIMIT`]. Each holds (forward pattern id → what it stands for).
     raw_dfas: Vec<(RegexDfa, Vec<RawPattern>)>,
@@ -332,6 +358,14 @@ impl Scanner {
     /// # Errors
     /// A view whose DFA exceeds [`DFA_SIZE_LIMIT`], or a pattern the DFA builder refuses.
     pub fn build(rs: &CompiledRuleset) -> Result<Scanner, LoadError> {
+        Scanner::build_with(rs, &ScanConfig::default())
+    }
+
+    /// [`Scanner::build`] with build choices that do not change what is found.
+    ///
+    /// # Errors
+    /// As [`Scanner::build`].
+    pub fn build_with(rs: &CompiledRuleset, config: &ScanConfig) -> Result<Scanner, LoadError> {
         let fail = |what: &str, e: String| LoadError {
             file: rs.source.clone(),
             line: None,
@@ -448,16 +482,6 @@ impl Scanner {
                 }
             }
         }
-        let word_ac_max = ac_pats.iter().map(|p| p.len()).max().unwrap_or(0) as u64;
-        let word_ac = if ac_pats.is_empty() {
-            None
-        } else {
-            Some(Phrases::build(&ac_pats).map_err(|e| fail("word-view phrases", e))?)
-        };
-        let word_ac_start = match &word_ac {
-            Some(ac) => ac.start().map_err(|e| fail("word-view phrases", e))?,
-            None => aho_corasick::automaton::StateID::ZERO,
-        };
         // Regexes of languages with spaces start at a word: anchored walkers. The others (zh, ja,
         // th) can start anywhere: unanchored DFAs, one per rule.
         let spaced = |ti: u32| {
@@ -495,13 +519,25 @@ impl Scanner {
         let mut buckets: Vec<usize> = anchored.iter().map(|a| bucket(a.0)).collect();
         buckets.sort();
         buckets.dedup();
+        // Within a bucket, regexes whose matches all begin with one of a few prefix literals are
+        // grouped apart: their walkers are spawned where the phrase automaton finds a literal,
+        // not at every word start.
+        let literals: Vec<Option<Vec<Vec<u8>>>> = anchored
+            .iter()
+            .map(|a| prefix_literals(&a.1).filter(|_| config.spawn_literals))
+            .collect();
         for b in buckets {
-            let part: Vec<(u32, String)> = anchored
-                .iter()
-                .filter(|a| bucket(a.0) == b)
-                .cloned()
-                .collect();
-            build_anchored(rs, &part, &mut word_anchored)?;
+            for prefixed in [true, false] {
+                let part: Vec<(u32, String)> = anchored
+                    .iter()
+                    .zip(&literals)
+                    .filter(|(a, l)| bucket(a.0) == b && l.is_some() == prefixed)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                if !part.is_empty() {
+                    build_anchored(rs, &part, &mut word_anchored)?;
+                }
+            }
         }
         if word_anchored.len() > 64 {
             return Err(fail(
@@ -522,8 +558,49 @@ impl Scanner {
             langs.dedup();
             g.langs = langs;
         }
+        // Spawn literals of each group whose every pattern has them; a group where one does not
+        // walk cleanly is spawned at word starts instead.
+        let literal_of: std::collections::HashMap<&str, &Vec<Vec<u8>>> = anchored
+            .iter()
+            .zip(&literals)
+            .filter_map(|(a, l)| l.as_ref().map(|l| (a.1.as_str(), l)))
+            .collect();
+        let mut spawn_lits: Vec<(u16, StateID)> = Vec::new();
+        let mut prefixed_groups = 0u64;
+        for (gi, g) in word_anchored.iter().enumerate() {
+            let mut lits: Vec<Vec<u8>> = Vec::new();
+            let mut all = true;
+            for p in &g.patterns {
+                match literal_of.get(p.as_str()) {
+                    Some(l) => lits.extend(l.iter().cloned()),
+                    None => all = false,
+                }
+            }
+            if !all {
+                continue;
+            }
+            let Some(walked) = walk_literals(g, lits) else {
+                continue;
+            };
+            prefixed_groups |= 1 << gi;
+            for (lit, sid) in walked {
+                word_ac_patterns.push(AcPattern {
+                    trigger: SPAWN | spawn_lits.len() as u32,
+                    len: lit.len() as u32,
+                    lead: 0,
+                    trail: 0,
+                });
+                ac_pats.push(String::from_utf8(lit).expect("literal prefixes are UTF-8"));
+                spawn_lits.push((gi as u16, sid));
+            }
+        }
+        stats.spawn_literals = spawn_lits.len();
+        stats.prefixed_groups = prefixed_groups.count_ones() as usize;
         let mut spawn = vec![0u64; 256].into_boxed_slice();
         for (gi, g) in word_anchored.iter().enumerate() {
+            if prefixed_groups & (1 << gi) != 0 {
+                continue;
+            }
             for (b, m) in spawn.iter_mut().enumerate() {
                 if !g
                     .dfa
@@ -541,6 +618,16 @@ impl Scanner {
                 t0.elapsed()
             );
         }
+        let word_ac_max = ac_pats.iter().map(|p| p.len()).max().unwrap_or(0) as u64;
+        let word_ac = if ac_pats.is_empty() {
+            None
+        } else {
+            Some(Phrases::build(&ac_pats).map_err(|e| fail("word-view phrases", e))?)
+        };
+        let word_ac_start = match &word_ac {
+            Some(ac) => ac.start().map_err(|e| fail("word-view phrases", e))?,
+            None => aho_corasick::automaton::StateID::ZERO,
+        };
         let mut word_dfas = Vec::new();
         let mut rules: Vec<usize> = word_re
             .iter()
@@ -667,6 +754,7 @@ impl Scanner {
             word_dfas,
             word_anchored,
             spawn,
+            spawn_lits,
             raw_dfas,
             raw_ac,
             raw_ac_patterns: raw_lits,
@@ -807,6 +895,93 @@ fn build_anchored(
         AnchoredGroup::build(&res, part.iter().map(|p| p.0).collect(), GROUP_DFA_LIMIT)
     };
     build_halving(rs, patterns, &|p| p.0, &build, SHORTEN, out)
+}
+
+/// An `AcPattern::trigger` with this bit set is a walker's spawn literal (index in the low bits).
+const SPAWN: u32 = 1 << 31;
+
+/// Longest spawn literal kept (bytes, opening space included): longer ones are cut, which keeps
+/// the phrase automaton small and changes nothing but how often a walker is spawned in vain.
+const SPAWN_LITERAL_BYTES: usize = 6;
+
+/// The literals every match of an anchored word-view pattern begins with (cut to
+/// [`SPAWN_LITERAL_BYTES`]), or None when there is no small set of them of three bytes or more.
+fn prefix_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    let hir = regex_syntax::ParserBuilder::new()
+        .nest_limit(64)
+        .build()
+        .parse(pattern)
+        .ok()?;
+    let mut seq = Extractor::new()
+        .kind(ExtractKind::Prefix)
+        .limit_class(20)
+        .limit_total(2000)
+        .extract(&hir);
+    seq.keep_first_bytes(SPAWN_LITERAL_BYTES);
+    seq.dedup();
+    let mut lits: Vec<Vec<u8>> = seq
+        .literals()?
+        .iter()
+        .map(|l| {
+            // The cut may split a character: keep whole characters.
+            let mut l = l.as_bytes().to_vec();
+            while std::str::from_utf8(&l).is_err() {
+                l.pop();
+            }
+            l
+        })
+        .collect();
+    lits.sort();
+    lits.dedup();
+    if lits.is_empty() || lits.iter().any(|l| l.len() < 3 || l[0] != b' ') {
+        return None;
+    }
+    Some(lits)
+}
+
+/// Walks a group's literals from its after-space state: each with the state it leaves a walker
+/// in. A literal is cut before a byte that would reach a match state (the walker must take that
+/// step itself, to report the match) and dropped when another literal is a prefix of it. None
+/// when a literal cannot be cut to two bytes or more, or dies (the group is then spawned at word
+/// starts).
+fn walk_literals(g: &AnchoredGroup, mut lits: Vec<Vec<u8>>) -> Option<Vec<(Vec<u8>, StateID)>> {
+    let mut out = Vec::with_capacity(lits.len());
+    for lit in &mut lits {
+        let mut sid = g.after_space;
+        for i in 1..lit.len() {
+            let next = g.dfa.next_state(sid, lit[i]);
+            if g.dfa.is_dead_state(next) {
+                return None;
+            }
+            if g.dfa.is_match_state(next) {
+                if i < 2 {
+                    return None;
+                }
+                lit.truncate(i);
+                break;
+            }
+            sid = next;
+        }
+    }
+    lits.sort();
+    lits.dedup();
+    let mut kept: Vec<Vec<u8>> = Vec::with_capacity(lits.len());
+    for lit in lits {
+        // Sorted: a literal's prefixes come before it.
+        if kept.iter().rev().any(|k| lit.starts_with(k)) {
+            continue;
+        }
+        kept.push(lit);
+    }
+    for lit in kept {
+        let mut sid = g.after_space;
+        for &b in &lit[1..] {
+            sid = g.dfa.next_state(sid, b);
+        }
+        out.push((lit, sid));
+    }
+    Some(out)
 }
 
 /// A hit before its rule's score is known.
@@ -1348,19 +1523,67 @@ impl StreamSession {
                 starts: &self.word_starts,
                 lens: &self.word_lens,
             };
+            let mut spawns = Vec::new();
             if let Some(ac) = &sc.word_ac {
                 self.ac_sid = match ac {
-                    Phrases::Dfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found),
-                    Phrases::Nfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found),
+                    Phrases::Dfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found, &mut spawns),
+                    Phrases::Nfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found, &mut spawns),
                 };
             }
             if !sc.word_anchored.is_empty() {
                 let mut reported: Vec<(u16, PatternID)> = Vec::new();
                 let walkers = &mut self.walkers;
-                for (k, &byte) in b.bytes.iter().enumerate() {
+                let active = self.active_groups;
+                let mut next_spawn = 0;
+                // A spawn literal that ended at `at` starts a walker there, in its state after
+                // the literal (once per group and start), kept in start order.
+                let spawn_at = |walkers: &mut Vec<Walker>, at: u64, next: &mut usize| {
+                    while let Some(&(end, lit, len)) = spawns.get(*next) {
+                        if end != at {
+                            break;
+                        }
+                        *next += 1;
+                        let (group, sid) = sc.spawn_lits[lit as usize];
+                        if active & (1 << group) == 0 {
+                            continue;
+                        }
+                        let start = end - len as u64;
+                        if walkers.iter().any(|w| w.group == group && w.start == start) {
+                            continue;
+                        }
+                        let i = walkers
+                            .iter()
+                            .rposition(|w| w.start <= start)
+                            .map_or(0, |i| i + 1);
+                        walkers.insert(i, Walker { group, sid, start });
+                    }
+                };
+                let bytes = &b.bytes[..];
+                let mut spawn_next = spawns.first().map_or(u64::MAX, |s| s.0);
+                let mut k = 0;
+                while k < n {
+                    if walkers.is_empty() && self.pending_space.is_none() {
+                        // Nothing is walking: skip to the next space or spawn literal.
+                        let lim = (spawn_next.saturating_sub(base) as usize).min(n);
+                        match bytes[k..lim].iter().position(|&c| c == b' ') {
+                            Some(j) => k += j,
+                            None => {
+                                k = lim;
+                                if k == n {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let byte = bytes[k];
                     let end = base + k as u64 + 1;
+                    k += 1;
+                    if end - 1 == spawn_next {
+                        spawn_at(walkers, end - 1, &mut next_spawn);
+                        spawn_next = spawns.get(next_spawn).map_or(u64::MAX, |s| s.0);
+                    }
                     if let Some(at) = self.pending_space.take() {
-                        let mut m = sc.spawn[byte as usize] & self.active_groups;
+                        let mut m = sc.spawn[byte as usize] & active;
                         while m != 0 {
                             let g = m.trailing_zeros() as usize;
                             m &= m - 1;
@@ -1373,6 +1596,9 @@ impl StreamSession {
                     }
                     if byte == b' ' {
                         self.pending_space = Some(end - 1);
+                    }
+                    if walkers.is_empty() {
+                        continue;
                     }
                     reported.clear();
                     let mut i = 0;
@@ -1393,6 +1619,7 @@ impl StreamSession {
                         i += 1;
                     }
                 }
+                spawn_at(walkers, base + n as u64, &mut next_spawn);
             }
             for g in 0..sc.word_dfas.len() {
                 let (sid, free) = self.wdfa[g];
@@ -1851,13 +2078,15 @@ fn dfa_loop(
     (sid, free)
 }
 
-/// Walks the phrase automaton over a batch; returns the state it ends in.
+/// Walks the phrase automaton over a batch; returns the state it ends in. Phrase matches go to
+/// `found`; spawn-literal matches to `spawns` as (end, literal, length), in order of end.
 fn phrase_loop<A: AcAutomaton>(
     ac: &A,
     sc: &Scanner,
     view: &WordView<'_>,
     mut sid: aho_corasick::automaton::StateID,
     found: &mut Vec<Found>,
+    spawns: &mut Vec<(u64, u32, u32)>,
 ) -> aho_corasick::automaton::StateID {
     let bytes = &view.batch.bytes[..];
     let stay = &sc.word_ac_stay[..];
@@ -1879,6 +2108,10 @@ fn phrase_loop<A: AcAutomaton>(
             let end = view.base + k as u64;
             for m in 0..ac.match_len(sid) {
                 let p = sc.word_ac_patterns[ac.match_pattern(sid, m).as_usize()];
+                if p.trigger & SPAWN != 0 {
+                    spawns.push((end, p.trigger & !SPAWN, p.len));
+                    continue;
+                }
                 let start = end - p.len as u64;
                 if let Some((os, oe)) = view.span(start + p.lead as u64, end - p.trail as u64) {
                     found.push(Found {

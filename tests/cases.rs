@@ -129,3 +129,73 @@ fn every_case_holds_whole_and_streamed() {
         failures.join("\n")
     );
 }
+
+/// Walkers spawned where a prefix literal is found (the default) report exactly what walkers
+/// spawned at every word start report: on every case text, on pairs of case texts run together,
+/// whole and in 7-byte chunks.
+#[test]
+fn spawn_literals_change_nothing_found() {
+    let fast = common::bundled();
+    let reference = std::sync::Arc::new(
+        mistguard::Engine::from_ruleset_with(
+            mistguard::rules::load_bundled().unwrap(),
+            &mistguard::scan::ScanConfig {
+                spawn_literals: false,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(
+        fast.scanner().stats().spawn_literals > 0
+            && reference.scanner().stats().spawn_literals == 0,
+        "the two engines differ in how they spawn walkers"
+    );
+    let cases = load_cases();
+    let mut texts: Vec<String> = cases.iter().map(|c| c.1.text.clone()).collect();
+    for w in cases.windows(2) {
+        texts.push(format!("{} and then {}", w[0].1.text, w[1].1.text));
+    }
+    let key = |hits: &[mistguard::Hit]| -> Vec<(String, String, u64, u64)> {
+        hits.iter()
+            .map(|h| {
+                (
+                    h.rule_id.to_string(),
+                    h.trigger_id.to_string(),
+                    h.start,
+                    h.end,
+                )
+            })
+            .collect()
+    };
+    let word_regexes: BTreeSet<&str> = fast
+        .ruleset()
+        .triggers
+        .iter()
+        .filter(|t| {
+            t.view == mistguard::rules::View::Word
+                && matches!(t.kind, mistguard::rules::TriggerKind::Regex { .. })
+        })
+        .map(|t| &*t.id)
+        .collect();
+    let opts = ClassifyOptions::default();
+    let mut regex_hits = 0;
+    for text in &texts {
+        let a = fast.classify(text, &opts);
+        let b = reference.classify(text, &opts);
+        assert_eq!(key(&a.hits), key(&b.hits), "{text:?}");
+        assert_eq!(a.action, b.action, "{text:?}");
+        regex_hits += a
+            .hits
+            .iter()
+            .filter(|h| word_regexes.contains(&*h.trigger_id))
+            .count();
+        let chunks = common::cut(text, std::iter::repeat(7));
+        let sa = common::stream(&fast, text, &chunks, &opts);
+        let sb = common::stream(&reference, text, &chunks, &opts);
+        assert_eq!(key(&sa.hits), key(&sb.hits), "streamed {text:?}");
+    }
+    assert!(
+        regex_hits > 100,
+        "the texts exercise the walkers ({regex_hits} regex hits)"
+    );
+}
