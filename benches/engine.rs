@@ -116,18 +116,26 @@ fn bench(c: &mut Criterion) {
     let opts = ClassifyOptions::default();
 
     // State of one stream, after a long text (steady state) — printed, not timed.
-    let mut s = engine.session(&opts);
     let mut cut = 256 << 10;
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    for ch in chunks(&text[..cut], 16) {
-        s.feed(ch);
+    for (discard, what) in [
+        (false, "keeping its hits for a verdict"),
+        (true, "hits not kept (the daemon's streams)"),
+    ] {
+        let mut s = engine.session(&opts);
+        if discard {
+            s.discard_verdict_hits();
+        }
+        for ch in chunks(&text[..cut], 16) {
+            s.feed(ch);
+        }
+        eprintln!(
+            "state bytes per stream after 256 KiB in 16-byte chunks, {what}: {}",
+            s.state_bytes()
+        );
     }
-    eprintln!(
-        "state bytes per stream after 256 KiB in 16-byte chunks: {}",
-        s.state_bytes()
-    );
     let fresh = engine.session(&opts);
     eprintln!("state bytes of a fresh stream: {}", fresh.state_bytes());
 

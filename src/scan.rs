@@ -1075,9 +1075,13 @@ pub struct StreamSession {
     // Language, scores, results.
     lang: LangState,
     lang_waiting: Vec<Found>,
-    rules: Vec<RuleState>,
+    /// Score of each rule with a hit so far, by rule index (ascending): a fresh stream holds none.
+    rules: Vec<(usize, RuleState)>,
     action: Action,
+    /// Every hit reported, for [`StreamSession::verdict`] (not kept after
+    /// [`StreamSession::discard_verdict_hits`]).
     hits: Vec<Hit>,
+    keep_hits: bool,
     /// Hits reported beyond this cap are counted, not kept (bounds a stream's memory).
     hits_dropped: u64,
     /// The first hit of each distinct trigger reported (what the message is made of).
@@ -1106,7 +1110,6 @@ impl StreamSession {
         };
         let raw = sc.raw_dfas.iter().map(|d| (d.0.start, 0)).collect();
         let wdfa = sc.word_dfas.iter().map(|d| (d.0.start, 0)).collect();
-        let nrules = engine.rules.rules.len();
         let mut s = StreamSession {
             raw_pos: 0,
             raw,
@@ -1125,9 +1128,10 @@ impl StreamSession {
             word_lens: vec![0; sc.word_window].into_boxed_slice(),
             lang,
             lang_waiting: Vec::new(),
-            rules: vec![RuleState::default(); nrules],
+            rules: Vec::new(),
             action: Action::Allow,
             hits: Vec::new(),
+            keep_hits: true,
             hits_dropped: 0,
             distinct: Vec::new(),
             message: (None, None),
@@ -1138,6 +1142,15 @@ impl StreamSession {
         };
         s.update_active_groups();
         s
+    }
+
+    /// Stops keeping every reported hit for [`StreamSession::verdict`], whose `hits` (and
+    /// sanitized text) then hold only what was reported before. For a caller that consumes each
+    /// step's hits as they come (the daemon's streams): the stream's state then stays bounded by
+    /// its automata and scores, not by how many hits it has reported.
+    pub fn discard_verdict_hits(&mut self) {
+        self.keep_hits = false;
+        self.hits = Vec::new();
     }
 
     /// Bytes fed so far.
@@ -1171,11 +1184,13 @@ impl StreamSession {
                 LangState::Probing(s) => s.capacity(),
                 LangState::Decided(_) => 0,
             }
-            + self.rules.capacity() * std::mem::size_of::<RuleState>()
+            + self.rules.capacity() * std::mem::size_of::<(usize, RuleState)>()
             + self
                 .rules
                 .iter()
-                .map(|r| r.seen.capacity() * 4 + r.held.capacity() * std::mem::size_of::<Hit>())
+                .map(|(_, r)| {
+                    r.seen.capacity() * 4 + r.held.capacity() * std::mem::size_of::<Hit>()
+                })
                 .sum::<usize>()
             + self.hits.capacity() * std::mem::size_of::<Hit>()
     }
@@ -1326,7 +1341,7 @@ impl StreamSession {
             self.accept(&engine, f, &mut out);
         }
         self.finished = true;
-        for r in &mut self.rules {
+        for (_, r) in &mut self.rules {
             r.held.clear();
         }
         self.step(out)
@@ -1385,7 +1400,17 @@ impl StreamSession {
             score: t.weight,
             action: rule.action,
         };
-        if self.rules[t.rule].add(f.trigger, t.weight, rule.threshold, hit, out) {
+        let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
+            Ok(i) => i,
+            Err(i) => {
+                self.rules.insert(i, (t.rule, RuleState::default()));
+                i
+            }
+        };
+        if self.rules[i]
+            .1
+            .add(f.trigger, t.weight, rule.threshold, hit, out)
+        {
             self.action = self.action.max(rule.action);
         }
     }
@@ -1395,6 +1420,9 @@ impl StreamSession {
         for h in &hits {
             if !self.distinct.iter().any(|d| d.trigger_id == h.trigger_id) {
                 self.distinct.push(h.clone());
+            }
+            if !self.keep_hits {
+                continue;
             }
             if self.hits.len() < MAX_KEPT_HITS {
                 self.hits.push(h.clone());
@@ -1484,8 +1512,8 @@ impl StreamSession {
         for f in &self.lang_waiting {
             r = r.min(f.start);
         }
-        for (i, st) in self.rules.iter().enumerate() {
-            if !st.fired && engine.rules.rules[i].action.withholds() {
+        for (i, st) in &self.rules {
+            if !st.fired && engine.rules.rules[*i].action.withholds() {
                 if let Some(start) = st.held_start() {
                     r = r.min(start);
                 }
@@ -1791,9 +1819,8 @@ impl StreamSession {
         let rule_scores = self
             .rules
             .iter()
-            .enumerate()
             .filter(|(_, r)| r.fired)
-            .map(|(i, r)| (self.engine.rules.rules[i].id.clone(), r.score))
+            .map(|(i, r)| (self.engine.rules.rules[*i].id.clone(), r.score))
             .collect();
         Verdict {
             action: self.action,

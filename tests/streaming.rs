@@ -197,3 +197,40 @@ fn feed_last_answers_like_feed() {
         assert_eq!(va.languages_applied, vb.languages_applied, "{text}");
     }
 }
+
+/// A stream that does not keep its hits for a final verdict (as the daemon's streams do) holds
+/// state bounded by its automata and scores, however long it runs and however many hits it
+/// reports; one that keeps them grows with its hits (up to a cap).
+#[test]
+fn a_streams_state_is_bounded_by_what_it_keeps() {
+    let engine = common::bundled();
+    let opts = ClassifyOptions::default();
+    let para = "My SSN is 123-45-6789, please update the quarterly report and the plan. ";
+    let state_after = |discard: bool, repeats: usize| {
+        let mut s = engine.session(&opts);
+        if discard {
+            s.discard_verdict_hits();
+        }
+        let mut hits = 0;
+        for _ in 0..repeats {
+            for chunk in common::cut(para, std::iter::repeat(16)) {
+                hits += s.feed(chunk).hits.len();
+            }
+        }
+        assert!(
+            hits + 1 >= repeats,
+            "every paragraph's number is reported ({hits})"
+        );
+        s.state_bytes()
+    };
+    let fresh = engine.session(&opts).state_bytes();
+    let short = state_after(true, 100);
+    let long = state_after(true, 5_000);
+    assert!(
+        long <= short + 512,
+        "the state grew from {short} to {long} bytes over 50x the text"
+    );
+    assert!(long < 2 * fresh, "{long} bytes against {fresh} fresh");
+    let kept = state_after(false, 5_000);
+    assert!(kept > long + 5_000 * 32, "kept hits are counted: {kept}");
+}

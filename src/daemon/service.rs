@@ -194,6 +194,31 @@ fn log_decision(
     }
 }
 
+/// What a stream's decision record needs of the hits reported so far: the distinct rules and the
+/// most severe action (not the hits themselves, which went to the client).
+#[derive(Default)]
+struct StreamHits {
+    rules: Vec<std::sync::Arc<str>>,
+    action: Action,
+}
+
+impl StreamHits {
+    fn add(&mut self, hits: &[Hit]) {
+        for h in hits {
+            if !self.rules.contains(&h.rule_id) {
+                self.rules.push(h.rule_id.clone());
+            }
+            self.action = self.action.max(h.action);
+        }
+    }
+
+    fn rules(&self) -> Vec<&str> {
+        let mut rules: Vec<&str> = self.rules.iter().map(|r| &**r).collect();
+        rules.sort_unstable();
+        rules
+    }
+}
+
 fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
     let mut rules: Vec<&str> = hits.iter().map(|h| &*h.rule_id).collect();
     rules.sort_unstable();
@@ -520,7 +545,9 @@ impl StreamTask {
         // The stream keeps this engine to its end, even across a reload.
         let engine = shared.engine.load_full();
         let mut session = engine.session(&meta.opts);
-        let mut all_hits: Vec<Hit> = Vec::new();
+        // Each step's hits go to the client as they come: the session need not keep them.
+        session.discard_verdict_hits();
+        let mut all_hits = StreamHits::default();
         let mut chunks: u64 = 0;
         let mut bytes: u64 = 0;
         let mut pending = Some(first);
@@ -627,7 +654,7 @@ impl StreamTask {
             drop(msg);
             if !step.hits.is_empty() {
                 observe_hits(&step.hits);
-                all_hits.extend(step.hits.iter().cloned());
+                all_hits.add(&step.hits);
                 level = level.max(1);
             }
             if step.action >= Action::Block {
@@ -662,10 +689,10 @@ impl StreamTask {
         // The final response: the verdict of the whole stream.
         if reason != "blocked" && !step.hits.is_empty() {
             observe_hits(&step.hits);
-            all_hits.extend(step.hits.iter().cloned());
+            all_hits.add(&step.hits);
         }
         let action = step.action;
-        let rules = distinct_rules(&all_hits);
+        let rules = all_hits.rules();
         let outcome = shared.record(meta.subject.as_ref(), action, &rules);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
         self.log_stream_end(
@@ -750,15 +777,14 @@ impl StreamTask {
         &self,
         decision_id: &str,
         meta: &CallMeta,
-        hits: &[Hit],
+        hits: &StreamHits,
         action: Option<Action>,
         level: u32,
         reason: &str,
         bytes: u64,
     ) {
-        let rules = distinct_rules(hits);
-        let action =
-            action.unwrap_or_else(|| hits.iter().map(|h| h.action).max().unwrap_or_default());
+        let rules = hits.rules();
+        let action = action.unwrap_or(hits.action);
         log_decision(
             "classify_stream",
             decision_id,
