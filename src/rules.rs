@@ -546,7 +546,10 @@ fn compile_trigger(
         (None, Some(re), anchors) => {
             let pattern = re.get_ref().clone();
             let in_dfa = anchors.is_none();
-            check_regex(ctx, re, view, max_len, in_dfa)?;
+            // The longest match the regex can make, when shorter than its bound: rings, release
+            // offsets and confirmation windows follow what a match can really span.
+            let bound = max_len;
+            let max_len = check_regex(ctx, re, view, bound, in_dfa)?.min(bound);
             match anchors {
                 None => TriggerKind::Regex { pattern, max_len },
                 Some(anchors) => {
@@ -564,9 +567,11 @@ fn compile_trigger(
                         out.push(a.get_ref().clone());
                     }
                     let look_behind = t.look_behind.unwrap_or(0);
-                    if look_behind > max_len {
+                    if look_behind > bound {
                         return ctx.err(Some(tspan), "look_behind is larger than max_len");
                     }
+                    // A match is never longer than `max_len`, so it cannot start further back.
+                    let look_behind = look_behind.min(max_len);
                     TriggerKind::Anchored {
                         anchors: out,
                         pattern,
@@ -609,7 +614,7 @@ fn check_regex(
     view: View,
     max_len: usize,
     in_dfa: bool,
-) -> Result<(), LoadError> {
+) -> Result<usize, LoadError> {
     let pattern = re.get_ref();
     let span = Some(re.span());
     if pattern.is_empty() {
@@ -635,7 +640,7 @@ fn check_regex(
         }
     };
     let props = hir.properties();
-    match props.maximum_len() {
+    let longest = match props.maximum_len() {
         None => {
             return ctx.err(
                 span,
@@ -645,8 +650,8 @@ fn check_regex(
         Some(n) if n > max_len => {
             return ctx.err(span, format!("regex `{pattern}` can match {n} bytes, over its maximum length {max_len}"));
         }
-        _ => {}
-    }
+        Some(n) => n,
+    };
     if props.minimum_len() == Some(0) {
         return ctx.err(
             span,
@@ -708,7 +713,7 @@ fn check_regex(
             }
         }
     }
-    Ok(())
+    Ok(longest)
 }
 
 /// Summary counts for `mistguard check`: rule id → language code → number of patterns.

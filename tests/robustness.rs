@@ -96,3 +96,34 @@ fn the_loader_refuses_what_would_hurt_with_file_and_line() {
         .to_string()
         .contains("hard_block"));
 }
+
+/// A regex's bound is what it can really match when that is less than its `max_len`: the rings,
+/// release offsets and confirmation windows follow it.
+#[test]
+fn a_regex_is_bounded_by_its_longest_match() {
+    let rule = "rule = \"RULE-MIST-009\"\nname = \"x\"\n[[trigger]]\nid = \"w\"\nlang = \"en\"\nregex = ' (?:ignore|disregard) (?:all )?rules '\nmax_len = 200\n[[trigger]]\nid = \"a\"\nlang = \"neutral\"\nanchors = [\"key=\"]\nregex = 'key=[0-9a-f]{8,32}'\nmax_len = 200\nlook_behind = 100\n";
+    let files = vec![
+        ("policy.toml".to_string(), POLICY.to_string()),
+        ("mist-009.toml".to_string(), rule.to_string()),
+    ];
+    let rs = load_files(&files, "t").unwrap();
+    let kinds: Vec<_> = rs.triggers.iter().map(|t| t.kind.clone()).collect();
+    match &kinds[0] {
+        mistguard::rules::TriggerKind::Regex { max_len, .. } => assert_eq!(*max_len, 21),
+        k => panic!("{k:?}"),
+    }
+    match &kinds[1] {
+        mistguard::rules::TriggerKind::Anchored {
+            max_len,
+            look_behind,
+            ..
+        } => assert_eq!((*max_len, *look_behind), (36, 36)),
+        k => panic!("{k:?}"),
+    }
+    let engine = mistguard::Engine::from_ruleset(rs).unwrap();
+    assert!(
+        engine.scanner().holdback_bound() < 100,
+        "{}",
+        engine.scanner().holdback_bound()
+    );
+}
