@@ -42,11 +42,14 @@ pub fn message(
             }
         }
         for h in hits.iter().filter(|h| h.rule_id == r.id) {
-            if let Some(t) = rs.triggers.iter().find(|t| t.id == h.trigger_id) {
-                if let Some(m) = &t.message {
-                    if !parts.contains(m) {
-                        parts.push(m.clone());
-                    }
+            // Ids are unique: only a trigger with a message can add one (few have).
+            let with_message = rs
+                .triggers
+                .iter()
+                .find(|t| t.message.is_some() && t.id == h.trigger_id);
+            if let Some(m) = with_message.and_then(|t| t.message.as_ref()) {
+                if !parts.contains(m) {
+                    parts.push(m.clone());
                 }
             }
         }
