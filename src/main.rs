@@ -192,18 +192,18 @@ fn pattern_table(
         .into_iter()
         .filter(|c| counts.values().any(|m| m.contains_key(c)))
         .collect();
+    // Each column as wide as its heading (at least four digits) plus two spaces.
+    let width = |c: &str| c.len().max(4) + 2;
     let mut s = format!("{:<14}", "patterns");
     for c in &cols {
-        s.push_str(&format!("{c:>w$}", w = c.len().max(4) + 2));
+        s.push_str(&format!("{c:>w$}", w = width(c)));
     }
     s.push_str("  total\n");
     for (rule, m) in counts {
         s.push_str(&format!("{rule:<14}"));
         for c in &cols {
-            match m.get(c) {
-                Some(n) => s.push_str(&format!("{n:>w$}", w = c.len().max(4) + 2)),
-                None => s.push_str(&format!("{:>w$}", ".", w = c.len().max(4) + 2)),
-            }
+            let cell = m.get(c).map_or_else(|| ".".to_string(), |n| n.to_string());
+            s.push_str(&format!("{cell:>w$}", w = width(c)));
         }
         s.push_str(&format!("  {:>5}\n", m.values().sum::<usize>()));
     }

@@ -153,10 +153,7 @@ impl Normalizer {
             let e = fast_entry(c);
             match e & KIND_MASK {
                 EMIT => {
-                    let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
-                    self.emit_char(ch, at, len as u8, sink);
-                    self.prev_latin = e & PREV_LATIN != 0;
-                    self.strip_marks = e & STRIP != 0;
+                    self.emit_entry(e, at, len as u8, sink);
                     continue;
                 }
                 MARK => {
@@ -234,10 +231,7 @@ impl Normalizer {
                 return;
             }
             if e & FOLD_SLOW == 0 {
-                let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
-                self.emit_char(ch, at, len, sink);
-                self.prev_latin = e & PREV_LATIN != 0;
-                self.strip_marks = e & STRIP != 0;
+                self.emit_entry(e, at, len, sink);
                 return;
             }
         }
@@ -313,6 +307,14 @@ impl Normalizer {
                 self.strip_marks = strip;
             }
         }
+    }
+
+    /// Emits the character of a table entry and takes its flags.
+    fn emit_entry<S: NormSink>(&mut self, e: u32, at: u64, len: u8, sink: &mut S) {
+        let ch = char::from_u32(e & CHAR_MASK).expect("table holds chars");
+        self.emit_char(ch, at, len, sink);
+        self.prev_latin = e & PREV_LATIN != 0;
+        self.strip_marks = e & STRIP != 0;
     }
 
     fn emit_char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {

@@ -211,8 +211,6 @@ impl Phrases {
 struct AnchoredGroup {
     dfa: dense::DFA<Vec<u32>>,
     triggers: Vec<u32>,
-    /// The group's patterns (as compiled, opening space included).
-    patterns: Vec<String>,
     /// The state after the opening space (where a walker is spawned, see `spawn`).
     after_space: StateID,
     /// Languages of the group's triggers (a group of no applicable language is not walked).
@@ -248,7 +246,6 @@ impl AnchoredGroup {
         Ok(AnchoredGroup {
             dfa,
             triggers,
-            patterns: patterns.to_vec(),
             after_space,
             langs: Vec::new(),
         })
@@ -560,26 +557,24 @@ impl Scanner {
         }
         // Spawn literals of each group whose every pattern has them; a group where one does not
         // walk cleanly is spawned at word starts instead.
-        let literal_of: std::collections::HashMap<&str, &Vec<Vec<u8>>> = anchored
+        let literal_of: std::collections::HashMap<u32, &Vec<Vec<u8>>> = anchored
             .iter()
             .zip(&literals)
-            .filter_map(|(a, l)| l.as_ref().map(|l| (a.1.as_str(), l)))
+            .filter_map(|(a, l)| l.as_ref().map(|l| (a.0, l)))
             .collect();
         let mut spawn_lits: Vec<(u16, StateID)> = Vec::new();
         let mut prefixed_groups = 0u64;
         for (gi, g) in word_anchored.iter().enumerate() {
-            let mut lits: Vec<Vec<u8>> = Vec::new();
-            let mut all = true;
-            for p in &g.patterns {
-                match literal_of.get(p.as_str()) {
-                    Some(l) => lits.extend(l.iter().cloned()),
-                    None => all = false,
-                }
-            }
-            if !all {
+            // Groups are built from all-prefixed or all-unprefixed parts (above).
+            let Some(lits) = g
+                .triggers
+                .iter()
+                .map(|t| literal_of.get(t).copied())
+                .collect::<Option<Vec<_>>>()
+            else {
                 continue;
-            }
-            let Some(walked) = walk_literals(g, lits) else {
+            };
+            let Some(walked) = walk_literals(g, lits.into_iter().flatten().cloned()) else {
                 continue;
             };
             prefixed_groups |= 1 << gi;
@@ -945,9 +940,12 @@ fn prefix_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
 /// step itself, to report the match) and dropped when another literal is a prefix of it. None
 /// when a literal cannot be cut to two bytes or more, or dies (the group is then spawned at word
 /// starts).
-fn walk_literals(g: &AnchoredGroup, mut lits: Vec<Vec<u8>>) -> Option<Vec<(Vec<u8>, StateID)>> {
-    let mut out = Vec::with_capacity(lits.len());
-    for lit in &mut lits {
+fn walk_literals(
+    g: &AnchoredGroup,
+    lits: impl Iterator<Item = Vec<u8>>,
+) -> Option<Vec<(Vec<u8>, StateID)>> {
+    let mut walked = Vec::new();
+    for mut lit in lits {
         let mut sid = g.after_space;
         for i in 1..lit.len() {
             let next = g.dfa.next_state(sid, lit[i]);
@@ -963,21 +961,16 @@ fn walk_literals(g: &AnchoredGroup, mut lits: Vec<Vec<u8>>) -> Option<Vec<(Vec<u
             }
             sid = next;
         }
+        walked.push((lit, sid));
     }
-    lits.sort();
-    lits.dedup();
-    let mut kept: Vec<Vec<u8>> = Vec::with_capacity(lits.len());
-    for lit in lits {
-        // Sorted: a literal's prefixes come before it.
-        if kept.iter().rev().any(|k| lit.starts_with(k)) {
+    walked.sort();
+    walked.dedup();
+    let mut out: Vec<(Vec<u8>, StateID)> = Vec::with_capacity(walked.len());
+    for (lit, sid) in walked {
+        // Sorted: whatever lies between a literal and one it is a prefix of also starts with
+        // it (and was dropped), so only the last literal kept can be a prefix.
+        if out.last().is_some_and(|k| lit.starts_with(&k.0)) {
             continue;
-        }
-        kept.push(lit);
-    }
-    for lit in kept {
-        let mut sid = g.after_space;
-        for &b in &lit[1..] {
-            sid = g.dfa.next_state(sid, b);
         }
         out.push((lit, sid));
     }
