@@ -9,11 +9,12 @@ pub const FILTERED: &str = "[FILTERED]";
 
 /// The message for a verdict: each fired rule's message (in the text's language where the rule
 /// file has one, else English, else the policy's), most severe first, plus the safe alternatives
-/// named by the triggers that hit (RULE-MIST-002's WARN).
+/// named by the triggers that hit (RULE-MIST-002's WARN). `triggers`: the distinct triggers
+/// that hit (indices into the ruleset's triggers), in the order they were reported.
 pub fn message(
     engine: &Engine,
     action: Action,
-    hits: &[&Hit],
+    triggers: &[u32],
     language: Option<&str>,
 ) -> Option<String> {
     if action == Action::Allow {
@@ -21,11 +22,10 @@ pub fn message(
     }
     let rs = engine.ruleset();
     let mut rules: Vec<usize> = Vec::new();
-    for h in hits {
-        if let Some(i) = rs.rule_index(&h.rule_id) {
-            if !rules.contains(&i) {
-                rules.push(i);
-            }
+    for &t in triggers {
+        let i = rs.triggers[t as usize].rule;
+        if !rules.contains(&i) {
+            rules.push(i);
         }
     }
     rules.sort_by_key(|&i| std::cmp::Reverse(rs.rules[i].action));
@@ -41,13 +41,8 @@ pub fn message(
                 parts.push(m.clone());
             }
         }
-        for h in hits.iter().filter(|h| h.rule_id == r.id) {
-            // Ids are unique: only a trigger with a message can add one (few have).
-            let with_message = rs
-                .triggers
-                .iter()
-                .find(|t| t.message.is_some() && t.id == h.trigger_id);
-            if let Some(m) = with_message.and_then(|t| t.message.as_ref()) {
+        for t in triggers.iter().map(|&t| &rs.triggers[t as usize]) {
+            if let (true, Some(m)) = (t.rule == i, &t.message) {
                 if !parts.contains(m) {
                     parts.push(m.clone());
                 }

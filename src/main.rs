@@ -155,7 +155,7 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
         langs.join(" ")
     );
     println!(
-        "word view: {} phrases (and {} spawn literals) in an {} of {} KiB, {} regexes in {} anchored DFAs ({} spawned by literals) of {} KiB and {} unanchored DFAs of {} KiB; ring {} bytes",
+        "word view: {} phrases (and {} spawn literals) in an {} of {} KiB, {} regexes in {} anchored DFAs ({} spawned by literals) of {} KiB and {} unanchored DFAs of {} KiB; a stream keeps up to {} bytes back",
         stats.word_phrases,
         stats.spawn_literals,
         stats.word_ac_kind,
@@ -169,13 +169,14 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
         stats.word_window
     );
     println!(
-        "raw view:  {} phrases, {} regexes, {} anchors in {} dense DFAs of {} KiB; ring {} bytes",
+        "raw view:  {} phrases, {} regexes, {} anchors in {} dense DFAs of {} KiB; a stream keeps up to {} bytes back ({} always, for look-behind)",
         stats.raw_phrases,
         stats.raw_regexes,
         stats.anchors,
         stats.raw_dfa_groups,
         stats.raw_dfa_bytes / 1024,
-        stats.raw_window
+        stats.raw_window,
+        stats.raw_look_behind
     );
     println!("compiled in {} ms\n", started.elapsed().as_millis());
     println!("{}", pattern_table(&counts));

@@ -9,10 +9,10 @@
 //! - the **raw view**: the caller's bytes, walked through one dense DFA holding the neutral regexes,
 //!   the raw phrases (ASCII case-insensitive) and the anchors of confirmed regexes.
 //!
-//! Only automaton state ids, a ring of the last few bytes of each view (to map normalized offsets
-//! back to the original text and to find where a regex match started), and the rules' scores are
-//! carried between chunks, so a trigger split across any chunk boundary is found and a stream's
-//! state does not grow with its length. Whole texts are scanned the same way (one chunk), so the
+//! Only automaton state ids, a tail of each view (the bytes a partial match, a pending anchor or
+//! a look-behind can still reach, to map normalized offsets back to the original text and to find
+//! where a regex match started), and the rules' scores are carried between chunks, so a trigger
+//! split across any chunk boundary is found and a stream's state does not grow with its length. Whole texts are scanned the same way (one chunk), so the
 //! two answers agree by construction.
 
 use crate::action::Action;
@@ -47,7 +47,7 @@ enum RawKind {
     /// A phrase of fixed byte length.
     Literal { len: u32 },
     /// An anchor of a confirmed regex: its trigger's `max_len`, and the span of anchor starts
-    /// one confirmation may cover ([`anchor_group_span`], set once the ring size is known).
+    /// one confirmation may cover ([`anchor_group_span`], set once the window is known).
     Anchor { len: u32, max_len: u32, span: u32 },
 }
 
@@ -281,6 +281,8 @@ pub struct ScannerStats {
     pub raw_dfa_groups: usize,
     pub word_window: usize,
     pub raw_window: usize,
+    /// Largest look-behind of a confirmed regex: the raw bytes every stream keeps.
+    pub raw_look_behind: usize,
 }
 
 /// Build choices of a [`Scanner`] that change its speed, never its results (tests build both
@@ -332,6 +334,10 @@ pub struct Scanner {
     raw_ac: Option<aho_corasick::dfa::DFA>,
     raw_ac_patterns: Vec<(RawPattern, Box<[u8]>)>,
     raw_ac_max: u64,
+    /// Depth of each raw phrase automaton state (the length of the partial match it stands
+    /// for), by state id shifted right by the second field: where a partial anchor began,
+    /// looked up once per chunk.
+    raw_ac_depths: (Vec<u8>, u32),
     /// Largest `look_behind` of the confirmed regexes: a match can start this far before its
     /// anchor, so a stream holds back that much more.
     raw_look_behind: u64,
@@ -340,7 +346,8 @@ pub struct Scanner {
     raw_ac_stay: Box<[bool]>,
     /// Confirmation regexes of anchored triggers, by trigger index.
     confirm: Vec<Option<regex_automata::meta::Regex>>,
-    /// Ring sizes (powers of two).
+    /// The most bytes a view's tail may keep (powers of two): what the longest match, or a
+    /// confirmation window, reaches back. A stream keeps less, see [`Tail`].
     word_window: usize,
     raw_window: usize,
     /// Longest match of the word-view regex DFA and of the raw DFA.
@@ -664,6 +671,10 @@ impl Scanner {
             )
         };
         let raw_ac_max = raw_lits.iter().map(|l| l.1.len()).max().unwrap_or(0) as u64;
+        let raw_ac_depths = match &raw_ac {
+            Some(ac) => ac_depths(ac),
+            None => (Vec::new(), 0),
+        };
         let raw_look_behind = rs
             .triggers
             .iter()
@@ -740,6 +751,7 @@ impl Scanner {
         }
         stats.word_window = word_window;
         stats.raw_window = raw_window;
+        stats.raw_look_behind = raw_look_behind as usize;
         Ok(Scanner {
             word_ac,
             word_ac_patterns,
@@ -754,6 +766,7 @@ impl Scanner {
             raw_ac,
             raw_ac_patterns: raw_lits,
             raw_ac_max,
+            raw_ac_depths,
             raw_look_behind,
             raw_ac_start,
             raw_ac_stay,
@@ -768,6 +781,15 @@ impl Scanner {
 
     pub fn stats(&self) -> &ScannerStats {
         &self.stats
+    }
+
+    /// The length of the partial match that raw phrase automaton state `sid` stands for.
+    fn raw_ac_depth(&self, sid: aho_corasick::automaton::StateID) -> u64 {
+        let (depths, shift) = &self.raw_ac_depths;
+        match depths.get((sid.as_u32() >> shift) as usize) {
+            Some(&d) if d < u8::MAX => d as u64,
+            _ => self.raw_ac_max,
+        }
     }
 
     /// The most a stream holds back behind the bytes it has received, once its language is
@@ -978,12 +1000,7 @@ fn walk_literals(
 }
 
 /// A hit before its rule's score is known.
-#[derive(Clone, Debug)]
-struct Found {
-    trigger: u32,
-    start: u64,
-    end: u64,
-}
+type Found = crate::score::Match;
 
 /// Anchors of one confirmed regex that start within [`ANCHOR_GROUP`] bytes of the first,
 /// waiting for enough bytes after the last: one confirmation covers them all. (Digits anchor the
@@ -1001,11 +1018,11 @@ struct PendingAnchor {
 }
 
 /// Most span of the anchor starts one confirmation covers; less for a trigger whose window
-/// leaves less room in the raw ring (see [`anchor_group_span`]).
+/// leaves less room in the raw window (see [`anchor_group_span`]).
 const ANCHOR_GROUP: u64 = 64;
 
 /// The span of anchor starts one confirmation of a trigger may cover, so that its window (the
-/// look-behind, the span, `max_len` and a byte of context on each side) still fits the ring.
+/// look-behind, the span, `max_len` and a byte of context on each side) still fits the window.
 fn anchor_group_span(ring: usize, max_len: u64, look_behind: u64) -> u64 {
     (ring as u64)
         .saturating_sub(max_len + look_behind + 2)
@@ -1039,7 +1056,7 @@ enum LangState {
     Probing(String),
 }
 
-/// The state of one stream: automaton states, rings, scores. See the module docs.
+/// The state of one stream: automaton states, tails, scores. See the module docs.
 pub struct StreamSession {
     engine: Arc<Engine>,
     // Raw view.
@@ -1047,12 +1064,16 @@ pub struct StreamSession {
     /// State of each raw DFA, and the offset before which none of its partial matches started.
     raw: Box<[(StateID, u64)]>,
     raw_ac_sid: aho_corasick::automaton::StateID,
-    raw_ring: Box<[u8]>,
+    raw_tail: Tail<u8>,
+    /// [`raw_oldest`](Self::raw_oldest) after the last chunk.
+    raw_oldest: u64,
     anchors: Vec<PendingAnchor>,
     // Word view.
     norm: Normalizer,
     word_pos: u64,
     ac_sid: aho_corasick::automaton::StateID,
+    /// Offset at which the phrase automaton was last in its start state.
+    ac_free: u64,
     /// State of each word-view regex DFA, and the offset after which none of its partial matches
     /// can have started.
     wdfa: Box<[(StateID, u64)]>,
@@ -1062,33 +1083,37 @@ pub struct StreamSession {
     pending_space: Option<u64>,
     /// Anchored groups (bit per group) that hold a trigger of an applicable language.
     active_groups: u64,
-    word_bytes: Box<[u8]>,
-    word_starts: Box<[u32]>,
-    word_lens: Box<[u8]>,
+    word_tail: Tail<WordCell>,
+    /// [`word_oldest`](Self::word_oldest) after the last batch.
+    word_oldest: u64,
     // Language, scores, results.
     lang: LangState,
     lang_waiting: Vec<Found>,
     /// Score of each rule with a hit so far, by rule index (ascending): a fresh stream holds none.
     rules: Vec<(usize, RuleState)>,
     action: Action,
-    /// Every hit reported, for [`StreamSession::verdict`] (not kept after
-    /// [`StreamSession::discard_verdict_hits`]).
-    hits: Vec<Hit>,
+    /// What was reported, from the first hit on (a stream without hits holds none of it).
+    reported: Option<Box<Reported>>,
     keep_hits: bool,
-    /// Hits reported beyond this cap are counted, not kept (bounds a stream's memory).
-    hits_dropped: u64,
-    /// The first hit of each distinct trigger reported (what the message is made of).
-    distinct: Vec<Hit>,
-    /// The message of the last step, and what it was made from.
-    #[allow(clippy::type_complexity)]
-    message: (
-        Option<(Action, Option<&'static str>, usize)>,
-        Option<String>,
-    ),
     released: u64,
     /// `feed_last` was called: no more chunks may come.
     fed_last: bool,
     finished: bool,
+}
+
+/// What a stream keeps of the hits it reported.
+#[derive(Default)]
+struct Reported {
+    /// Every hit reported, for [`StreamSession::verdict`] (not kept after
+    /// [`StreamSession::discard_verdict_hits`]).
+    hits: Vec<Found>,
+    /// Hits reported beyond [`MAX_KEPT_HITS`] are counted, not kept (bounds a stream's memory).
+    hits_dropped: u64,
+    /// Each distinct trigger reported (what the message is made of), by index.
+    distinct: Vec<u32>,
+    /// The message of the last step, and what it was made from.
+    message: Option<String>,
+    message_key: Option<(Action, Option<&'static str>, usize)>,
 }
 
 /// Most hits a stream keeps for its final verdict.
@@ -1107,27 +1132,25 @@ impl StreamSession {
             raw_pos: 0,
             raw,
             raw_ac_sid: sc.raw_ac_start,
-            raw_ring: vec![0; sc.raw_window].into_boxed_slice(),
+            raw_tail: Tail::default(),
+            raw_oldest: 0,
             anchors: Vec::new(),
             norm: Normalizer::new(),
             word_pos: 0,
             ac_sid: sc.word_ac_start,
+            ac_free: 0,
             wdfa,
             walkers: Vec::new(),
             pending_space: None,
             active_groups: u64::MAX,
-            word_bytes: vec![0; sc.word_window].into_boxed_slice(),
-            word_starts: vec![0; sc.word_window].into_boxed_slice(),
-            word_lens: vec![0; sc.word_window].into_boxed_slice(),
+            word_tail: Tail::default(),
+            word_oldest: 0,
             lang,
             lang_waiting: Vec::new(),
             rules: Vec::new(),
             action: Action::Allow,
-            hits: Vec::new(),
             keep_hits: true,
-            hits_dropped: 0,
-            distinct: Vec::new(),
-            message: (None, None),
+            reported: None,
             released: 0,
             fed_last: false,
             finished: false,
@@ -1143,7 +1166,9 @@ impl StreamSession {
     /// its automata and scores, not by how many hits it has reported.
     pub fn discard_verdict_hits(&mut self) {
         self.keep_hits = false;
-        self.hits = Vec::new();
+        if let Some(r) = &mut self.reported {
+            r.hits = Vec::new();
+        }
     }
 
     /// Bytes fed so far.
@@ -1160,32 +1185,63 @@ impl StreamSession {
         self.action
     }
 
-    /// Bytes of state this stream holds (the struct, its rings and its vectors), for the budget
-    /// figure in the benchmarks.
+    /// Bytes of state this stream holds (the struct, its tails and its vectors), for the budget
+    /// figure in the benchmarks: the sum of [`state_parts`](Self::state_parts).
     pub fn state_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.raw_ring.len()
-            + self.word_bytes.len()
-            + self.word_starts.len() * 4
-            + self.word_lens.len()
-            + self.wdfa.len() * std::mem::size_of::<(StateID, u64)>()
-            + self.raw.len() * std::mem::size_of::<(StateID, u64)>()
-            + self.walkers.capacity() * std::mem::size_of::<Walker>()
-            + self.anchors.capacity() * std::mem::size_of::<PendingAnchor>()
-            + self.lang_waiting.capacity() * std::mem::size_of::<Found>()
-            + match &self.lang {
-                LangState::Probing(s) => s.capacity(),
-                LangState::Decided(_) => 0,
-            }
-            + self.rules.capacity() * std::mem::size_of::<(usize, RuleState)>()
-            + self
-                .rules
-                .iter()
-                .map(|(_, r)| {
-                    r.seen.capacity() * 4 + r.held.capacity() * std::mem::size_of::<Hit>()
-                })
-                .sum::<usize>()
-            + self.hits.capacity() * std::mem::size_of::<Hit>()
+        self.state_parts().iter().map(|p| p.1).sum()
+    }
+
+
+    /// What [`state_bytes`](Self::state_bytes) counts, part by part (heap parts by capacity).
+    pub fn state_parts(&self) -> Vec<(&'static str, usize)> {
+        use std::mem::size_of;
+        vec![
+            ("struct", size_of::<Self>()),
+            ("raw tail", self.raw_tail.bytes()),
+            ("word tail", self.word_tail.bytes()),
+            (
+                "DFA states",
+                (self.wdfa.len() + self.raw.len()) * size_of::<(StateID, u64)>(),
+            ),
+            ("walkers", self.walkers.capacity() * size_of::<Walker>()),
+            (
+                "pending anchors",
+                self.anchors.capacity() * size_of::<PendingAnchor>(),
+            ),
+            (
+                "language",
+                self.lang_waiting.capacity() * size_of::<Found>()
+                    + match &self.lang {
+                        LangState::Probing(s) => s.capacity(),
+                        LangState::Decided(_) => 0,
+                    },
+            ),
+            (
+                "rule scores",
+                self.rules.capacity() * size_of::<(usize, RuleState)>()
+                    + self
+                        .rules
+                        .iter()
+                        .map(|(_, r)| {
+                            r.seen.capacity() * 4 + r.held.capacity() * size_of::<Found>()
+                        })
+                        .sum::<usize>(),
+            ),
+            (
+                "verdict hits",
+                self.reported
+                    .as_ref()
+                    .map_or(0, |r| r.hits.capacity() * size_of::<Found>()),
+            ),
+            (
+                "message",
+                self.reported.as_ref().map_or(0, |r| {
+                    size_of::<Reported>()
+                        + r.distinct.capacity() * 4
+                        + r.message.as_ref().map_or(0, |m| m.capacity())
+                }),
+            ),
+        ]
     }
 
     /// Scans one chunk.
@@ -1273,17 +1329,18 @@ impl StreamSession {
             let view = RawView {
                 base: self.raw_pos,
                 chunk: &[],
-                ring: &self.raw_ring,
+                tail: &self.raw_tail,
+                window: sc.raw_window as u64,
             };
             for g in 0..sc.raw_dfas.len() {
-                let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(self.raw[g].0);
+                let (sid, free) = self.raw[g];
+                let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(sid);
                 raw_matches(
                     &engine,
                     &view,
                     g,
                     eoi,
-                    self.raw_pos,
-                    self.raw_pos,
+                    (self.raw_pos, self.raw_pos, free),
                     &mut found,
                 );
             }
@@ -1317,9 +1374,10 @@ impl StreamSession {
             walker_matches(sc, &view, w, eoi, self.word_pos, &mut reported, &mut found);
         }
         for g in 0..sc.word_dfas.len() {
-            let eoi = sc.word_dfas[g].0.fwd.next_eoi_state(self.wdfa[g].0);
+            let (sid, free) = self.wdfa[g];
+            let eoi = sc.word_dfas[g].0.fwd.next_eoi_state(sid);
             let end = self.word_pos;
-            word_dfa_matches(sc, &view, g, eoi, end, self.word_pos, &mut found);
+            word_dfa_matches(sc, &view, g, eoi, (end, self.word_pos, free), &mut found);
         }
         self.walkers.clear();
         let mut out = Vec::new();
@@ -1371,7 +1429,7 @@ impl StreamSession {
     }
 
     /// Language check, then scoring. Hits that become reportable go to `out`.
-    fn accept(&mut self, engine: &Engine, f: Found, out: &mut Vec<Hit>) {
+    fn accept(&mut self, engine: &Engine, f: Found, out: &mut Vec<Found>) {
         let t = &engine.rules.triggers[f.trigger as usize];
         if t.lang != NEUTRAL {
             match self.lang_set() {
@@ -1384,15 +1442,6 @@ impl StreamSession {
             }
         }
         let rule = &engine.rules.rules[t.rule];
-        let hit = Hit {
-            rule_id: rule.id.clone(),
-            trigger_id: t.id.clone(),
-            language: lang::code(t.lang),
-            start: f.start,
-            end: f.end,
-            score: t.weight,
-            action: rule.action,
-        };
         let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
             Ok(i) => i,
             Err(i) => {
@@ -1400,29 +1449,41 @@ impl StreamSession {
                 i
             }
         };
-        if self.rules[i]
-            .1
-            .add(f.trigger, t.weight, rule.threshold, hit, out)
-        {
+        if self.rules[i].1.add(f, t.weight, rule.threshold, out) {
             self.action = self.action.max(rule.action);
         }
     }
 
-    fn step(&mut self, mut hits: Vec<Hit>) -> StepResult {
-        hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
-        for h in &hits {
-            if !self.distinct.iter().any(|d| d.trigger_id == h.trigger_id) {
-                self.distinct.push(h.clone());
-            }
-            if !self.keep_hits {
-                continue;
-            }
-            if self.hits.len() < MAX_KEPT_HITS {
-                self.hits.push(h.clone());
-            } else {
-                self.hits_dropped += 1;
+    fn step(&mut self, found: Vec<Found>) -> StepResult {
+        let mut hits: Vec<(Hit, u32)> = Vec::new();
+        if !found.is_empty() {
+            hits = found
+                .iter()
+                .map(|f| (hit_of(&self.engine, f), f.trigger))
+                .collect();
+            hits.sort_by(|(a, _), (b, _)| {
+                (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id))
+            });
+            let rep = self.reported.get_or_insert_with(Box::default);
+            for (h, trigger) in &hits {
+                if !rep.distinct.contains(trigger) {
+                    rep.distinct.push(*trigger);
+                }
+                if !self.keep_hits {
+                    continue;
+                }
+                if rep.hits.len() < MAX_KEPT_HITS {
+                    rep.hits.push(Found {
+                        trigger: *trigger,
+                        start: h.start,
+                        end: h.end,
+                    });
+                } else {
+                    rep.hits_dropped += 1;
+                }
             }
         }
+        let hits: Vec<Hit> = hits.into_iter().map(|h| h.0).collect();
         let release = if self.finished {
             self.raw_pos
         } else {
@@ -1432,13 +1493,19 @@ impl StreamSession {
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
         // The message depends only on the action, the language and the distinct triggers: rebuild
         // it when one of them changes, not on every chunk.
-        let key = (self.action, language, self.distinct.len());
-        if self.message.0 != Some(key) {
-            let refs: Vec<&Hit> = self.distinct.iter().collect();
-            let m = crate::decide::message(&self.engine, self.action, &refs, language);
-            self.message = (Some(key), m);
-        }
-        let message = self.message.1.clone();
+        // (No hit reported yet: the action is ALLOW, which has none.)
+        let message = match &mut self.reported {
+            Some(rep) => {
+                let key = (self.action, language, rep.distinct.len());
+                if rep.message_key != Some(key) {
+                    rep.message =
+                        crate::decide::message(&self.engine, self.action, &rep.distinct, language);
+                    rep.message_key = Some(key);
+                }
+                rep.message.clone()
+            }
+            None => None,
+        };
         StepResult {
             action: self.action,
             hits,
@@ -1451,52 +1518,11 @@ impl StreamSession {
     /// The original offset before which no trigger can still complete a match.
     fn release_bound(&self) -> u64 {
         let engine = &self.engine;
-        let sc = &engine.scanner;
         // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
-        let raw_free = self
-            .raw
-            .iter()
-            .map(|d| d.1)
-            .min()
-            .unwrap_or(self.raw_pos)
-            .max(self.raw_pos.saturating_sub(sc.raw_dfa_max));
-        let mut r = self.raw_pos.min(raw_free);
-        let raw_depth = if self.raw_ac_sid == sc.raw_ac_start {
-            0
-        } else {
-            sc.raw_ac_max
-        };
-        // An anchor not seen yet starts at or after `raw_pos - raw_depth`; its match may begin up to
-        // the largest look-behind before it.
-        r = r.min(self.raw_pos.saturating_sub(raw_depth + sc.raw_look_behind));
-        for a in &self.anchors {
-            let lb = match &engine.rules.triggers[a.trigger as usize].kind {
-                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
-                _ => 0,
-            };
-            r = r.min(a.first.saturating_sub(lb));
-        }
+        let mut r = self.raw_oldest;
         r = r.min(self.norm.settled_offset());
-        // Word view: the oldest live partial match of either automaton.
-        let depth = if self.ac_sid == sc.word_ac_start {
-            0
-        } else {
-            sc.word_ac_max
-        };
-        let word_free = self
-            .wdfa
-            .iter()
-            .map(|d| d.1)
-            .min()
-            .unwrap_or(self.word_pos)
-            .max(self.word_pos.saturating_sub(sc.word_dfa_max));
-        let mut oldest = (self.word_pos - depth.min(self.word_pos)).min(word_free);
-        for w in &self.walkers {
-            oldest = oldest.min(w.start);
-        }
-        if let Some(at) = self.pending_space {
-            oldest = oldest.min(at);
-        }
+        // Word view: the oldest live partial match.
+        let oldest = self.word_oldest;
         if oldest < self.word_pos {
             r = r.min(self.word_view(&NO_BATCH).orig_start(oldest));
         }
@@ -1515,20 +1541,18 @@ impl StreamSession {
         r
     }
 
-    /// The word view's bytes and spans: the ring (older bytes) and this chunk's batch from
+    /// The word view's bytes and spans: the tail (older bytes) and this chunk's batch from
     /// offset `word_pos` on.
     fn word_view<'a>(&'a self, batch: &'a WordBatch) -> WordView<'a> {
         WordView {
             base: self.word_pos,
             batch,
-            bytes: &self.word_bytes,
-            starts: &self.word_starts,
-            lens: &self.word_lens,
+            tail: &self.word_tail,
         }
     }
 
     /// Walks the word-view automata over one batch of normalized bytes, one automaton at a time,
-    /// then keeps the batch's tail in the rings.
+    /// then keeps in the tail what a partial match can still reach.
     fn scan_words(&mut self, engine: &Engine, b: &WordBatch, found: &mut Vec<Found>) {
         let sc = &engine.scanner;
         let n = b.bytes.len();
@@ -1540,15 +1564,14 @@ impl StreamSession {
             let view = WordView {
                 base,
                 batch: b,
-                bytes: &self.word_bytes,
-                starts: &self.word_starts,
-                lens: &self.word_lens,
+                tail: &self.word_tail,
             };
             let mut spawns = Vec::new();
             if let Some(ac) = &sc.word_ac {
-                self.ac_sid = match ac {
-                    Phrases::Dfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found, &mut spawns),
-                    Phrases::Nfa(a) => phrase_loop(a, sc, &view, self.ac_sid, found, &mut spawns),
+                let at = (self.ac_sid, self.ac_free);
+                (self.ac_sid, self.ac_free) = match ac {
+                    Phrases::Dfa(a) => phrase_loop(a, sc, &view, at, found, &mut spawns),
+                    Phrases::Nfa(a) => phrase_loop(a, sc, &view, at, found, &mut spawns),
                 };
             }
             if !sc.word_anchored.is_empty() {
@@ -1645,33 +1668,61 @@ impl StreamSession {
             for g in 0..sc.word_dfas.len() {
                 let (sid, free) = self.wdfa[g];
                 self.wdfa[g] =
-                    dfa_loop(&sc.word_dfas[g].0, &b.bytes, base, sid, free, |sid, end| {
-                        word_dfa_matches(sc, &view, g, sid, end - 1, end, found)
+                    dfa_loop(&sc.word_dfas[g].0, &b.bytes, base, sid, free, |sid, end, free| {
+                        word_dfa_matches(sc, &view, g, sid, (end - 1, end, free), found)
                     });
             }
         }
-        // Keep the batch's tail in the rings.
-        let mask = self.word_bytes.len() - 1;
-        let keep = n.min(self.word_bytes.len());
-        for k in n - keep..n {
-            let i = ((base + k as u64) as usize) & mask;
-            self.word_bytes[i] = b.bytes[k];
-            self.word_starts[i] = b.starts[k];
-            self.word_lens[i] = b.lens[k];
-        }
+        // Keep what a partial match can still reach.
         self.word_pos = base + n as u64;
+        self.word_oldest = self.word_oldest(sc);
+        let keep_from = self.word_keep_from(sc);
+        self.word_tail.keep(keep_from, base, n, |i| WordCell {
+            start: b.starts[i],
+            len: b.lens[i],
+            byte: b.bytes[i],
+        });
+    }
+
+    /// The oldest word-view offset a match not yet reported can start at: the phrase
+    /// automaton's partial match, a live walker, a pending space, a word DFA's partial match.
+    ///
+    /// Computed after each batch (kept in the field of the same name for the release bound).
+    fn word_oldest(&self, sc: &Scanner) -> u64 {
+        let mut oldest = self
+            .ac_free
+            .max(self.word_pos.saturating_sub(sc.word_ac_max));
+        for d in self.wdfa.iter() {
+            oldest = oldest.min(d.1.max(self.word_pos.saturating_sub(sc.word_dfa_max)));
+        }
+        for w in &self.walkers {
+            oldest = oldest.min(w.start);
+        }
+        if let Some(at) = self.pending_space {
+            oldest = oldest.min(at);
+        }
+        oldest
+    }
+
+    /// The first word-view offset the tail keeps: from [`word_oldest`](Self::word_oldest), with
+    /// one byte before it for a DFA's look-behind.
+    fn word_keep_from(&self, sc: &Scanner) -> u64 {
+        self.word_oldest
+            .saturating_sub(1)
+            .max(self.word_pos.saturating_sub(sc.word_window as u64))
     }
 
     /// Walks the raw-view automata over one chunk, one automaton at a time, confirms the anchors
-    /// whose window is complete, then keeps the chunk's tail in the ring.
+    /// whose window is complete, then keeps in the tail what a match can still reach.
     fn scan_raw(&mut self, engine: &Engine, bytes: &[u8], found: &mut Vec<Found>) {
         let sc = &engine.scanner;
-        let ring = std::mem::take(&mut self.raw_ring);
+        let tail = std::mem::take(&mut self.raw_tail);
         let base = self.raw_pos;
         let view = RawView {
             base,
             chunk: bytes,
-            ring: &ring,
+            tail: &tail,
+            window: sc.raw_window as u64,
         };
         if let Some(ac) = &sc.raw_ac {
             // Anchors are confirmed as soon as their window is complete, so few are pending.
@@ -1713,8 +1764,8 @@ impl StreamSession {
         for g in 0..sc.raw_dfas.len() {
             let (sid, free) = self.raw[g];
             // One-byte delay: a match state reached on a byte means the match ended before it.
-            self.raw[g] = dfa_loop(&sc.raw_dfas[g].0, bytes, base, sid, free, |sid, pos| {
-                raw_matches(engine, &view, g, sid, pos - 1, pos, found)
+            self.raw[g] = dfa_loop(&sc.raw_dfas[g].0, bytes, base, sid, free, |sid, pos, free| {
+                raw_matches(engine, &view, g, sid, (pos - 1, pos, free), found)
             });
         }
         let end = base + bytes.len() as u64;
@@ -1723,13 +1774,48 @@ impl StreamSession {
         for a in self.anchors.drain(..due) {
             confirm_anchor(engine, &view, a, end, found);
         }
-        self.raw_ring = ring;
-        let mask = self.raw_ring.len() - 1;
-        let keep = bytes.len().min(self.raw_ring.len());
-        let from = bytes.len() - keep;
-        for (k, &b) in bytes.iter().enumerate().skip(from) {
-            self.raw_ring[((base + k as u64) as usize) & mask] = b;
+        self.raw_tail = tail;
+        // A burst of digits (anchors of the number shapes) does not keep its room for ever.
+        if self.anchors.capacity() > 4 && self.anchors.len() * 2 < self.anchors.capacity() {
+            self.anchors
+                .shrink_to(self.anchors.len().max(2).next_power_of_two());
         }
+        self.raw_oldest = self.raw_oldest(sc);
+        let keep_from = self.raw_keep_from(sc);
+        self.raw_tail.keep(keep_from, base, bytes.len(), |i| bytes[i]);
+    }
+
+    /// The oldest raw offset a match not yet reported can start at: a raw DFA's partial match,
+    /// a pending anchor's look-behind, or the look-behind of an anchor the phrase automaton may
+    /// still complete.
+    ///
+    /// Computed after each chunk (kept in the field of the same name for the release bound).
+    fn raw_oldest(&self, sc: &Scanner) -> u64 {
+        let engine = &self.engine;
+        let mut r = self.raw_pos;
+        for d in self.raw.iter() {
+            r = r.min(d.1.max(self.raw_pos.saturating_sub(sc.raw_dfa_max)));
+        }
+        // An anchor not seen yet starts where the phrase automaton's partial match does; its match
+        // may begin up to the largest look-behind before it.
+        let partial = self.raw_pos - sc.raw_ac_depth(self.raw_ac_sid);
+        r = r.min(partial.saturating_sub(sc.raw_look_behind));
+        for a in &self.anchors {
+            let lb = match &engine.rules.triggers[a.trigger as usize].kind {
+                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
+                _ => 0,
+            };
+            r = r.min(a.first.saturating_sub(lb));
+        }
+        r
+    }
+
+    /// The first raw offset the tail keeps: from [`raw_oldest`](Self::raw_oldest), with one byte
+    /// of context before it (confirmations and DFAs see the real neighbour).
+    fn raw_keep_from(&self, sc: &Scanner) -> u64 {
+        self.raw_oldest
+            .saturating_sub(1)
+            .max(self.raw_pos.saturating_sub(sc.raw_window as u64))
     }
 
     /// Reports the raw phrases and anchors of the aho-corasick match state `sid` reached at `end`.
@@ -1798,13 +1884,16 @@ impl StreamSession {
     /// The verdict for everything seen so far (call after [`finish`](Self::finish) for the final
     /// one). With the original `text`, a SANITIZE verdict carries the sanitized text.
     pub fn verdict(&self, text: Option<&str>) -> Verdict {
-        let mut hits = self.hits.clone();
+        let (kept, distinct) = match &self.reported {
+            Some(r) => (&r.hits[..], &r.distinct[..]),
+            None => (&[][..], &[][..]),
+        };
+        let mut hits: Vec<Hit> = kept.iter().map(|f| hit_of(&self.engine, f)).collect();
         hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
         hits.dedup();
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
         let languages_applied = self.lang_set().map(|s| s.codes()).unwrap_or_default();
-        let refs: Vec<&Hit> = self.distinct.iter().collect();
-        let message = crate::decide::message(&self.engine, self.action, &refs, language);
+        let message = crate::decide::message(&self.engine, self.action, distinct, language);
         let sanitized_text = match text {
             Some(t) if self.action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
             _ => None,
@@ -1827,11 +1916,28 @@ impl StreamSession {
     }
 }
 
-/// The raw view during a scan: offsets from `base` on are in the chunk, older ones in the ring.
+/// The hit a trigger's match reports.
+fn hit_of(engine: &Engine, f: &Found) -> Hit {
+    let t = &engine.rules.triggers[f.trigger as usize];
+    let rule = &engine.rules.rules[t.rule];
+    Hit {
+        rule_id: rule.id.clone(),
+        trigger_id: t.id.clone(),
+        language: lang::code(t.lang),
+        start: f.start,
+        end: f.end,
+        score: t.weight,
+        action: rule.action,
+    }
+}
+
+/// The raw view during a scan: offsets from `base` on are in the chunk, older ones in the tail.
 struct RawView<'a> {
     base: u64,
     chunk: &'a [u8],
-    ring: &'a [u8],
+    tail: &'a Tail<u8>,
+    /// Most bytes a match or a confirmation window reaches back (the scanner's `raw_window`).
+    window: u64,
 }
 
 impl RawView<'_> {
@@ -1843,44 +1949,86 @@ impl RawView<'_> {
             )
         } else {
             (lo..hi)
-                .map(|n| at(self.base, self.chunk, self.ring, n))
+                .map(|n| at(self.base, self.chunk, self.tail, n))
                 .collect()
         }
     }
 
     /// Whether bytes `lo..` of the stream are `expect`.
     fn equals(&self, lo: u64, expect: &[u8]) -> bool {
-        (0..expect.len()).all(|i| at(self.base, self.chunk, self.ring, lo + i as u64) == expect[i])
+        (0..expect.len()).all(|i| at(self.base, self.chunk, self.tail, lo + i as u64) == expect[i])
     }
 }
 
 /// The entry for stream offset `n` of a view: in the current chunk (`batch`, from offset `base`
-/// on) or, for older offsets, in the ring (power-of-two length).
+/// on) or, for older offsets, in the tail.
 #[inline]
-fn at<T: Copy>(base: u64, batch: &[T], ring: &[T], n: u64) -> T {
+fn at<T: Copy>(base: u64, batch: &[T], tail: &Tail<T>, n: u64) -> T {
     if n >= base {
         batch[(n - base) as usize]
     } else {
-        ring[(n as usize) & (ring.len() - 1)]
+        tail.v[(n - tail.from) as usize]
+    }
+}
+
+/// The last entries of a view before the current chunk: those from offset `from` on, as far
+/// back as a partial match, a pending anchor or a look-behind can still reach (see
+/// [`StreamSession::word_keep_from`] and [`StreamSession::raw_keep_from`]); nothing older.
+struct Tail<T> {
+    from: u64,
+    v: Vec<T>,
+}
+
+impl<T> Default for Tail<T> {
+    fn default() -> Self {
+        Tail {
+            from: 0,
+            v: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy> Tail<T> {
+    /// Drops the entries before `keep_from`, then appends the `n` new entries `new(i)` (offsets
+    /// `base + i`, where the tail ends) from `keep_from` on.
+    fn keep(&mut self, keep_from: u64, base: u64, n: usize, new: impl Fn(usize) -> T) {
+        debug_assert_eq!(self.from + self.v.len() as u64, base);
+        let drop = keep_from.min(base).saturating_sub(self.from) as usize;
+        if drop > 0 {
+            self.v.drain(..drop);
+            self.from += drop as u64;
+        }
+        let skip = keep_from.saturating_sub(base).min(n as u64) as usize;
+        if skip > 0 {
+            self.from += skip as u64;
+        }
+        self.v.extend((skip..n).map(new));
+        // What a long partial match grew is given back once it is over.
+        if self.v.capacity() > 16 && self.v.len() * 2 < self.v.capacity() {
+            self.v.shrink_to(self.v.len().max(8).next_power_of_two());
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.v.capacity() * std::mem::size_of::<T>()
     }
 }
 
 /// Reports the raw-view regex matches of a match state, ending at `end`; `now` is the offset
-/// scanned so far (the window reaches it).
+/// scanned so far (the window reaches it), `free` the DFA's (see [`dfa_window`]).
 fn raw_matches(
     engine: &Engine,
     view: &RawView<'_>,
     group: usize,
     sid: StateID,
-    end: u64,
-    now: u64,
+    (end, now, free): (u64, u64, u64),
     found: &mut Vec<Found>,
 ) {
     let (dfa, patterns) = &engine.scanner.raw_dfas[group];
     if !dfa.fwd.is_match_state(sid) {
         return;
     }
-    let lo = now.saturating_sub(view.ring.len() as u64 - 1);
+    let (lo, from) = dfa_window(now, free, engine.scanner.raw_dfa_max);
     let window = view.window(lo, now);
     for k in 0..dfa.fwd.match_len(sid) {
         let pid = dfa.fwd.match_pattern(sid, k);
@@ -1889,7 +2037,8 @@ fn raw_matches(
         let RawKind::Regex { rev } = p.kind else {
             continue;
         };
-        let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, rev) else {
+        let Some(s) = dfa.find_start(&window, (from - lo) as usize, (end - lo) as usize, rev)
+        else {
             continue;
         };
         if let Some(v) = t.validate {
@@ -1928,7 +2077,7 @@ fn confirm_anchor(
     };
     // The window ends where it is complete (`due`), or at the end of input if that comes first.
     let now = raw_pos.min(a.due);
-    let ring = view.ring.len() as u64;
+    let ring = view.window;
     // One byte of context on each side, so look-around sees the real neighbours.
     let lo = a
         .first
@@ -2003,27 +2152,53 @@ static NO_BATCH: WordBatch = WordBatch {
     lens: Vec::new(),
 };
 
-/// The word view during a scan: offsets from `base` on are in the batch, older ones in the ring.
+/// A normalized byte kept in the word view's tail, with its original span.
+#[derive(Clone, Copy)]
+#[repr(C, packed)]
+struct WordCell {
+    start: u32,
+    len: u8,
+    byte: u8,
+}
+
+/// The word view during a scan: offsets from `base` on are in the batch, older ones in the tail.
 struct WordView<'a> {
     base: u64,
     batch: &'a WordBatch,
-    bytes: &'a [u8],
-    starts: &'a [u32],
-    lens: &'a [u8],
+    tail: &'a Tail<WordCell>,
 }
 
 impl WordView<'_> {
     #[inline]
+    fn cell(&self, n: u64) -> WordCell {
+        if n >= self.base {
+            let i = (n - self.base) as usize;
+            WordCell {
+                start: self.batch.starts[i],
+                len: self.batch.lens[i],
+                byte: self.batch.bytes[i],
+            }
+        } else {
+            self.tail.v[(n - self.tail.from) as usize]
+        }
+    }
+
+    #[inline]
     fn byte(&self, n: u64) -> u8 {
-        at(self.base, &self.batch.bytes, self.bytes, n)
+        if n >= self.base {
+            self.batch.bytes[(n - self.base) as usize]
+        } else {
+            self.tail.v[(n - self.tail.from) as usize].byte
+        }
     }
 
     fn orig_start(&self, n: u64) -> u64 {
-        at(self.base, &self.batch.starts, self.starts, n) as u64
+        self.cell(n).start as u64
     }
 
     fn orig_end(&self, n: u64) -> u64 {
-        self.orig_start(n) + at(self.base, &self.batch.lens, self.lens, n) as u64
+        let c = self.cell(n);
+        c.start as u64 + c.len as u64
     }
 
     /// Maps a normalized span (framing spaces trimmed) to the original text.
@@ -2046,6 +2221,51 @@ impl WordView<'_> {
 }
 
 /// The bytes that keep an aho-corasick automaton in its (unanchored) start state `start`.
+/// The depth of every state of an aho-corasick automaton (the length of the pattern prefix it
+/// stands for): a breadth-first walk from the start state, where the first visit of a state is
+/// at its depth (no input shorter than the prefix can end in it). State ids are multiples of a
+/// power of two (the DFA's stride): returns the depths indexed by id shifted right by its log,
+/// and that log. 255 stands for unknown or deeper (the caller falls back to the longest
+/// pattern).
+fn ac_depths<A: AcAutomaton>(ac: &A) -> (Vec<u8>, u32) {
+    use aho_corasick::automaton::StateID as Sid;
+    let Ok(start) = ac.start_state(aho_corasick::Anchored::No) else {
+        return (Vec::new(), 0);
+    };
+    let mut seen: std::collections::HashMap<Sid, u8> = std::collections::HashMap::new();
+    seen.insert(start, 0);
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(s) = queue.pop_front() {
+        let d = seen[&s];
+        if d == u8::MAX {
+            continue;
+        }
+        for b in 0..=255u8 {
+            let n = ac.next_state(aho_corasick::Anchored::No, s, b);
+            if ac.is_dead(n) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = seen.entry(n) {
+                e.insert(d + 1);
+                queue.push_back(n);
+            }
+        }
+    }
+    let shift = seen
+        .keys()
+        .map(|s| s.as_u32())
+        .filter(|&s| s != 0)
+        .map(u32::trailing_zeros)
+        .min()
+        .unwrap_or(0);
+    let top = seen.keys().map(|s| s.as_u32() >> shift).max().unwrap_or(0);
+    let mut v = vec![u8::MAX; top as usize + 1];
+    for (s, d) in seen {
+        v[(s.as_u32() >> shift) as usize] = d;
+    }
+    (v, shift)
+}
+
 fn ac_stay<A: AcAutomaton>(ac: &A, start: aho_corasick::automaton::StateID) -> Box<[bool]> {
     (0..=255u8)
         .map(|b| ac.next_state(aho_corasick::Anchored::No, start, b) == start)
@@ -2055,8 +2275,8 @@ fn ac_stay<A: AcAutomaton>(ac: &A, start: aho_corasick::automaton::StateID) -> B
 /// Walks an unanchored regex DFA over `bytes` (the first at offset `base`) from state `sid`;
 /// `free` is the offset before which none of its partial matches can have started. Bytes that
 /// keep the start state are skipped with a table lookup (all of a Latin text, for a Chinese
-/// regex). `on_match(sid, end)` is called for each match state, reached on the byte ending at
-/// `end`. Returns the new `(sid, free)`.
+/// regex). `on_match(sid, end, free)` is called for each match state, reached on the byte ending
+/// at `end`. Returns the new `(sid, free)`.
 #[inline]
 fn dfa_loop(
     rd: &RegexDfa,
@@ -2064,7 +2284,7 @@ fn dfa_loop(
     base: u64,
     mut sid: StateID,
     mut free: u64,
-    mut on_match: impl FnMut(StateID, u64),
+    mut on_match: impl FnMut(StateID, u64, u64),
 ) -> (StateID, u64) {
     let dfa = &rd.fwd;
     let (st, stay) = (rd.start, &rd.stay[..]);
@@ -2091,23 +2311,24 @@ fn dfa_loop(
             if dfa.is_start_state(sid) {
                 free = end;
             } else if dfa.is_match_state(sid) {
-                on_match(sid, end);
+                on_match(sid, end, free);
             }
         }
     }
     (sid, free)
 }
 
-/// Walks the phrase automaton over a batch; returns the state it ends in. Phrase matches go to
-/// `found`; spawn-literal matches to `spawns` as (end, literal, length), in order of end.
+/// Walks the phrase automaton over a batch from `(sid, free)`: its state, and the offset at
+/// which it was last in its start state. Returns both at the end of the batch. Phrase matches go
+/// to `found`; spawn-literal matches to `spawns` as (end, literal, length), in order of end.
 fn phrase_loop<A: AcAutomaton>(
     ac: &A,
     sc: &Scanner,
     view: &WordView<'_>,
-    mut sid: aho_corasick::automaton::StateID,
+    (mut sid, mut free): (aho_corasick::automaton::StateID, u64),
     found: &mut Vec<Found>,
     spawns: &mut Vec<(u64, u32, u32)>,
-) -> aho_corasick::automaton::StateID {
+) -> (aho_corasick::automaton::StateID, u64) {
     let bytes = &view.batch.bytes[..];
     let stay = &sc.word_ac_stay[..];
     let mut k = 0;
@@ -2117,6 +2338,7 @@ fn phrase_loop<A: AcAutomaton>(
             while k < bytes.len() && stay[bytes[k] as usize] {
                 k += 1;
             }
+            free = view.base + k as u64;
             if k == bytes.len() {
                 break;
             }
@@ -2143,31 +2365,41 @@ fn phrase_loop<A: AcAutomaton>(
             }
         }
     }
-    sid
+    if sid == sc.word_ac_start {
+        free = view.base + bytes.len() as u64;
+    }
+    (sid, free)
+}
+
+/// The window a match of an unanchored DFA is searched back in, ending at `now` (the offset
+/// scanned so far): from the DFA's `free` offset (no partial match began before it), at most
+/// `max` bytes back, and one byte of context before. Returns (window start, search start).
+fn dfa_window(now: u64, free: u64, max: u64) -> (u64, u64) {
+    let lo = free.max(now.saturating_sub(max));
+    (lo.saturating_sub(1), lo)
 }
 
 /// Reports the matches of a word-view unanchored DFA in state `sid`, ending at `end`; `now` is
-/// the word offset scanned so far (the window reaches it, for look-ahead).
+/// the word offset scanned so far (the window reaches it, for look-ahead), `free` the DFA's.
 fn word_dfa_matches(
     sc: &Scanner,
     view: &WordView<'_>,
     group: usize,
     sid: StateID,
-    end: u64,
-    now: u64,
+    (end, now, free): (u64, u64, u64),
     found: &mut Vec<Found>,
 ) {
     let (dfa, triggers) = &sc.word_dfas[group];
     if !dfa.fwd.is_match_state(sid) {
         return;
     }
-    let w = view.bytes.len() as u64 - 1;
-    let lo = end.saturating_sub(w).max(now.saturating_sub(w));
+    let (lo, from) = dfa_window(now, free, sc.word_dfa_max);
     let window = view.window(lo, now);
     for k in 0..dfa.fwd.match_len(sid) {
         let pid = dfa.fwd.match_pattern(sid, k);
         let trigger = triggers[pid.as_usize()];
-        let Some(s) = dfa.find_start(&window, 0, (end - lo) as usize, pid) else {
+        let Some(s) = dfa.find_start(&window, (from - lo) as usize, (end - lo) as usize, pid)
+        else {
             continue;
         };
         if let Some((os, oe)) = view.span(lo + s as u64, end) {

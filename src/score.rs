@@ -5,7 +5,15 @@
 //! two different pieces of evidence (weight 0.5 each: a group term and a generalisation) add up to
 //! 1.0. Until a rule fires its hits are held; when it fires they are all reported at once.
 
-use crate::engine::Hit;
+/// A trigger's match, before or after its rule's score is known: the trigger (index into the
+/// ruleset's triggers) and the span in the original text. Kept instead of a full
+/// [`Hit`](crate::engine::Hit) while a rule holds it (24 bytes, not 88).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Match {
+    pub trigger: u32,
+    pub start: u64,
+    pub end: u64,
+}
 
 /// Most hits a rule holds while it has not fired; later ones are dropped. Without a cap,
 /// a stream that repeats one half-weight trigger would grow without bound. (The same bound as the
@@ -21,22 +29,15 @@ pub struct RuleState {
     pub seen: Vec<u32>,
     /// Hits of this rule while it has not fired yet (at most [`MAX_HELD_HITS`]; later ones are
     /// dropped). The first has the smallest start (what holds back a stream's release).
-    pub held: Vec<Hit>,
+    pub held: Vec<Match>,
 }
 
 impl RuleState {
-    /// Adds a hit of `trigger`. Hits that become reportable are appended to `out`. Returns true
-    /// when this hit made the rule fire.
-    pub fn add(
-        &mut self,
-        trigger: u32,
-        weight: f32,
-        threshold: f32,
-        hit: Hit,
-        out: &mut Vec<Hit>,
-    ) -> bool {
-        if !self.seen.contains(&trigger) {
-            self.seen.push(trigger);
+    /// Adds a match of a trigger of this rule. Matches that become reportable are appended to
+    /// `out`. Returns true when this one made the rule fire.
+    pub fn add(&mut self, hit: Match, weight: f32, threshold: f32, out: &mut Vec<Match>) -> bool {
+        if !self.seen.contains(&hit.trigger) {
+            self.seen.push(hit.trigger);
             self.score += weight;
         }
         if self.fired {
@@ -71,17 +72,12 @@ impl RuleState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::Action;
 
-    fn hit(t: &str) -> Hit {
-        Hit {
-            rule_id: "RULE-MIST-007".into(),
-            trigger_id: t.into(),
-            language: "en",
+    fn hit(trigger: u32) -> Match {
+        Match {
+            trigger,
             start: 0,
             end: 1,
-            score: 0.5,
-            action: Action::Flag,
         }
     }
 
@@ -89,12 +85,12 @@ mod tests {
     fn distinct_triggers_add_up_repeats_do_not() {
         let mut st = RuleState::default();
         let mut out = Vec::new();
-        assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
-        assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
+        assert!(!st.add(hit(1), 0.5, 1.0, &mut out));
+        assert!(!st.add(hit(1), 0.5, 1.0, &mut out));
         assert!(out.is_empty());
-        assert!(st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert!(st.add(hit(2), 0.5, 1.0, &mut out));
         assert_eq!(out.len(), 3, "held hits are reported when the rule fires");
-        assert!(!st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert!(!st.add(hit(2), 0.5, 1.0, &mut out));
         assert_eq!(out.len(), 4);
     }
 
@@ -103,19 +99,19 @@ mod tests {
         let mut st = RuleState::default();
         let mut out = Vec::new();
         for _ in 0..3 * MAX_HELD_HITS {
-            assert!(!st.add(1, 0.5, 1.0, hit("a"), &mut out));
+            assert!(!st.add(hit(1), 0.5, 1.0, &mut out));
         }
         assert!(out.is_empty());
         assert_eq!(st.held.len(), MAX_HELD_HITS);
-        assert!(st.add(2, 0.5, 1.0, hit("b"), &mut out));
+        assert!(st.add(hit(2), 0.5, 1.0, &mut out));
         assert_eq!(
             out.len(),
             MAX_HELD_HITS + 1,
             "the kept held hits are reported on firing"
         );
         assert_eq!(
-            &*out.last().unwrap().trigger_id,
-            "b",
+            out.last().unwrap().trigger,
+            2,
             "and the hit that fired the rule"
         );
         assert!(st.held.is_empty());
@@ -126,9 +122,9 @@ mod tests {
         let mut st = RuleState::default();
         let mut out = Vec::new();
         for start in [40, 7, 90, 3, 12, 3, 55] {
-            let mut h = hit("a");
+            let mut h = hit(1);
             h.start = start;
-            st.add(1, 0.5, 1.0, h, &mut out);
+            st.add(h, 0.5, 1.0, &mut out);
             let min = st.held.iter().map(|h| h.start).min();
             assert_eq!(st.held_start(), min);
         }
@@ -140,7 +136,7 @@ mod tests {
         let mut st = RuleState::default();
         let mut out = Vec::new();
         let fired: Vec<bool> = (0..10)
-            .map(|i| st.add(i, 0.1, 1.0, hit("x"), &mut out))
+            .map(|i| st.add(hit(i), 0.1, 1.0, &mut out))
             .collect();
         assert_eq!(fired.iter().filter(|f| **f).count(), 1);
         assert!(fired[9]);
