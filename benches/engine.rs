@@ -28,8 +28,9 @@ const WORDS: &[(&str, &str)] = &[
     ("code", "def handler(event): rows = db.query(sql, params); return {\"status\": 200, \"rows\": len(rows)}"),
 ];
 
-/// About `size` bytes of paragraphs in rotating languages, one trigger phrase every ~4 KiB.
-fn corpus(engine: &Engine, size: usize) -> String {
+/// About `size` bytes of paragraphs in rotating languages, one trigger phrase every ~4 KiB
+/// (`with_triggers`) or none.
+fn corpus(engine: &Engine, size: usize, with_triggers: bool) -> String {
     let phrases: Vec<&String> = engine
         .ruleset()
         .triggers
@@ -45,7 +46,7 @@ fn corpus(engine: &Engine, size: usize) -> String {
         let (_, text) = WORDS[i % WORDS.len()];
         out.push_str(text);
         out.push_str(". ");
-        if i % 30 == 29 {
+        if with_triggers && i % 30 == 29 {
             out.push_str(phrases[(i * 7919) % phrases.len()]);
             out.push_str(". ");
         }
@@ -112,32 +113,52 @@ fn chunks(text: &str, n: usize) -> Vec<&str> {
 
 fn bench(c: &mut Criterion) {
     let engine = Arc::new(Engine::bundled().expect("bundled rulesets"));
-    let text = corpus(&engine, 2 << 20);
+    let text = corpus(&engine, 2 << 20, true);
     let opts = ClassifyOptions::default();
 
-    // State of one stream, after a long text (steady state) — printed, not timed.
-    let mut cut = 256 << 10;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    for (discard, what) in [
-        (false, "keeping its hits for a verdict"),
-        (true, "hits not kept (the daemon's streams)"),
+    // State of one stream (mean and most over every chunk of 256 KiB in 16-byte chunks) and the
+    // bytes it holds back behind those received — printed, not timed.
+    let benign = corpus(&engine, 256 << 10, false);
+    let fresh = engine.session(&opts);
+    eprintln!(
+        "state bytes of a fresh stream: {} {:?}",
+        fresh.state_bytes(),
+        fresh.state_parts()
+    );
+    for (text, discard, what) in [
+        (&benign, true, "benign prose, hits not kept (the daemon's streams)"),
+        (&text, true, "a trigger every ~4 KiB, hits not kept"),
+        (&text, false, "a trigger every ~4 KiB, hits kept for a verdict"),
     ] {
+        let mut cut = (256 << 10).min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
         let mut s = engine.session(&opts);
         if discard {
             s.discard_verdict_hits();
         }
+        let (mut sum, mut most, mut steps, mut fed) = (0, 0, 0, 0u64);
+        let mut held = Vec::new();
         for ch in chunks(&text[..cut], 16) {
-            s.feed(ch);
+            fed += ch.len() as u64;
+            let step = s.feed(ch);
+            held.push(fed - step.release_offset);
+            sum += s.state_bytes();
+            most = most.max(s.state_bytes());
+            steps += 1;
         }
+        held.sort_unstable();
         eprintln!(
-            "state bytes per stream after 256 KiB in 16-byte chunks, {what}: {}",
-            s.state_bytes()
+            "{what}: state bytes mean {} most {} end {} {:?}; bytes held back mean {:.0} p99 {}",
+            sum / steps,
+            most,
+            s.state_bytes(),
+            s.state_parts(),
+            held.iter().sum::<u64>() as f64 / held.len() as f64,
+            held[held.len() * 99 / 100]
         );
     }
-    let fresh = engine.session(&opts);
-    eprintln!("state bytes of a fresh stream: {}", fresh.state_bytes());
 
     let mut g = c.benchmark_group("scan");
     g.sample_size(10);

@@ -1053,7 +1053,15 @@ impl PendingAnchor {
 
 enum LangState {
     Decided(LangSet),
-    Probing(String),
+    Probing(Box<Probe>),
+}
+
+/// A stream whose language is not decided yet: its first bytes, and the language triggers found
+/// meanwhile (accepted or dropped once it is decided).
+#[derive(Default)]
+struct Probe {
+    buf: String,
+    waiting: Vec<Found>,
 }
 
 /// The state of one stream: automaton states, tails, scores. See the module docs.
@@ -1088,7 +1096,6 @@ pub struct StreamSession {
     word_oldest: u64,
     // Language, scores, results.
     lang: LangState,
-    lang_waiting: Vec<Found>,
     /// Score of each rule with a hit so far, by rule index (ascending): a fresh stream holds none.
     rules: Vec<(usize, RuleState)>,
     action: Action,
@@ -1124,7 +1131,7 @@ impl StreamSession {
         let sc = &engine.scanner;
         let lang = match opts.lang_hint.as_deref().and_then(LangSet::from_hint) {
             Some(set) => LangState::Decided(set),
-            None => LangState::Probing(String::new()),
+            None => LangState::Probing(Box::default()),
         };
         let raw = sc.raw_dfas.iter().map(|d| (d.0.start, 0)).collect();
         let wdfa = sc.word_dfas.iter().map(|d| (d.0.start, 0)).collect();
@@ -1146,7 +1153,6 @@ impl StreamSession {
             word_tail: Tail::default(),
             word_oldest: 0,
             lang,
-            lang_waiting: Vec::new(),
             rules: Vec::new(),
             action: Action::Allow,
             keep_hits: true,
@@ -1210,11 +1216,14 @@ impl StreamSession {
             ),
             (
                 "language",
-                self.lang_waiting.capacity() * size_of::<Found>()
-                    + match &self.lang {
-                        LangState::Probing(s) => s.capacity(),
-                        LangState::Decided(_) => 0,
-                    },
+                match &self.lang {
+                    LangState::Probing(p) => {
+                        size_of::<Probe>()
+                            + p.buf.capacity()
+                            + p.waiting.capacity() * size_of::<Found>()
+                    }
+                    LangState::Decided(_) => 0,
+                },
             ),
             (
                 "rule scores",
@@ -1272,7 +1281,8 @@ impl StreamSession {
         );
         let engine = self.engine.clone();
         let mut found = Vec::new();
-        if let LangState::Probing(buf) = &mut self.lang {
+        if let LangState::Probing(p) = &mut self.lang {
+            let buf = &mut p.buf;
             let room = PROBE_BYTES.saturating_sub(buf.len());
             let mut take = room.min(chunk.len());
             while !chunk.is_char_boundary(take) {
@@ -1286,9 +1296,7 @@ impl StreamSession {
         if matches!(self.lang, LangState::Probing(_))
             && (last || self.raw_pos + chunk.len() as u64 >= PROBE_BYTES as u64)
         {
-            self.decide_language();
-            let waiting = std::mem::take(&mut self.lang_waiting);
-            for f in waiting {
+            for f in self.decide_language() {
                 self.accept(&engine, f, &mut out);
             }
         }
@@ -1382,9 +1390,7 @@ impl StreamSession {
         self.walkers.clear();
         let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) {
-            self.decide_language();
-            let waiting = std::mem::take(&mut self.lang_waiting);
-            for f in waiting {
+            for f in self.decide_language() {
                 self.accept(&engine, f, &mut out);
             }
         }
@@ -1398,12 +1404,16 @@ impl StreamSession {
         self.step(out)
     }
 
-    fn decide_language(&mut self) {
-        if let LangState::Probing(buf) = &self.lang {
-            let set = LangSet::detect(buf);
+    /// Decides the language from the probe; returns the triggers found meanwhile.
+    fn decide_language(&mut self) -> Vec<Found> {
+        let mut waiting = Vec::new();
+        if let LangState::Probing(p) = &mut self.lang {
+            waiting = std::mem::take(&mut p.waiting);
+            let set = LangSet::detect(&p.buf);
             self.lang = LangState::Decided(set);
         }
         self.update_active_groups();
+        waiting
     }
 
     /// Once the language is known, the anchored groups none of whose triggers can apply are no
@@ -1434,7 +1444,9 @@ impl StreamSession {
         if t.lang != NEUTRAL {
             match self.lang_set() {
                 None => {
-                    self.lang_waiting.push(f);
+                    if let LangState::Probing(p) = &mut self.lang {
+                        p.waiting.push(f);
+                    }
                     return;
                 }
                 Some(set) if !set.accepts(t.lang) => return,
@@ -1528,8 +1540,10 @@ impl StreamSession {
         }
         // Hits that may still be reported: waiting for the language, or held below threshold by
         // a rule whose action withholds text.
-        for f in &self.lang_waiting {
-            r = r.min(f.start);
+        if let LangState::Probing(p) = &self.lang {
+            for f in &p.waiting {
+                r = r.min(f.start);
+            }
         }
         for (i, st) in &self.rules {
             if !st.fired && engine.rules.rules[*i].action.withholds() {
