@@ -2456,3 +2456,68 @@ fn walker_matches(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_keeps_from_where_it_is_told_and_gives_room_back() {
+        let mut t: Tail<u8> = Tail::default();
+        let data: Vec<u8> = (0..=255u8).collect();
+        // Offsets 0..100 arrive; keep from 90.
+        t.keep(90, 0, 100, |i| data[i]);
+        assert_eq!((t.from, &t.v[..]), (90, &data[90..100]));
+        // 100..110 arrive; keep from 95: 95..110.
+        t.keep(95, 100, 10, |i| data[100 + i]);
+        assert_eq!((t.from, &t.v[..]), (95, &data[95..110]));
+        // Keep from beyond what arrived: only the new entries from there.
+        t.keep(115, 110, 10, |i| data[110 + i]);
+        assert_eq!((t.from, &t.v[..]), (115, &data[115..120]));
+        // Nothing kept.
+        t.keep(130, 120, 10, |i| data[120 + i]);
+        assert_eq!((t.from, t.v.len()), (130, 0));
+        // A long partial match grows the tail; once it is over the room is given back.
+        t.keep(130, 130, 120, |i| data[130 + i]);
+        assert!(t.v.capacity() >= 120);
+        t.keep(248, 250, 2, |i| data[250 + i]);
+        assert_eq!((t.from, &t.v[..]), (248, &data[248..252]));
+        assert!(t.v.capacity() <= 16, "capacity {}", t.v.capacity());
+    }
+
+    /// The depth table agrees with its definition: the longest suffix of the input that is a
+    /// prefix of some pattern, for every prefix of texts made of the patterns' bytes.
+    #[test]
+    fn aho_corasick_depths_are_the_longest_pattern_prefix_ending_here() {
+        let patterns = ["here ", "ELECT", "sig=", "here we go", "ccountKey=", "xx", "ere"];
+        let ac = aho_corasick::dfa::DFA::builder()
+            .match_kind(aho_corasick::MatchKind::Standard)
+            .ascii_case_insensitive(true)
+            .byte_classes(true)
+            .build(patterns)
+            .unwrap();
+        let (depths, shift) = ac_depths(&ac);
+        let lower: Vec<String> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
+        let alphabet: Vec<u8> = lower.concat().into_bytes();
+        let mut x: u64 = 7;
+        for _ in 0..200 {
+            let mut text = Vec::new();
+            let mut sid = ac.start_state(aho_corasick::Anchored::No).unwrap();
+            for _ in 0..40 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let b = alphabet[(x >> 33) as usize % alphabet.len()];
+                text.push(b);
+                sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
+                let want = (0..=text.len())
+                    .rev()
+                    .find(|&n| {
+                        let suffix = &text[text.len() - n..];
+                        lower.iter().any(|p| p.as_bytes().starts_with(suffix))
+                    })
+                    .unwrap();
+                let got = depths[(sid.as_u32() >> shift) as usize];
+                assert_eq!(got as usize, want, "after {:?}", String::from_utf8_lossy(&text));
+            }
+        }
+    }
+}
