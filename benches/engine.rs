@@ -126,9 +126,17 @@ fn bench(c: &mut Criterion) {
         fresh.state_parts()
     );
     for (text, discard, what) in [
-        (&benign, true, "benign prose, hits not kept (the daemon's streams)"),
+        (
+            &benign,
+            true,
+            "benign prose, hits not kept (the daemon's streams)",
+        ),
         (&text, true, "a trigger every ~4 KiB, hits not kept"),
-        (&text, false, "a trigger every ~4 KiB, hits kept for a verdict"),
+        (
+            &text,
+            false,
+            "a trigger every ~4 KiB, hits kept for a verdict",
+        ),
     ] {
         let mut cut = (256 << 10).min(text.len());
         while !text.is_char_boundary(cut) {

@@ -1197,7 +1197,6 @@ impl StreamSession {
         self.state_parts().iter().map(|p| p.1).sum()
     }
 
-
     /// What [`state_bytes`](Self::state_bytes) counts, part by part (heap parts by capacity).
     pub fn state_parts(&self) -> Vec<(&'static str, usize)> {
         use std::mem::size_of;
@@ -1681,10 +1680,16 @@ impl StreamSession {
             }
             for g in 0..sc.word_dfas.len() {
                 let (sid, free) = self.wdfa[g];
-                self.wdfa[g] =
-                    dfa_loop(&sc.word_dfas[g].0, &b.bytes, base, sid, free, |sid, end, free| {
+                self.wdfa[g] = dfa_loop(
+                    &sc.word_dfas[g].0,
+                    &b.bytes,
+                    base,
+                    sid,
+                    free,
+                    |sid, end, free| {
                         word_dfa_matches(sc, &view, g, sid, (end - 1, end, free), found)
-                    });
+                    },
+                );
             }
         }
         // Keep what a partial match can still reach.
@@ -1778,9 +1783,14 @@ impl StreamSession {
         for g in 0..sc.raw_dfas.len() {
             let (sid, free) = self.raw[g];
             // One-byte delay: a match state reached on a byte means the match ended before it.
-            self.raw[g] = dfa_loop(&sc.raw_dfas[g].0, bytes, base, sid, free, |sid, pos, free| {
-                raw_matches(engine, &view, g, sid, (pos - 1, pos, free), found)
-            });
+            self.raw[g] = dfa_loop(
+                &sc.raw_dfas[g].0,
+                bytes,
+                base,
+                sid,
+                free,
+                |sid, pos, free| raw_matches(engine, &view, g, sid, (pos - 1, pos, free), found),
+            );
         }
         let end = base + bytes.len() as u64;
         self.raw_pos = end;
@@ -1796,7 +1806,8 @@ impl StreamSession {
         }
         self.raw_oldest = self.raw_oldest(sc);
         let keep_from = self.raw_keep_from(sc);
-        self.raw_tail.keep(keep_from, base, bytes.len(), |i| bytes[i]);
+        self.raw_tail
+            .keep(keep_from, base, bytes.len(), |i| bytes[i]);
     }
 
     /// The oldest raw offset a match not yet reported can start at: a raw DFA's partial match,
@@ -2489,7 +2500,15 @@ mod tests {
     /// prefix of some pattern, for every prefix of texts made of the patterns' bytes.
     #[test]
     fn aho_corasick_depths_are_the_longest_pattern_prefix_ending_here() {
-        let patterns = ["here ", "ELECT", "sig=", "here we go", "ccountKey=", "xx", "ere"];
+        let patterns = [
+            "here ",
+            "ELECT",
+            "sig=",
+            "here we go",
+            "ccountKey=",
+            "xx",
+            "ere",
+        ];
         let ac = aho_corasick::dfa::DFA::builder()
             .match_kind(aho_corasick::MatchKind::Standard)
             .ascii_case_insensitive(true)
@@ -2504,7 +2523,9 @@ mod tests {
             let mut text = Vec::new();
             let mut sid = ac.start_state(aho_corasick::Anchored::No).unwrap();
             for _ in 0..40 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let b = alphabet[(x >> 33) as usize % alphabet.len()];
                 text.push(b);
                 sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
@@ -2516,7 +2537,12 @@ mod tests {
                     })
                     .unwrap();
                 let got = depths[(sid.as_u32() >> shift) as usize];
-                assert_eq!(got as usize, want, "after {:?}", String::from_utf8_lossy(&text));
+                assert_eq!(
+                    got as usize,
+                    want,
+                    "after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
             }
         }
     }
