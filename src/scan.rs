@@ -2509,11 +2509,10 @@ mod tests {
         assert!(grown >= 120);
         t.keep(248, 250, 2, |i| data[250 + i]);
         assert_eq!((t.from, &t.v[..]), (248, &data[248..252]));
-        let mut at = 252;
         for k in 1..TAIL_IDLE_UPDATES {
             assert_eq!(t.v.capacity(), grown, "given back after {k} updates");
+            let at = 251 + k as u64;
             t.keep(at - 2, at, 1, |_| 0);
-            at += 1;
         }
         assert!(t.v.capacity() <= 16, "capacity {}", t.v.capacity());
     }
