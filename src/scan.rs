@@ -2007,7 +2007,7 @@ struct Tail<T> {
 }
 
 /// Updates of a tail that must use less than half its room before the room is given back.
-const TAIL_IDLE_UPDATES: u32 = 64;
+const TAIL_IDLE_UPDATES: u32 = 16;
 
 impl<T> Default for Tail<T> {
     fn default() -> Self {
