@@ -259,3 +259,33 @@ fn a_streams_state_is_bounded_by_what_it_keeps() {
         );
     }
 }
+
+/// A stream of benign prose is held back only by what can still become a match: the largest
+/// look-behind of a confirmed regex (an anchor not seen yet may confirm a match that began that
+/// far back) and the partial word or phrase at its end; not by the longest pattern of each view.
+#[test]
+fn benign_prose_is_held_back_by_the_look_behind_and_the_last_word_only() {
+    let engine = common::bundled();
+    let stats = engine.scanner().stats();
+    let text = "The weather today is mild and the team will meet after lunch to review the quarterly \
+                report and plan next steps. "
+        .repeat(30);
+    let mut s = engine.session(&ClassifyOptions::default());
+    let mut fed = 0u64;
+    let mut most = 0;
+    for chunk in common::cut(&text, std::iter::repeat(16)) {
+        fed += chunk.len() as u64;
+        let step = s.feed(chunk);
+        assert!(step.hits.is_empty(), "{:?}", step.hits);
+        if fed > 256 {
+            most = most.max(fed - step.release_offset);
+        }
+    }
+    let allowed = stats.raw_look_behind as u64 + 24;
+    assert!(
+        most <= allowed,
+        "held back up to {most} bytes (look-behind {}, longest raw pattern {})",
+        stats.raw_look_behind,
+        engine.scanner().holdback_bound()
+    );
+}
