@@ -267,9 +267,9 @@ fn a_streams_state_is_bounded_by_what_it_keeps() {
 fn benign_prose_is_held_back_by_the_look_behind_and_the_last_word_only() {
     let engine = common::bundled();
     let stats = engine.scanner().stats();
-    let text = "The weather today is mild and the team will meet after lunch to review the quarterly \
-                report and plan next steps. "
-        .repeat(30);
+    let sentence = "The weather today is mild and the team will meet after lunch to review the \
+                    quarterly report and plan next steps. ";
+    let text = sentence.repeat(30);
     let mut s = engine.session(&ClassifyOptions::default());
     let mut fed = 0u64;
     let mut most = 0;
