@@ -65,25 +65,70 @@ pub fn sanitize(text: &str, hits: &[Hit]) -> String {
         .filter(|(s, e)| s < e)
         .collect();
     spans.sort();
-    let mut out = String::with_capacity(text.len());
-    let mut at = 0;
-    for (s, e) in spans {
-        if e <= at {
-            continue;
-        }
-        let mut s = s.max(at);
+    // Widen each span to char boundaries, then merge those that overlap or touch.
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    for (mut s, mut e) in spans {
         while !text.is_char_boundary(s) {
             s -= 1;
         }
-        let mut e = e;
         while !text.is_char_boundary(e) {
             e += 1;
         }
-        let s = s.max(at);
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (s, e) in merged {
         out.push_str(&text[at..s]);
         out.push_str(FILTERED);
         at = e;
     }
     out.push_str(&text[at..]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(start: u64, end: u64, action: Action) -> Hit {
+        Hit {
+            rule_id: "PII".into(),
+            trigger_id: "t".into(),
+            language: "neutral",
+            start,
+            end,
+            score: 1.0,
+            action,
+        }
+    }
+
+    #[test]
+    fn overlapping_and_touching_spans_are_filtered_once() {
+        let text = "card 4111 1111 1111 1111 call +44 20 7946 0958 ok";
+        let hits = [
+            hit(0, 14, Action::Sanitize),
+            hit(5, 24, Action::Sanitize),
+            hit(25, 46, Action::Sanitize),
+            hit(30, 46, Action::Sanitize),
+            hit(47, 49, Action::Flag),
+        ];
+        assert_eq!(sanitize(text, &hits), "[FILTERED] [FILTERED] ok");
+        let touching = [hit(0, 4, Action::Sanitize), hit(4, 9, Action::Sanitize)];
+        assert_eq!(
+            sanitize(text, &touching),
+            "[FILTERED] 1111 1111 1111 call +44 20 7946 0958 ok"
+        );
+    }
+
+    #[test]
+    fn spans_are_widened_to_whole_characters() {
+        let text = "née à Zürich";
+        // A span that starts and ends inside two-byte characters.
+        let hits = [hit(2, 10, Action::Sanitize)];
+        assert_eq!(sanitize(text, &hits), "n[FILTERED]rich");
+    }
 }
