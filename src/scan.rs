@@ -1009,12 +1009,19 @@ type Found = crate::score::Match;
 #[derive(Clone, Copy, Debug)]
 struct PendingAnchor {
     trigger: u32,
-    /// Start of the group's first anchor.
-    first: u64,
+    /// Start of the group's first anchor (offsets fit in 32 bits: a stream is limited to 4 GiB).
+    first_at: u32,
+    /// Offset at which the window after the last anchor is complete (at most `u32::MAX`: then
+    /// at the end of input).
+    due_at: u32,
     /// Bit `i`: an anchor starts at `first + i`.
     starts: u64,
-    /// Offset at which the window after the last anchor is complete.
-    due: u64,
+}
+
+/// An offset kept in 32 bits; beyond (a window reaching past the 4 GiB a stream may have) it
+/// stands for the end of input.
+fn clamp32(x: u64) -> u32 {
+    x.min(u32::MAX as u64) as u32
 }
 
 /// Most span of the anchor starts one confirmation covers; less for a trigger whose window
@@ -1030,18 +1037,26 @@ fn anchor_group_span(ring: usize, max_len: u64, look_behind: u64) -> u64 {
 }
 
 impl PendingAnchor {
+    fn first(&self) -> u64 {
+        self.first_at as u64
+    }
+
+    fn due(&self) -> u64 {
+        self.due_at as u64
+    }
+
     fn last(&self) -> u64 {
-        self.first + 63 - u64::from(self.starts.leading_zeros())
+        self.first() + 63 - u64::from(self.starts.leading_zeros())
     }
 
     /// Whether an anchor of the group starts in `s..e`.
     fn starts_in(&self, s: u64, e: u64) -> bool {
-        let lo = s.max(self.first);
-        let hi = e.min(self.first + ANCHOR_GROUP);
+        let lo = s.max(self.first());
+        let hi = e.min(self.first() + ANCHOR_GROUP);
         if lo >= hi {
             return false;
         }
-        let (i, n) = (lo - self.first, hi - lo);
+        let (i, n) = (lo - self.first(), hi - lo);
         let mask = if n >= 64 {
             u64::MAX
         } else {
@@ -1070,7 +1085,7 @@ pub struct StreamSession {
     // Raw view.
     raw_pos: u64,
     /// State of each raw DFA, and the offset before which none of its partial matches started.
-    raw: Box<[(StateID, u64)]>,
+    raw: Box<[DfaAt]>,
     raw_ac_sid: aho_corasick::automaton::StateID,
     raw_tail: Tail<u8>,
     /// [`raw_oldest`](Self::raw_oldest) after the last chunk.
@@ -1084,7 +1099,7 @@ pub struct StreamSession {
     ac_free: u64,
     /// State of each word-view regex DFA, and the offset after which none of its partial matches
     /// can have started.
-    wdfa: Box<[(StateID, u64)]>,
+    wdfa: Box<[DfaAt]>,
     /// Live anchored walkers, oldest first.
     walkers: Vec<Walker>,
     /// A space whose walkers are spawned when the next byte shows which can live.
@@ -1122,6 +1137,10 @@ struct Reported {
     message: Option<String>,
     message_key: Option<(Action, Option<&'static str>, usize)>,
 }
+
+/// A DFA's state in a stream, and its `free` offset (see [`dfa_loop`]); offsets fit in 32 bits
+/// (a stream is limited to 4 GiB).
+type DfaAt = (StateID, u32);
 
 /// Most hits a stream keeps for its final verdict.
 pub const MAX_KEPT_HITS: usize = 4096;
@@ -1206,7 +1225,7 @@ impl StreamSession {
             ("word tail", self.word_tail.bytes()),
             (
                 "DFA states",
-                (self.wdfa.len() + self.raw.len()) * size_of::<(StateID, u64)>(),
+                (self.wdfa.len() + self.raw.len()) * size_of::<DfaAt>(),
             ),
             ("walkers", self.walkers.capacity() * size_of::<Walker>()),
             (
@@ -1340,7 +1359,7 @@ impl StreamSession {
                 window: sc.raw_window as u64,
             };
             for g in 0..sc.raw_dfas.len() {
-                let (sid, free) = self.raw[g];
+                let (sid, free) = (self.raw[g].0, self.raw[g].1 as u64);
                 let eoi = sc.raw_dfas[g].0.fwd.next_eoi_state(sid);
                 raw_matches(
                     &engine,
@@ -1381,7 +1400,7 @@ impl StreamSession {
             walker_matches(sc, &view, w, eoi, self.word_pos, &mut reported, &mut found);
         }
         for g in 0..sc.word_dfas.len() {
-            let (sid, free) = self.wdfa[g];
+            let (sid, free) = (self.wdfa[g].0, self.wdfa[g].1 as u64);
             let eoi = sc.word_dfas[g].0.fwd.next_eoi_state(sid);
             let end = self.word_pos;
             word_dfa_matches(sc, &view, g, eoi, (end, self.word_pos, free), &mut found);
@@ -1680,16 +1699,17 @@ impl StreamSession {
             }
             for g in 0..sc.word_dfas.len() {
                 let (sid, free) = self.wdfa[g];
-                self.wdfa[g] = dfa_loop(
+                let (sid, free) = dfa_loop(
                     &sc.word_dfas[g].0,
                     &b.bytes,
                     base,
                     sid,
-                    free,
+                    free as u64,
                     |sid, end, free| {
                         word_dfa_matches(sc, &view, g, sid, (end - 1, end, free), found)
                     },
                 );
+                self.wdfa[g] = (sid, free as u32);
             }
         }
         // Keep what a partial match can still reach.
@@ -1712,7 +1732,7 @@ impl StreamSession {
             .ac_free
             .max(self.word_pos.saturating_sub(sc.word_ac_max));
         for d in self.wdfa.iter() {
-            oldest = oldest.min(d.1.max(self.word_pos.saturating_sub(sc.word_dfa_max)));
+            oldest = oldest.min((d.1 as u64).max(self.word_pos.saturating_sub(sc.word_dfa_max)));
         }
         for w in &self.walkers {
             oldest = oldest.min(w.start);
@@ -1746,7 +1766,7 @@ impl StreamSession {
         if let Some(ac) = &sc.raw_ac {
             // Anchors are confirmed as soon as their window is complete, so few are pending.
             let mut sid = self.raw_ac_sid;
-            let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+            let mut due = self.anchors.first().map_or(u64::MAX, |a| a.due());
             let start = sc.raw_ac_start;
             let stay = &sc.raw_ac_stay[..];
             let mut k = 0;
@@ -1768,14 +1788,14 @@ impl StreamSession {
                 sid = ac.next_state(aho_corasick::Anchored::No, sid, b);
                 if ac.is_special(sid) && ac.is_match(sid) {
                     self.raw_literals(engine, &view, sid, pos, found);
-                    due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                    due = self.anchors.first().map_or(u64::MAX, |a| a.due());
                 }
                 if pos >= due {
-                    let n = self.anchors.partition_point(|a| a.due <= pos);
+                    let n = self.anchors.partition_point(|a| a.due() <= pos);
                     for a in self.anchors.drain(..n) {
                         confirm_anchor(engine, &view, a, pos, found);
                     }
-                    due = self.anchors.first().map_or(u64::MAX, |a| a.due);
+                    due = self.anchors.first().map_or(u64::MAX, |a| a.due());
                 }
             }
             self.raw_ac_sid = sid;
@@ -1783,18 +1803,19 @@ impl StreamSession {
         for g in 0..sc.raw_dfas.len() {
             let (sid, free) = self.raw[g];
             // One-byte delay: a match state reached on a byte means the match ended before it.
-            self.raw[g] = dfa_loop(
+            let (sid, free) = dfa_loop(
                 &sc.raw_dfas[g].0,
                 bytes,
                 base,
                 sid,
-                free,
+                free as u64,
                 |sid, pos, free| raw_matches(engine, &view, g, sid, (pos - 1, pos, free), found),
             );
+            self.raw[g] = (sid, free as u32);
         }
         let end = base + bytes.len() as u64;
         self.raw_pos = end;
-        let due = self.anchors.partition_point(|a| a.due <= end);
+        let due = self.anchors.partition_point(|a| a.due() <= end);
         for a in self.anchors.drain(..due) {
             confirm_anchor(engine, &view, a, end, found);
         }
@@ -1819,7 +1840,7 @@ impl StreamSession {
         let engine = &self.engine;
         let mut r = self.raw_pos;
         for d in self.raw.iter() {
-            r = r.min(d.1.max(self.raw_pos.saturating_sub(sc.raw_dfa_max)));
+            r = r.min((d.1 as u64).max(self.raw_pos.saturating_sub(sc.raw_dfa_max)));
         }
         // An anchor not seen yet starts where the phrase automaton's partial match does; its match
         // may begin up to the largest look-behind before it.
@@ -1830,7 +1851,7 @@ impl StreamSession {
                 TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
                 _ => 0,
             };
-            r = r.min(a.first.saturating_sub(lb));
+            r = r.min(a.first().saturating_sub(lb));
         }
         r
     }
@@ -1876,29 +1897,29 @@ impl StreamSession {
                     // before, or start one. The list stays sorted by `due`.
                     let mut a = PendingAnchor {
                         trigger: p.trigger,
-                        first: anchor_start,
+                        first_at: anchor_start as u32,
+                        due_at: clamp32(due),
                         starts: 1,
-                        due,
                     };
                     if let Some(i) = self.anchors.iter().rposition(|x| {
                         x.trigger == p.trigger
-                            && anchor_start >= x.first
-                            && anchor_start - x.first < span as u64
+                            && anchor_start >= x.first()
+                            && anchor_start - x.first() < span as u64
                     }) {
                         let mut g = self.anchors[i];
-                        g.starts |= 1 << (anchor_start - g.first);
+                        g.starts |= 1 << (anchor_start - g.first());
                         // Usually the group is the last to fall due and stays in place.
-                        let in_order = self.anchors.get(i + 1).is_none_or(|x| x.due >= due);
-                        if due <= g.due || in_order {
-                            g.due = g.due.max(due);
+                        let in_order = self.anchors.get(i + 1).is_none_or(|x| x.due() >= due);
+                        if due <= g.due() || in_order {
+                            g.due_at = clamp32(g.due().max(due));
                             self.anchors[i] = g;
                             continue;
                         }
                         self.anchors.remove(i);
-                        g.due = due;
+                        g.due_at = clamp32(due);
                         a = g;
                     }
-                    let at = self.anchors.partition_point(|x| x.due <= a.due);
+                    let at = self.anchors.partition_point(|x| x.due() <= a.due());
                     self.anchors.insert(at, a);
                 }
                 RawKind::Regex { .. } => {}
@@ -2115,16 +2136,16 @@ fn confirm_anchor(
         return;
     };
     // The window ends where it is complete (`due`), or at the end of input if that comes first.
-    let now = raw_pos.min(a.due);
+    let now = raw_pos.min(a.due());
     let ring = view.window;
     // One byte of context on each side, so look-around sees the real neighbours.
     let lo = a
-        .first
+        .first()
         .saturating_sub(*look_behind as u64 + 1)
         .max(now.saturating_sub(ring));
     let hi = (a.last() + *max_len as u64 + 1).min(now);
     let window = view.window(lo, hi);
-    let span_lo = a.first.saturating_sub(*look_behind as u64).max(lo) - lo;
+    let span_lo = a.first().saturating_sub(*look_behind as u64).max(lo) - lo;
     let span_hi = (a.last() + *max_len as u64).min(hi) - lo;
     let input = Input::new(&window).range(span_lo as usize..span_hi as usize);
     // Every match in which an anchor of the group starts.
