@@ -119,12 +119,6 @@ pub struct CompiledRuleset {
     pub source: String,
 }
 
-impl CompiledRuleset {
-    pub fn rule_index(&self, id: &str) -> Option<usize> {
-        self.rules.iter().position(|r| &*r.id == id)
-    }
-}
-
 const RULE_IDS: [&str; 12] = [
     "RULE-MIST-001",
     "RULE-MIST-002",
@@ -546,8 +540,8 @@ fn compile_trigger(
         (None, Some(re), anchors) => {
             let pattern = re.get_ref().clone();
             let in_dfa = anchors.is_none();
-            // The longest match the regex can make, when shorter than its bound: rings, release
-            // offsets and confirmation windows follow what a match can really span.
+            // The longest match the regex can make, when shorter than its bound: stream tails,
+            // release offsets and confirmation windows follow what a match can really span.
             let bound = max_len;
             let max_len = check_regex(ctx, re, view, bound, in_dfa)?.min(bound);
             match anchors {

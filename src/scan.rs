@@ -12,8 +12,8 @@
 //! Only automaton state ids, a tail of each view (the bytes a partial match, a pending anchor or
 //! a look-behind can still reach, to map normalized offsets back to the original text and to find
 //! where a regex match started), and the rules' scores are carried between chunks, so a trigger
-//! split across any chunk boundary is found and a stream's state does not grow with its length. Whole texts are scanned the same way (one chunk), so the
-//! two answers agree by construction.
+//! split across any chunk boundary is found and a stream's state does not grow with its length.
+//! Whole texts are scanned the same way (one chunk), so the two answers agree by construction.
 
 use crate::action::Action;
 use crate::engine::{Engine, Hit, StepResult, Verdict};
@@ -46,9 +46,15 @@ enum RawKind {
     Regex { rev: PatternID },
     /// A phrase of fixed byte length.
     Literal { len: u32 },
-    /// An anchor of a confirmed regex: its trigger's `max_len`, and the span of anchor starts
-    /// one confirmation may cover ([`anchor_group_span`], set once the window is known).
-    Anchor { len: u32, max_len: u32, span: u32 },
+    /// An anchor of a confirmed regex: its trigger's `max_len` and `look_behind`, and the span
+    /// of anchor starts one confirmation may cover ([`anchor_group_span`], set once the window
+    /// is known).
+    Anchor {
+        len: u32,
+        max_len: u32,
+        look_behind: u32,
+        span: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -467,6 +473,7 @@ impl Scanner {
                                 kind: RawKind::Anchor {
                                     len: a.len() as u32,
                                     max_len: *max_len as u32,
+                                    look_behind: *look_behind as u32,
                                     span: 1,
                                 },
                             },
@@ -741,12 +748,14 @@ impl Scanner {
         let word_window = (word_max + 2).next_power_of_two();
         let raw_window = (raw_max + 2).next_power_of_two();
         for (p, _) in &mut raw_lits {
-            if let RawKind::Anchor { max_len, span, .. } = &mut p.kind {
-                let look_behind = match &rs.triggers[p.trigger as usize].kind {
-                    TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
-                    _ => 0,
-                };
-                *span = anchor_group_span(raw_window, *max_len as u64, look_behind) as u32;
+            if let RawKind::Anchor {
+                max_len,
+                look_behind,
+                span,
+                ..
+            } = &mut p.kind
+            {
+                *span = anchor_group_span(raw_window, *max_len as u64, *look_behind as u64) as u32;
             }
         }
         stats.word_window = word_window;
@@ -1014,6 +1023,8 @@ struct PendingAnchor {
     /// Offset at which the window after the last anchor is complete (at most `u32::MAX`: then
     /// at the end of input).
     due_at: u32,
+    /// The trigger's `look_behind` (read for every pending anchor at every chunk).
+    look_behind: u32,
     /// Bit `i`: an anchor starts at `first + i`.
     starts: u64,
 }
@@ -1126,11 +1137,9 @@ pub struct StreamSession {
 /// What a stream keeps of the hits it reported.
 #[derive(Default)]
 struct Reported {
-    /// Every hit reported, for [`StreamSession::verdict`] (not kept after
-    /// [`StreamSession::discard_verdict_hits`]).
+    /// Every hit reported, for [`StreamSession::verdict`], up to [`MAX_KEPT_HITS`] (not kept
+    /// after [`StreamSession::discard_verdict_hits`]).
     hits: Vec<Found>,
-    /// Hits reported beyond [`MAX_KEPT_HITS`] are counted, not kept (bounds a stream's memory).
-    hits_dropped: u64,
     /// Each distinct trigger reported (what the message is made of), by index.
     distinct: Vec<u32>,
     /// The message of the last step, and what it was made from.
@@ -1356,7 +1365,6 @@ impl StreamSession {
                 base: self.raw_pos,
                 chunk: &[],
                 tail: &self.raw_tail,
-                window: sc.raw_window as u64,
             };
             for g in 0..sc.raw_dfas.len() {
                 let (sid, free) = (self.raw[g].0, self.raw[g].1 as u64);
@@ -1484,36 +1492,28 @@ impl StreamSession {
         }
     }
 
-    fn step(&mut self, found: Vec<Found>) -> StepResult {
-        let mut hits: Vec<(Hit, u32)> = Vec::new();
+    fn step(&mut self, mut found: Vec<Found>) -> StepResult {
+        let mut hits = Vec::new();
         if !found.is_empty() {
-            hits = found
-                .iter()
-                .map(|f| (hit_of(&self.engine, f), f.trigger))
-                .collect();
-            hits.sort_by(|(a, _), (b, _)| {
-                (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id))
+            let triggers = &self.engine.rules.triggers;
+            found.sort_by(|a, b| {
+                (a.start, a.end, &triggers[a.trigger as usize].id).cmp(&(
+                    b.start,
+                    b.end,
+                    &triggers[b.trigger as usize].id,
+                ))
             });
             let rep = self.reported.get_or_insert_with(Box::default);
-            for (h, trigger) in &hits {
-                if !rep.distinct.contains(trigger) {
-                    rep.distinct.push(*trigger);
+            for f in &found {
+                if !rep.distinct.contains(&f.trigger) {
+                    rep.distinct.push(f.trigger);
                 }
-                if !self.keep_hits {
-                    continue;
-                }
-                if rep.hits.len() < MAX_KEPT_HITS {
-                    rep.hits.push(Found {
-                        trigger: *trigger,
-                        start: h.start,
-                        end: h.end,
-                    });
-                } else {
-                    rep.hits_dropped += 1;
+                if self.keep_hits && rep.hits.len() < MAX_KEPT_HITS {
+                    rep.hits.push(*f);
                 }
             }
+            hits = found.iter().map(|f| hit_of(&self.engine, f)).collect();
         }
-        let hits: Vec<Hit> = hits.into_iter().map(|h| h.0).collect();
         let release = if self.finished {
             self.raw_pos
         } else {
@@ -1715,7 +1715,7 @@ impl StreamSession {
         // Keep what a partial match can still reach.
         self.word_pos = base + n as u64;
         self.word_oldest = self.word_oldest(sc);
-        let keep_from = self.word_keep_from(sc);
+        let keep_from = keep_from(self.word_oldest, self.word_pos, sc.word_window);
         self.word_tail.keep(keep_from, base, n, |i| WordCell {
             start: b.starts[i],
             len: b.lens[i],
@@ -1743,14 +1743,6 @@ impl StreamSession {
         oldest
     }
 
-    /// The first word-view offset the tail keeps: from [`word_oldest`](Self::word_oldest), with
-    /// one byte before it for a DFA's look-behind.
-    fn word_keep_from(&self, sc: &Scanner) -> u64 {
-        self.word_oldest
-            .saturating_sub(1)
-            .max(self.word_pos.saturating_sub(sc.word_window as u64))
-    }
-
     /// Walks the raw-view automata over one chunk, one automaton at a time, confirms the anchors
     /// whose window is complete, then keeps in the tail what a match can still reach.
     fn scan_raw(&mut self, engine: &Engine, bytes: &[u8], found: &mut Vec<Found>) {
@@ -1761,7 +1753,6 @@ impl StreamSession {
             base,
             chunk: bytes,
             tail: &tail,
-            window: sc.raw_window as u64,
         };
         if let Some(ac) = &sc.raw_ac {
             // Anchors are confirmed as soon as their window is complete, so few are pending.
@@ -1826,7 +1817,7 @@ impl StreamSession {
                 .shrink_to(self.anchors.len().max(2).next_power_of_two());
         }
         self.raw_oldest = self.raw_oldest(sc);
-        let keep_from = self.raw_keep_from(sc);
+        let keep_from = keep_from(self.raw_oldest, self.raw_pos, sc.raw_window);
         self.raw_tail
             .keep(keep_from, base, bytes.len(), |i| bytes[i]);
     }
@@ -1837,7 +1828,6 @@ impl StreamSession {
     ///
     /// Computed after each chunk (kept in the field of the same name for the release bound).
     fn raw_oldest(&self, sc: &Scanner) -> u64 {
-        let engine = &self.engine;
         let mut r = self.raw_pos;
         for d in self.raw.iter() {
             r = r.min((d.1 as u64).max(self.raw_pos.saturating_sub(sc.raw_dfa_max)));
@@ -1847,21 +1837,9 @@ impl StreamSession {
         let partial = self.raw_pos - sc.raw_ac_depth(self.raw_ac_sid);
         r = r.min(partial.saturating_sub(sc.raw_look_behind));
         for a in &self.anchors {
-            let lb = match &engine.rules.triggers[a.trigger as usize].kind {
-                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
-                _ => 0,
-            };
-            r = r.min(a.first().saturating_sub(lb));
+            r = r.min(a.first().saturating_sub(a.look_behind as u64));
         }
         r
-    }
-
-    /// The first raw offset the tail keeps: from [`raw_oldest`](Self::raw_oldest), with one byte
-    /// of context before it (confirmations and DFAs see the real neighbour).
-    fn raw_keep_from(&self, sc: &Scanner) -> u64 {
-        self.raw_oldest
-            .saturating_sub(1)
-            .max(self.raw_pos.saturating_sub(sc.raw_window as u64))
     }
 
     /// Reports the raw phrases and anchors of the aho-corasick match state `sid` reached at `end`.
@@ -1886,7 +1864,12 @@ impl StreamSession {
                     start: end - len as u64,
                     end,
                 }),
-                RawKind::Anchor { len, max_len, span } => {
+                RawKind::Anchor {
+                    len,
+                    max_len,
+                    look_behind,
+                    span,
+                } => {
                     let anchor_start = end - len as u64;
                     // Anchors are case-sensitive; the automaton folds ASCII case.
                     if !view.equals(anchor_start, bytes) {
@@ -1899,6 +1882,7 @@ impl StreamSession {
                         trigger: p.trigger,
                         first_at: anchor_start as u32,
                         due_at: clamp32(due),
+                        look_behind,
                         starts: 1,
                     };
                     if let Some(i) = self.anchors.iter().rposition(|x| {
@@ -1982,8 +1966,6 @@ struct RawView<'a> {
     base: u64,
     chunk: &'a [u8],
     tail: &'a Tail<u8>,
-    /// Most bytes a match or a confirmation window reaches back (the scanner's `raw_window`).
-    window: u64,
 }
 
 impl RawView<'_> {
@@ -2017,9 +1999,19 @@ fn at<T: Copy>(base: u64, batch: &[T], tail: &Tail<T>, n: u64) -> T {
     }
 }
 
+/// The first offset a view's tail keeps, `pos` bytes into the view: from `oldest` (see
+/// [`StreamSession::word_oldest`] and [`StreamSession::raw_oldest`]) with one byte of context
+/// before it (a DFA's or a confirmation's look-behind sees the real neighbour), and never more
+/// than `window` bytes back.
+fn keep_from(oldest: u64, pos: u64, window: usize) -> u64 {
+    oldest
+        .saturating_sub(1)
+        .max(pos.saturating_sub(window as u64))
+}
+
 /// The last entries of a view before the current chunk: those from offset `from` on, as far
 /// back as a partial match, a pending anchor or a look-behind can still reach (see
-/// [`StreamSession::word_keep_from`] and [`StreamSession::raw_keep_from`]); nothing older.
+/// [`keep_from`]); nothing older.
 struct Tail<T> {
     from: u64,
     v: Vec<T>,
@@ -2137,7 +2129,7 @@ fn confirm_anchor(
     };
     // The window ends where it is complete (`due`), or at the end of input if that comes first.
     let now = raw_pos.min(a.due());
-    let ring = view.window;
+    let ring = engine.scanner.raw_window as u64;
     // One byte of context on each side, so look-around sees the real neighbours.
     let lo = a
         .first()
