@@ -1,6 +1,6 @@
 //! The `mistguard` command line: check rulesets, classify text, evaluate on a corpus, serve.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mistguard::{ClassifyOptions, Engine, LoadError};
 use std::io::Read;
 use std::path::PathBuf;
@@ -92,7 +92,27 @@ fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cmd = Cli::command().mut_subcommand("serve", mistguard::daemon::describe_serve_flags);
+    let cli = match cmd
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A bad flag of `serve` is bad configuration like any other: one line, status 64.
+            let serve = std::env::args().nth(1).as_deref() == Some("serve");
+            if serve && e.use_stderr() {
+                let msg = e.render().to_string();
+                let first = msg.lines().next().unwrap_or_default();
+                eprintln!(
+                    "mistguard: configuration: {} (see mistguard serve --help)",
+                    first.trim_start_matches("error: ")
+                );
+                return ExitCode::from(mistguard::daemon::EXIT_CONFIG);
+            }
+            e.exit()
+        }
+    };
     if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
         // Printing commands end quietly when their reader goes away (`mistguard check | head`)
         // instead of panicking on a broken pipe. The daemon keeps Rust's ignored SIGPIPE.

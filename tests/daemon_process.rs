@@ -353,6 +353,39 @@ async fn no_text_subject_or_token_reaches_logs_metrics_or_statuses() {
 }
 
 #[test]
+fn serve_help_describes_every_setting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for s in mistguard::daemon::config::SETTINGS {
+        // The flag's own line, then its description with the default and the variable.
+        let flag = s.flag();
+        let at = help
+            .find(&format!("{flag} <"))
+            .unwrap_or_else(|| panic!("{flag} missing from:\n{help}"));
+        let text = &help[at..];
+        let entry = &text[..text[2..].find("\n      --").map_or(text.len(), |i| i + 2)];
+        assert!(
+            entry.contains(&s.help.replace('`', "")),
+            "{flag}: no description in {entry}"
+        );
+        assert!(
+            entry.contains(&format!("[env: {}]", s.env_var())),
+            "{flag}: no variable in {entry}"
+        );
+        if !s.default.is_empty() {
+            assert!(
+                entry.contains(&format!("[default: {}]", s.default)),
+                "{flag}: no default in {entry}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_configuration_exits_64_before_binding() {
     // Hold a port: if the daemon bound before validating, it would fail on it instead.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -380,6 +413,9 @@ fn bad_configuration_exits_64_before_binding() {
             &[],
             "both `tls_cert` and `tls_key`",
         ),
+        // A flag clap does not know, or one without its value, is bad configuration too.
+        (&["--max-inflihgt", "10"], &[], "unexpected argument '--max-inflihgt'"),
+        (&["--drain-deadline"], &[], "a value is required for '--drain-deadline"),
     ];
     for (args, env, expected) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))

@@ -95,6 +95,46 @@ pub struct ServeArgs {
     pub escalation_max_subjects: Option<String>,
 }
 
+/// Gives each flag of `mistguard serve` its help line from [`config::SETTINGS`] (what it does, its
+/// default and its environment variable), so `--help`, the config file and docs/DAEMON.md share
+/// one source. A setting's flag is its key with dots and underscores as dashes.
+pub fn describe_serve_flags(mut cmd: clap::Command) -> clap::Command {
+    for s in config::SETTINGS {
+        let id = s.key.replace('.', "_");
+        let mut help = s.help.replace('`', "");
+        if !s.default.is_empty() {
+            help.push_str(&format!(" [default: {}]", s.default));
+        }
+        help.push_str(&format!(" [env: {}]", s.env_var()));
+        let value_name = value_name(s);
+        cmd = cmd.mut_arg(id, |a| a.help(help).value_name(value_name));
+    }
+    cmd.after_help(
+        "Flags beat MISTGUARD_* variables, which beat the --config file, which beats the \
+         default. Durations: 500ms, 20s, 10m, 1h (a bare number is seconds); sizes: bytes, 64KiB, 1MiB. \
+         Bad configuration is reported in one line before any port is bound (exit status 64). \
+         See docs/DAEMON.md.",
+    )
+}
+
+/// The placeholder a flag's value is shown with in `--help`.
+fn value_name(s: &config::Setting) -> &'static str {
+    let d = s.default;
+    if s.key.ends_with("listen") {
+        "ADDR"
+    } else if s.key.ends_with("_file") || s.key.starts_with("tls_") || s.key == "rulesets" {
+        "PATH"
+    } else if d.ends_with("MiB") || d.ends_with("KiB") {
+        "SIZE"
+    } else if d.ends_with('s') || d.ends_with('m') || d.ends_with('h') {
+        "DURATION"
+    } else if !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) {
+        "N"
+    } else {
+        "VALUE"
+    }
+}
+
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
