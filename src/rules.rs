@@ -102,6 +102,9 @@ pub struct RuleInfo {
     pub name: String,
     pub action: Action,
     pub threshold: f32,
+    /// Bytes of original text within which the starts of hits must lie to add up to the
+    /// threshold (policy.toml `window`, else `score_window`, else [`DEFAULT_SCORE_WINDOW`]).
+    pub window: u64,
     /// Default message (policy.toml).
     pub message: Option<String>,
     /// Per-language messages (the rule file's `[messages]`).
@@ -118,6 +121,10 @@ pub struct CompiledRuleset {
     /// Where it came from (a directory, or `<bundled>`).
     pub source: String,
 }
+
+/// A rule's score window when policy.toml sets none (bytes of original text; see
+/// [`crate::score`]).
+pub const DEFAULT_SCORE_WINDOW: u64 = 2048;
 
 const RULE_IDS: [&str; 12] = [
     "RULE-MIST-001",
@@ -138,6 +145,8 @@ const RULE_IDS: [&str; 12] = [
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     version: String,
+    /// Default `window` of every rule.
+    score_window: Option<Spanned<u64>>,
     #[serde(default)]
     rules: BTreeMap<String, Spanned<RulePolicy>>,
 }
@@ -147,6 +156,7 @@ struct PolicyFile {
 struct RulePolicy {
     action: Spanned<String>,
     threshold: Option<f32>,
+    window: Option<Spanned<u64>>,
     message: Option<String>,
 }
 
@@ -268,7 +278,9 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
     if policy.version.trim().is_empty() {
         return pctx.err(None, "version is empty");
     }
-    let mut policies: HashMap<String, (Action, f32, Option<String>)> = HashMap::new();
+    let default_window = policy.score_window.clone();
+    type Policy = (Action, f32, u64, Option<String>);
+    let mut policies: HashMap<String, Policy> = HashMap::new();
     for (id, p) in &policy.rules {
         let span = p.span();
         let p = p.get_ref();
@@ -305,7 +317,14 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         if !(threshold.is_finite() && threshold > 0.0) {
             return pctx.err(Some(span), "threshold must be a positive number");
         }
-        policies.insert(id.clone(), (action, threshold, p.message.clone()));
+        let window = match p.window.as_ref().or(default_window.as_ref()) {
+            Some(w) if *w.get_ref() == 0 => {
+                return pctx.err(Some(w.span()), "a score window must be at least 1 byte");
+            }
+            Some(w) => *w.get_ref(),
+            None => DEFAULT_SCORE_WINDOW,
+        };
+        policies.insert(id.clone(), (action, threshold, window, p.message.clone()));
     }
 
     let mut rules: Vec<RuleInfo> = Vec::new();
@@ -336,7 +355,7 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
                 format!("rule {rid} is already defined in {}", other.file),
             );
         }
-        let Some((action, threshold, message)) = policies.get(rid).cloned() else {
+        let Some((action, threshold, window, message)) = policies.get(rid).cloned() else {
             return ctx.err(
                 Some(file.rule.span()),
                 format!("policy.toml has no [rules.\"{rid}\"] entry (action, threshold)"),
@@ -371,6 +390,7 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             name: file.name.clone(),
             action,
             threshold,
+            window,
             message,
             messages,
             file: ctx.name.clone(),

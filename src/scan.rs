@@ -1424,9 +1424,6 @@ impl StreamSession {
             self.accept(&engine, f, &mut out);
         }
         self.finished = true;
-        for (_, r) in &mut self.rules {
-            r.held.clear();
-        }
         self.step(out)
     }
 
@@ -1479,7 +1476,6 @@ impl StreamSession {
                 Some(_) => {}
             }
         }
-        let rule = &engine.rules.rules[t.rule];
         let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
             Ok(i) => i,
             Err(i) => {
@@ -1487,12 +1483,36 @@ impl StreamSession {
                 i
             }
         };
-        if self.rules[i].1.add(f, t.weight, rule.threshold, out) {
-            self.action = self.action.max(rule.action);
+        self.rules[i].1.add(f, t.weight, out);
+    }
+
+    /// Decides the rules' windows that no hit still to be found can enter (all of them once the
+    /// stream is finished); a rule that fires raises the action and reports its hits in `out`.
+    fn settle_rules(&mut self, out: &mut Vec<Found>) {
+        if self.rules.iter().all(|(_, st)| st.held.is_empty()) {
+            return;
+        }
+        let floor = if self.finished {
+            u64::MAX
+        } else {
+            self.hit_floor()
+        };
+        let engine = self.engine.clone();
+        let triggers = &engine.rules.triggers;
+        for (i, st) in &mut self.rules {
+            let rule = &engine.rules.rules[*i];
+            let weight = |t: u32| triggers[t as usize].weight;
+            if st.settle(floor, rule.window, rule.threshold, weight, out) {
+                self.action = self.action.max(rule.action);
+            }
+            if self.finished {
+                st.held = Vec::new();
+            }
         }
     }
 
     fn step(&mut self, mut found: Vec<Found>) -> StepResult {
+        self.settle_rules(&mut found);
         let mut hits = Vec::new();
         if !found.is_empty() {
             let triggers = &self.engine.rules.triggers;
@@ -1545,9 +1565,24 @@ impl StreamSession {
         }
     }
 
-    /// The original offset before which no trigger can still complete a match.
+    /// The original offset before which no text can be released: no trigger can still complete
+    /// a match before it, and no hit before it can still be reported.
     fn release_bound(&self) -> u64 {
-        let engine = &self.engine;
+        let mut r = self.hit_floor();
+        // Hits held below threshold by a rule whose action withholds text.
+        for (i, st) in &self.rules {
+            if !st.fired && self.engine.rules.rules[*i].action.withholds() {
+                if let Some(start) = st.held_start() {
+                    r = r.min(start);
+                }
+            }
+        }
+        r
+    }
+
+    /// The original offset before which no trigger can still complete a match: every hit not
+    /// yet given to a rule (still to be found, or waiting for the language) starts at or after it.
+    fn hit_floor(&self) -> u64 {
         // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
         let mut r = self.raw_oldest;
         r = r.min(self.norm.settled_offset());
@@ -1556,18 +1591,10 @@ impl StreamSession {
         if oldest < self.word_pos {
             r = r.min(self.word_view(&NO_BATCH).orig_start(oldest));
         }
-        // Hits that may still be reported: waiting for the language, or held below threshold by
-        // a rule whose action withholds text.
+        // Hits waiting for the language.
         if let LangState::Probing(p) = &self.lang {
             for f in &p.waiting {
                 r = r.min(f.start);
-            }
-        }
-        for (i, st) in &self.rules {
-            if !st.fired && engine.rules.rules[*i].action.withholds() {
-                if let Some(start) = st.held_start() {
-                    r = r.min(start);
-                }
             }
         }
         r

@@ -414,8 +414,16 @@ fn bad_configuration_exits_64_before_binding() {
             "both `tls_cert` and `tls_key`",
         ),
         // A flag clap does not know, or one without its value, is bad configuration too.
-        (&["--max-inflihgt", "10"], &[], "unexpected argument '--max-inflihgt'"),
-        (&["--drain-deadline"], &[], "a value is required for '--drain-deadline"),
+        (
+            &["--max-inflihgt", "10"],
+            &[],
+            "unexpected argument '--max-inflihgt'",
+        ),
+        (
+            &["--drain-deadline"],
+            &[],
+            "a value is required for '--drain-deadline",
+        ),
     ];
     for (args, env, expected) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))

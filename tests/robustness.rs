@@ -89,6 +89,22 @@ fn the_loader_refuses_what_would_hurt_with_file_and_line() {
     assert!(load(POLICY, &dup)
         .unwrap_err()
         .contains("duplicate trigger id"));
+    for policy in [
+        "version = \"t\"\nscore_window = 0\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\n",
+        "version = \"t\"\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\nwindow = 0\n",
+    ] {
+        let err = load(policy, RULE).unwrap_err();
+        assert!(
+            err.starts_with("policy.toml:") && err.contains("at least 1 byte"),
+            "{err}"
+        );
+    }
+    assert!(load(
+        "version = \"t\"\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\nwindow = -3\n",
+        RULE
+    )
+    .unwrap_err()
+    .starts_with("policy.toml:"));
     let lowered = "version = \"t\"\n[rules.\"RULE-MIST-006\"]\naction = \"block\"\n";
     let files = vec![("policy.toml".to_string(), lowered.to_string())];
     assert!(load_files(&files, "x")

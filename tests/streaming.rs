@@ -8,7 +8,7 @@ mod common;
 use mistguard::rules::TriggerKind;
 use mistguard::ClassifyOptions;
 use proptest::prelude::*;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Phrases of the bundled rulesets (normalized forms are valid text that matches), plus texts
 /// that exercise the raw view.
@@ -287,5 +287,151 @@ fn benign_prose_is_held_back_by_the_look_behind_and_the_last_word_only() {
         "held back up to {most} bytes (look-behind {}, longest raw pattern {})",
         stats.raw_look_behind,
         engine.scanner().holdback_bound()
+    );
+}
+
+/// A rulesets directory with one rule (RULE-MIST-009, sanitize) whose two triggers weigh half
+/// each, and a score window of 300 bytes.
+fn windowed_rules() -> (tempfile::TempDir, Arc<mistguard::Engine>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "version = \"window-test\"\nscore_window = 300\n\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\nthreshold = 1.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("mist-009.toml"),
+        "rule = \"RULE-MIST-009\"\nname = \"window test\"\n\n[[trigger]]\nid = \"frame\"\nlang = \"en\"\nweight = 0.5\nphrases = [\"in a hypothetical scenario\"]\n\n[[trigger]]\nid = \"lawless\"\nlang = \"en\"\nweight = 0.5\nphrases = [\"without any restrictions\"]\n",
+    )
+    .unwrap();
+    let engine = Arc::new(mistguard::Engine::from_dir(dir.path()).unwrap());
+    (dir, engine)
+}
+
+/// Benign English prose with the two weak triggers of [`windowed_rules`] starting at (about)
+/// the given offsets; returns the text and where each starts.
+fn prose_with(at: &[(usize, &str)], len: usize) -> (String, Vec<usize>) {
+    let filler = "the team met after lunch to review the garden report and plan the beans. ";
+    let mut text = String::new();
+    let mut starts = Vec::new();
+    for &(offset, phrase) in at {
+        while text.len() < offset {
+            text.push_str(filler);
+        }
+        starts.push(text.len());
+        text.push_str(phrase);
+        text.push_str(", ");
+    }
+    while text.len() < len {
+        text.push_str(filler);
+    }
+    (text, starts)
+}
+
+/// A hit below its rule's threshold holds a stream back only while a hit that could add up to
+/// it may still come (its score window), not until the stream ends.
+#[test]
+fn a_weak_hit_holds_the_release_back_for_its_window_only() {
+    let (_dir, engine) = windowed_rules();
+    let opts = ClassifyOptions::default();
+    let (text, starts) = prose_with(&[(200, "in a hypothetical scenario")], 4000);
+    let chunks = common::cut(&text, std::iter::repeat(16));
+    let st = common::stream(&engine, &text, &chunks, &opts);
+    assert_eq!(st.action, mistguard::Action::Allow);
+    assert!(st.hits.is_empty());
+    common::check_release(&st).unwrap();
+    // Held at the hit while its window is open...
+    let open = st
+        .steps
+        .iter()
+        .zip(chunks.iter().scan(0, |fed, c| {
+            *fed += c.len();
+            Some(*fed)
+        }))
+        .find(|(_, fed)| *fed > starts[0] + 100)
+        .unwrap();
+    assert!(
+        open.0.release_offset <= starts[0] as u64,
+        "{}",
+        open.0.release_offset
+    );
+    // ...and released past it once the window is decided, long before the end.
+    let last_feed = &st.steps[st.steps.len() - 2];
+    assert!(
+        last_feed.release_offset > (starts[0] + 300) as u64
+            && last_feed.release_offset + 300 > text.len() as u64,
+        "released {} of {} (weak hit at {})",
+        last_feed.release_offset,
+        text.len(),
+        starts[0]
+    );
+}
+
+/// Two weak hits inside the window fire the rule, and nothing between them was released;
+/// further apart they do not add up. Whole and streamed agree wherever they fall.
+#[test]
+fn weak_hits_add_up_inside_the_score_window_only() {
+    let (_dir, engine) = windowed_rules();
+    let opts = ClassifyOptions::default();
+    let (text, starts) = prose_with(
+        &[
+            (200, "in a hypothetical scenario"),
+            (420, "without any restrictions"),
+        ],
+        2000,
+    );
+    assert!(starts[1] - starts[0] <= 300);
+    let whole = engine.classify(&text, &opts);
+    assert_eq!(whole.action, mistguard::Action::Sanitize);
+    assert_eq!(whole.hits.len(), 2);
+    let st = common::stream(
+        &engine,
+        &text,
+        &common::cut(&text, std::iter::repeat(16)),
+        &opts,
+    );
+    assert_eq!(st.hits, whole.hits);
+    common::check_release(&st).unwrap();
+
+    let (far, starts) = prose_with(
+        &[
+            (200, "in a hypothetical scenario"),
+            (700, "without any restrictions"),
+        ],
+        2000,
+    );
+    assert!(starts[1] - starts[0] > 300);
+    assert_eq!(
+        engine.classify(&far, &opts).action,
+        mistguard::Action::Allow
+    );
+
+    // Every distance, every way of cutting: the stream answers as the whole text does.
+    let mut x: u64 = 3;
+    let mut fired = [0, 0];
+    for gap in (150..600).step_by(7) {
+        let (text, _) = prose_with(
+            &[
+                (100, "without any restrictions"),
+                (100 + gap, "in a hypothetical scenario"),
+            ],
+            1200,
+        );
+        let whole = engine.classify(&text, &opts);
+        let sizes = std::iter::from_fn(|| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Some(1 + (x >> 33) as usize % 64)
+        });
+        let st = common::stream(&engine, &text, &common::cut(&text, sizes), &opts);
+        assert_eq!(st.hits, whole.hits, "gap {gap}");
+        assert_eq!(st.action, whole.action, "gap {gap}");
+        common::check_release(&st).unwrap();
+        fired[usize::from(whole.action == mistguard::Action::Sanitize)] += 1;
+    }
+    assert!(
+        fired[0] > 10 && fired[1] > 10,
+        "both sides of the window: {fired:?}"
     );
 }
