@@ -258,7 +258,16 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
             }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(forward_signals(tx));
+        // The handlers are installed here, before the server starts and says it is serving: a
+        // SIGHUP or SIGTERM sent as soon as it is up must not find the default action (exit).
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("mistguard: cannot install signal handlers: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
+        tokio::spawn(signals.forward(tx));
         serve_with(config, prepared, listeners, rx)
             .await
             .map_err(|e| {
@@ -274,25 +283,34 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn forward_signals(tx: tokio::sync::mpsc::Sender<Control>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        let c = tokio::select! {
-            _ = hup.recv() => Control::Reload,
-            _ = term.recv() => Control::Shutdown,
-            _ = int.recv() => Control::Shutdown,
-        };
-        tracing::info!(signal = ?c, "signal received");
-        if tx.send(c).await.is_err() {
-            return;
+/// SIGHUP (reload), SIGTERM and SIGINT (shutdown), listened to from the moment they are installed.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn forward(mut self, tx: tokio::sync::mpsc::Sender<Control>) {
+        loop {
+            let c = tokio::select! {
+                _ = self.hup.recv() => Control::Reload,
+                _ = self.term.recv() => Control::Shutdown,
+                _ = self.int.recv() => Control::Shutdown,
+            };
+            tracing::info!(signal = ?c, "signal received");
+            if tx.send(c).await.is_err() {
+                return;
+            }
         }
     }
 }
