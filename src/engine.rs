@@ -72,7 +72,13 @@ pub struct StepResult {
 pub struct Engine {
     pub(crate) rules: CompiledRuleset,
     pub(crate) scanner: Scanner,
+    /// Messages already composed, by (language, distinct triggers in the order reported): a
+    /// stream points to its message here instead of holding a copy (see [`Engine::message`]).
+    messages: dashmap::DashMap<(Option<&'static str>, Box<[u32]>), Arc<str>>,
 }
+
+/// Most messages the engine keeps composed; past it, a message is composed for its stream alone.
+pub const MESSAGE_CACHE_ENTRIES: usize = 4096;
 
 impl Engine {
     /// Loads and compiles the rulesets in `dir`.
@@ -101,7 +107,36 @@ impl Engine {
         config: &crate::scan::ScanConfig,
     ) -> Result<Engine, LoadError> {
         let scanner = Scanner::build_with(&rules, config)?;
-        Ok(Engine { rules, scanner })
+        Ok(Engine {
+            rules,
+            scanner,
+            messages: dashmap::DashMap::new(),
+        })
+    }
+
+    /// The message of a verdict (see [`crate::decide::message`]), shared: streams that reported
+    /// the same triggers in the same language point to one copy. The bool is true when the copy
+    /// is the engine's (false once [`MESSAGE_CACHE_ENTRIES`] messages are kept: then it is the
+    /// caller's own).
+    pub fn message(
+        &self,
+        action: Action,
+        triggers: &[u32],
+        language: Option<&'static str>,
+    ) -> Option<(Arc<str>, bool)> {
+        if action == Action::Allow {
+            return None;
+        }
+        let key = (language, Box::<[u32]>::from(triggers));
+        if let Some(m) = self.messages.get(&key) {
+            return Some((m.clone(), true));
+        }
+        let m: Arc<str> = crate::decide::message(self, action, triggers, language)?.into();
+        if self.messages.len() < MESSAGE_CACHE_ENTRIES {
+            self.messages.insert(key, m.clone());
+            return Some((m, true));
+        }
+        Some((m, false))
     }
 
     /// The `version` from policy.toml.

@@ -1113,8 +1113,9 @@ pub struct StreamSession {
     wdfa: Box<[DfaAt]>,
     /// Live anchored walkers, oldest first.
     walkers: Vec<Walker>,
-    /// A space whose walkers are spawned when the next byte shows which can live.
-    pending_space: Option<u64>,
+    /// A space whose walkers are spawned when the next byte shows which can live
+    /// ([`NO_SPACE`]: none).
+    pending_space: u64,
     /// Anchored groups (bit per group) that hold a trigger of an applicable language.
     active_groups: u64,
     word_tail: Tail<WordCell>,
@@ -1128,6 +1129,9 @@ pub struct StreamSession {
     /// What was reported, from the first hit on (a stream without hits holds none of it).
     reported: Option<Box<Reported>>,
     keep_hits: bool,
+    /// Chunks in a row that left no pending anchor and no walker: at [`TAIL_IDLE_UPDATES`] the
+    /// room of both lists is given back.
+    lists_idle: u8,
     released: u64,
     /// `feed_last` was called: no more chunks may come.
     fed_last: bool,
@@ -1142,9 +1146,26 @@ struct Reported {
     hits: Vec<Found>,
     /// Each distinct trigger reported (what the message is made of), by index.
     distinct: Vec<u32>,
-    /// The message of the last step, and what it was made from.
-    message: Option<String>,
+    /// The message of the last step (the engine's shared copy when the bool is true), and what
+    /// it was made from.
+    message: Option<(Arc<str>, bool)>,
     message_key: Option<(Action, Option<&'static str>, usize)>,
+}
+
+/// A list of pending anchors or walkers, empty and without room, gets room for two (not the
+/// four a `Vec` takes at first): most streams hold one or two at a time.
+fn small_room<T>(v: &mut Vec<T>) {
+    if v.capacity() == 0 {
+        v.reserve_exact(2);
+    }
+}
+
+/// `pending_space` when no space is pending.
+const NO_SPACE: u64 = u64::MAX;
+
+/// The pending space's offset, if one is pending; none is after.
+fn take_space(at: &mut u64) -> Option<u64> {
+    Some(std::mem::replace(at, NO_SPACE)).filter(|&a| a != NO_SPACE)
 }
 
 /// A DFA's state in a stream, and its `free` offset (see [`dfa_loop`]); offsets fit in 32 bits
@@ -1176,7 +1197,7 @@ impl StreamSession {
             ac_free: 0,
             wdfa,
             walkers: Vec::new(),
-            pending_space: None,
+            pending_space: NO_SPACE,
             active_groups: u64::MAX,
             word_tail: Tail::default(),
             word_oldest: 0,
@@ -1184,6 +1205,7 @@ impl StreamSession {
             rules: Vec::new(),
             action: Action::Allow,
             keep_hits: true,
+            lists_idle: 0,
             reported: None,
             released: 0,
             fed_last: false,
@@ -1274,7 +1296,9 @@ impl StreamSession {
                 self.reported.as_ref().map_or(0, |r| {
                     size_of::<Reported>()
                         + r.distinct.capacity() * 4
-                        + r.message.as_ref().map_or(0, |m| m.capacity())
+                        + r.message
+                            .as_ref()
+                            .map_or(0, |(m, shared)| if *shared { 0 } else { m.len() })
                 }),
             ),
         ]
@@ -1347,6 +1371,15 @@ impl StreamSession {
         for f in found {
             self.accept(&engine, f, &mut out);
         }
+        if self.anchors.is_empty() && self.walkers.is_empty() {
+            self.lists_idle = self.lists_idle.saturating_add(1);
+            if u32::from(self.lists_idle) == TAIL_IDLE_UPDATES {
+                self.anchors = Vec::new();
+                self.walkers = Vec::new();
+            }
+        } else {
+            self.lists_idle = 0;
+        }
         self.step(out)
     }
 
@@ -1389,9 +1422,10 @@ impl StreamSession {
             self.norm.finish(&mut *b);
             self.scan_words(&engine, &b, &mut found);
         });
-        if let Some(at) = self.pending_space.take() {
+        if let Some(at) = take_space(&mut self.pending_space) {
             for (g, group) in sc.word_anchored.iter().enumerate() {
                 if self.active_groups & (1 << g) != 0 {
+                    small_room(&mut self.walkers);
                     self.walkers.push(Walker {
                         group: g as u16,
                         sid: group.after_space,
@@ -1548,11 +1582,10 @@ impl StreamSession {
             Some(rep) => {
                 let key = (self.action, language, rep.distinct.len());
                 if rep.message_key != Some(key) {
-                    rep.message =
-                        crate::decide::message(&self.engine, self.action, &rep.distinct, language);
+                    rep.message = self.engine.message(self.action, &rep.distinct, language);
                     rep.message_key = Some(key);
                 }
-                rep.message.clone()
+                rep.message.as_ref().map(|(m, _)| m.to_string())
             }
             None => None,
         };
@@ -1658,6 +1691,7 @@ impl StreamSession {
                             .iter()
                             .rposition(|w| w.start <= start)
                             .map_or(0, |i| i + 1);
+                        small_room(walkers);
                         walkers.insert(i, Walker { group, sid, start });
                     }
                 };
@@ -1665,7 +1699,7 @@ impl StreamSession {
                 let mut spawn_next = spawns.first().map_or(u64::MAX, |s| s.0);
                 let mut k = 0;
                 while k < n {
-                    if walkers.is_empty() && self.pending_space.is_none() {
+                    if walkers.is_empty() && self.pending_space == NO_SPACE {
                         // Nothing is walking: skip to the next space or spawn literal.
                         let lim = (spawn_next.saturating_sub(base) as usize).min(n);
                         match bytes[k..lim].iter().position(|&c| c == b' ') {
@@ -1685,11 +1719,12 @@ impl StreamSession {
                         spawn_at(walkers, end - 1, &mut next_spawn);
                         spawn_next = spawns.get(next_spawn).map_or(u64::MAX, |s| s.0);
                     }
-                    if let Some(at) = self.pending_space.take() {
+                    if let Some(at) = take_space(&mut self.pending_space) {
                         let mut m = sc.spawn[byte as usize] & active;
                         while m != 0 {
                             let g = m.trailing_zeros() as usize;
                             m &= m - 1;
+                            small_room(walkers);
                             walkers.push(Walker {
                                 group: g as u16,
                                 sid: sc.word_anchored[g].after_space,
@@ -1698,7 +1733,7 @@ impl StreamSession {
                         }
                     }
                     if byte == b' ' {
-                        self.pending_space = Some(end - 1);
+                        self.pending_space = end - 1;
                     }
                     if walkers.is_empty() {
                         continue;
@@ -1764,7 +1799,7 @@ impl StreamSession {
         for w in &self.walkers {
             oldest = oldest.min(w.start);
         }
-        if let Some(at) = self.pending_space {
+        if let Some(at) = Some(self.pending_space).filter(|&a| a != NO_SPACE) {
             oldest = oldest.min(at);
         }
         oldest
@@ -1931,6 +1966,7 @@ impl StreamSession {
                         a = g;
                     }
                     let at = self.anchors.partition_point(|x| x.due() <= a.due());
+                    small_room(&mut self.anchors);
                     self.anchors.insert(at, a);
                 }
                 RawKind::Regex { .. } => {}
