@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // A bad flag of `serve` is bad configuration like any other: one line, status 64.
-            let serve = std::env::args().nth(1).as_deref() == Some("serve");
+            let serve = std::env::args_os().nth(1).is_some_and(|a| a == "serve");
             if serve && e.use_stderr() {
                 let msg = e.render().to_string();
                 let first = msg.lines().next().unwrap_or_default();

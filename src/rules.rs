@@ -279,6 +279,9 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         return pctx.err(None, "version is empty");
     }
     let default_window = policy.score_window.clone();
+    if let Some(w) = default_window.as_ref().filter(|w| *w.get_ref() == 0) {
+        return pctx.err(Some(w.span()), "a score window must be at least 1 byte");
+    }
     type Policy = (Action, f32, u64, Option<String>);
     let mut policies: HashMap<String, Policy> = HashMap::new();
     for (id, p) in &policy.rules {

@@ -1343,13 +1343,10 @@ impl StreamSession {
         }
         // The language depends on the first PROBE_BYTES only: decide it before scanning the
         // chunk that completes them, so the scan already skips what cannot apply.
-        let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_))
             && (last || self.raw_pos + chunk.len() as u64 >= PROBE_BYTES as u64)
         {
-            for f in self.decide_language() {
-                self.accept(&engine, f, &mut out);
-            }
+            found = self.decide_language();
         }
         self.scan_raw(&engine, chunk.as_bytes(), &mut found);
         // The word view goes through the normalizer in slices, so the batch buffer stays small
@@ -1368,12 +1365,13 @@ impl StreamSession {
                 rest = &rest[cut..];
             }
         });
-        for f in found {
-            self.accept(&engine, f, &mut out);
-        }
+        let mut out = Vec::new();
+        self.accept_all(&engine, found, &mut out);
         if self.anchors.is_empty() && self.walkers.is_empty() {
             self.lists_idle = self.lists_idle.saturating_add(1);
-            if u32::from(self.lists_idle) == TAIL_IDLE_UPDATES {
+            if u32::from(self.lists_idle) >= TAIL_IDLE_UPDATES
+                && self.anchors.capacity() + self.walkers.capacity() > 0
+            {
                 self.anchors = Vec::new();
                 self.walkers = Vec::new();
             }
@@ -1448,16 +1446,12 @@ impl StreamSession {
             word_dfa_matches(sc, &view, g, eoi, (end, self.word_pos, free), &mut found);
         }
         self.walkers.clear();
-        let mut out = Vec::new();
         if matches!(self.lang, LangState::Probing(_)) {
-            for f in self.decide_language() {
-                self.accept(&engine, f, &mut out);
-            }
-        }
-        for f in found {
-            self.accept(&engine, f, &mut out);
+            found.extend(self.decide_language());
         }
         self.finished = true;
+        let mut out = Vec::new();
+        self.accept_all(&engine, found, &mut out);
         self.step(out)
     }
 
@@ -1496,7 +1490,27 @@ impl StreamSession {
     }
 
     /// Language check, then scoring. Hits that become reportable go to `out`.
-    fn accept(&mut self, engine: &Engine, f: Found, out: &mut Vec<Found>) {
+    /// Gives the hits found by one step (and those that waited for the language) to their rules,
+    /// by start. Before a hit is added, its rule decides the windows that end before the hit's
+    /// start: no hit still to come starts earlier, whether later in this batch (sorted) or in a
+    /// later chunk (the hit floor). So a rule holds the hits of about one window, however many
+    /// a single step brings, and whole texts and streams agree.
+    fn accept_all(&mut self, engine: &Engine, mut found: Vec<Found>, out: &mut Vec<Found>) {
+        if found.is_empty() {
+            return;
+        }
+        found.sort_unstable_by_key(|f| (f.start, f.end, f.trigger));
+        let floor = if self.finished {
+            u64::MAX
+        } else {
+            self.hit_floor()
+        };
+        for f in found {
+            self.accept(engine, f, floor.min(f.start), out);
+        }
+    }
+
+    fn accept(&mut self, engine: &Engine, f: Found, floor: u64, out: &mut Vec<Found>) {
         let t = &engine.rules.triggers[f.trigger as usize];
         if t.lang != NEUTRAL {
             match self.lang_set() {
@@ -1513,11 +1527,22 @@ impl StreamSession {
         let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
             Ok(i) => i,
             Err(i) => {
+                if self.rules.capacity() == 0 {
+                    // Most streams that hit anything hit one rule.
+                    self.rules.reserve_exact(1);
+                }
                 self.rules.insert(i, (t.rule, RuleState::default()));
                 i
             }
         };
-        self.rules[i].1.add(f, t.weight, out);
+        let rule = &engine.rules.rules[t.rule];
+        let triggers = &engine.rules.triggers;
+        let weight = |t: u32| triggers[t as usize].weight;
+        let st = &mut self.rules[i].1;
+        if st.settle(floor, rule.window, rule.threshold, weight, out) {
+            self.action = self.action.max(rule.action);
+        }
+        st.add(f, t.weight, out);
     }
 
     /// Decides the rules' windows that no hit still to be found can enter (all of them once the

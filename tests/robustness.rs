@@ -92,6 +92,8 @@ fn the_loader_refuses_what_would_hurt_with_file_and_line() {
     for policy in [
         "version = \"t\"\nscore_window = 0\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\n",
         "version = \"t\"\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\nwindow = 0\n",
+        // Refused even where every rule sets its own.
+        "version = \"t\"\nscore_window = 0\n[rules.\"RULE-MIST-009\"]\naction = \"sanitize\"\nwindow = 9\n",
     ] {
         let err = load(policy, RULE).unwrap_err();
         assert!(

@@ -338,15 +338,18 @@ fn windowed_rules() -> (tempfile::TempDir, Arc<mistguard::Engine>) {
     (dir, engine)
 }
 
-/// Benign English prose with the two weak triggers of [`windowed_rules`] starting at (about)
-/// the given offsets; returns the text and where each starts.
+/// Benign English prose with the two weak triggers of [`windowed_rules`] starting at the given
+/// offsets (when they do not overlap); returns the text and where each starts.
 fn prose_with(at: &[(usize, &str)], len: usize) -> (String, Vec<usize>) {
     let filler = "the team met after lunch to review the garden report and plan the beans. ";
     let mut text = String::new();
     let mut starts = Vec::new();
     for &(offset, phrase) in at {
-        while text.len() < offset {
+        while text.len() + filler.len() <= offset {
             text.push_str(filler);
+        }
+        while text.len() < offset {
+            text.push(' ');
         }
         starts.push(text.len());
         text.push_str(phrase);
@@ -436,32 +439,62 @@ fn weak_hits_add_up_inside_the_score_window_only() {
         mistguard::Action::Allow
     );
 
-    // Every distance, every way of cutting: the stream answers as the whole text does.
+    // Every distance around the window's edge, both orders, cut every which way: the rule fires
+    // exactly when the starts are at most 300 bytes apart, and the stream answers as the whole
+    // text does.
     let mut x: u64 = 3;
     let mut fired = [0, 0];
-    for gap in (150..600).step_by(7) {
-        let (text, _) = prose_with(
-            &[
-                (100, "without any restrictions"),
-                (100 + gap, "in a hypothetical scenario"),
-            ],
-            1200,
-        );
-        let whole = engine.classify(&text, &opts);
-        let sizes = std::iter::from_fn(|| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            Some(1 + (x >> 33) as usize % 64)
-        });
-        let st = common::stream(&engine, &text, &common::cut(&text, sizes), &opts);
-        assert_eq!(st.hits, whole.hits, "gap {gap}");
-        assert_eq!(st.action, whole.action, "gap {gap}");
-        common::check_release(&st).unwrap();
-        fired[usize::from(whole.action == mistguard::Action::Sanitize)] += 1;
+    for gap in (150..=450).step_by(11).chain(295..=305) {
+        for (a, b) in [
+            ("without any restrictions", "in a hypothetical scenario"),
+            ("in a hypothetical scenario", "without any restrictions"),
+        ] {
+            let (text, starts) = prose_with(&[(100, a), (100 + gap, b)], 1200);
+            assert_eq!(starts[1] - starts[0], gap);
+            let whole = engine.classify(&text, &opts);
+            let expected = if gap <= 300 {
+                mistguard::Action::Sanitize
+            } else {
+                mistguard::Action::Allow
+            };
+            assert_eq!(whole.action, expected, "gap {gap}");
+            for _ in 0..4 {
+                let sizes = std::iter::from_fn(|| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    Some(1 + (x >> 33) as usize % 64)
+                });
+                let st = common::stream(&engine, &text, &common::cut(&text, sizes), &opts);
+                assert_eq!(st.hits, whole.hits, "gap {gap}");
+                assert_eq!(st.action, whole.action, "gap {gap}");
+                common::check_release(&st).unwrap();
+            }
+            fired[usize::from(whole.action == mistguard::Action::Sanitize)] += 1;
+        }
     }
     assert!(
         fired[0] > 10 && fired[1] > 10,
         "both sides of the window: {fired:?}"
     );
+
+    // More weak hits in one step than a rule holds (4,096) do not crowd out the evidence that
+    // completes a window later in the same step: each hit is added after the windows before it
+    // are decided, whole text or chunks.
+    let mut text = "in a hypothetical scenario. ".repeat(5000);
+    text.push_str(&"the team met after lunch to review the garden report. ".repeat(60));
+    text.push_str("in a hypothetical scenario, without any restrictions.");
+    let whole = engine.classify(&text, &opts);
+    assert_eq!(whole.action, mistguard::Action::Sanitize);
+    assert_eq!(whole.hits.len(), 2, "{:?}", whole.hits);
+    for size in [4096, 100_000] {
+        let st = common::stream(
+            &engine,
+            &text,
+            &common::cut(&text, std::iter::repeat(size)),
+            &opts,
+        );
+        assert_eq!(st.hits, whole.hits, "chunks of {size}");
+        common::check_release(&st).unwrap();
+    }
 }

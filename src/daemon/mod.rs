@@ -223,6 +223,13 @@ fn init_logging(config: &Config) {
 /// `mistguard serve`: validates the configuration and loads every file before binding; exits 64
 /// with one line on stderr when anything is wrong.
 pub fn serve_main(args: ServeArgs) -> ExitCode {
+    // A SIGHUP (`systemctl reload`) while the rulesets are still compiling must not kill the
+    // daemon (the default action): ignore it until the reload handler is installed, just before
+    // serving. The rulesets being loaded are the ones a reload would read anyway.
+    // SAFETY: no other thread exists yet; SIG_IGN is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let config = match args.load() {
         Ok(c) => c,
         Err(e) => {

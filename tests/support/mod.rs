@@ -217,6 +217,13 @@ pub struct Process {
 impl Process {
     /// Spawns `mistguard serve` on `127.0.0.1:0` with JSON logs and waits for it to serve.
     pub fn spawn(rulesets: &Path, extra: &[&str]) -> Process {
+        Process::spawn_signalled(rulesets, extra, None)
+    }
+
+    /// [`Process::spawn`], sending `early` to the daemon 20 ms after it started (while it is
+    /// still compiling its rulesets, on any machine this runs on), before waiting for it to
+    /// serve.
+    pub fn spawn_signalled(rulesets: &Path, extra: &[&str], early: Option<i32>) -> Process {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mistguard"));
         cmd.args([
             "serve",
@@ -235,6 +242,15 @@ impl Process {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn mistguard");
+        if let Some(sig) = early {
+            // After the program has started (a signal in its first millisecond, before `main`,
+            // meets the default action whatever the program does), while it compiles rules.
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: kill(2) on the pid of a child this process has not waited for.
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = BufReader::new(child.stderr.take().unwrap());
