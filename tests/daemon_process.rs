@@ -507,3 +507,53 @@ fn bad_configuration_exits_64_before_binding() {
     );
     drop(held);
 }
+
+/// `mistguard bench` drives an in-process daemon through every phase and prints a row per phase
+/// with calls made and no errors, then the two target lines.
+#[test]
+fn bench_runs_every_phase_against_an_in_process_daemon() {
+    let rules = TestRules::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+        .args([
+            "bench",
+            "--seconds",
+            "1",
+            "--streams",
+            "20",
+            "--payload",
+            "spaces",
+        ])
+        .arg("--rulesets")
+        .arg(rules.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Classify payload Spaces"), "{stdout}");
+    for phase in [
+        "Ping (empty RPC)",
+        "Classify 1 KiB ",
+        "Classify 16 KiB",
+        "Classify 1 KiB at",
+        "stream chunks (20 streams",
+        "engine only, 1 KiB",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(phase))
+            .unwrap_or_else(|| panic!("no {phase} row in {stdout}"));
+        let cols: Vec<&str> = row[34..].split_whitespace().collect();
+        let calls: u64 = cols[0].parse().unwrap();
+        assert!(calls > 0, "{row}");
+        assert_eq!(cols[1], "0", "errors in {row}");
+    }
+    assert!(
+        stdout.contains("of the empty RPC (target >= 70%)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("p99 at half that rate"), "{stdout}");
+}

@@ -49,6 +49,26 @@ pub struct BenchArgs {
     /// Bytes per stream chunk.
     #[arg(long, default_value_t = 64)]
     pub chunk_bytes: usize,
+    /// What the Classify phases send: benign English prose, or as many spaces (a text the
+    /// engine has almost nothing to do with: what carrying it over gRPC costs alone).
+    #[arg(long, value_enum, default_value_t = Payload::Prose)]
+    pub payload: Payload,
+}
+
+/// The texts of the Classify phases.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    Prose,
+    Spaces,
+}
+
+impl Payload {
+    fn text(self, len: usize) -> String {
+        match self {
+            Payload::Prose => sample_text(len),
+            Payload::Spaces => " ".repeat(len),
+        }
+    }
 }
 
 /// Hard cap on calls per phase, whatever the duration.
@@ -167,7 +187,7 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         channels.push(ch);
     }
     println!(
-        "mistguard bench: target {addr}{}, {} s per phase, {} concurrent calls over {} connections",
+        "mistguard bench: target {addr}{}, {} s per phase, {} concurrent calls over {} connections, Classify payload {:?}",
         if server.is_some() {
             " (in-process daemon, bundled rulesets unless --rulesets)"
         } else {
@@ -175,7 +195,8 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         },
         args.seconds,
         args.concurrency,
-        args.connections
+        args.connections,
+        args.payload
     );
 
     let unary_channels = &channels[..args.connections.min(channels.len())];
@@ -187,8 +208,8 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         None,
     )
     .await;
-    let text_1k = Arc::new(sample_text(1024));
-    let text_16k = Arc::new(sample_text(16 * 1024));
+    let text_1k = Arc::new(args.payload.text(1024));
+    let text_16k = Arc::new(args.payload.text(16 * 1024));
     let c1k = closed_loop(
         "Classify 1 KiB",
         unary_channels,
@@ -220,7 +241,7 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         Some(_) => None,
         None => {
             let dir = args.rulesets.clone();
-            let text = sample_text(1024);
+            let text = args.payload.text(1024);
             Some(tokio::task::spawn_blocking(move || engine_only(dir, &text, secs)).await??)
         }
     };
