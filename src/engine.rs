@@ -74,8 +74,11 @@ pub struct Engine {
     pub(crate) scanner: Scanner,
     /// Messages already composed, by (language, distinct triggers in the order reported): a
     /// stream points to its message here instead of holding a copy (see [`Engine::message`]).
-    messages: dashmap::DashMap<(Option<&'static str>, Box<[u32]>), Arc<str>>,
+    messages: dashmap::DashMap<MessageKey, Arc<str>>,
 }
+
+/// What a message is made of: the language and the distinct triggers, in the order reported.
+type MessageKey = (Option<&'static str>, Box<[u32]>);
 
 /// Most messages the engine keeps composed; past it, a message is composed for its stream alone.
 pub const MESSAGE_CACHE_ENTRIES: usize = 4096;
