@@ -1160,6 +1160,27 @@ fn small_room<T>(v: &mut Vec<T>) {
     }
 }
 
+/// Decides the windows of rule `rule` (state `st`) that end before `floor`; its action if it
+/// fired (its hits are then in `out`).
+fn settle_rule(
+    engine: &Engine,
+    rule: usize,
+    st: &mut RuleState,
+    floor: u64,
+    out: &mut Vec<Found>,
+) -> Option<Action> {
+    let r = &engine.rules.rules[rule];
+    let triggers = &engine.rules.triggers;
+    st.settle(
+        floor,
+        r.window,
+        r.threshold,
+        |t| triggers[t as usize].weight,
+        out,
+    )
+    .then_some(r.action)
+}
+
 /// `pending_space` when no space is pending.
 const NO_SPACE: u64 = u64::MAX;
 
@@ -1535,34 +1556,22 @@ impl StreamSession {
                 i
             }
         };
-        let rule = &engine.rules.rules[t.rule];
-        let triggers = &engine.rules.triggers;
-        let weight = |t: u32| triggers[t as usize].weight;
         let st = &mut self.rules[i].1;
-        if st.settle(floor, rule.window, rule.threshold, weight, out) {
-            self.action = self.action.max(rule.action);
+        if let Some(action) = settle_rule(engine, t.rule, st, floor, out) {
+            self.action = self.action.max(action);
         }
         st.add(f, t.weight, out);
     }
 
-    /// Decides the rules' windows that no hit still to be found can enter (all of them once the
+    /// Decides the rules' windows that end before `floor`, the hit floor (all of them once the
     /// stream is finished); a rule that fires raises the action and reports its hits in `out`.
-    fn settle_rules(&mut self, out: &mut Vec<Found>) {
-        if self.rules.iter().all(|(_, st)| st.held.is_empty()) {
-            return;
-        }
-        let floor = if self.finished {
-            u64::MAX
-        } else {
-            self.hit_floor()
-        };
-        let engine = self.engine.clone();
-        let triggers = &engine.rules.triggers;
+    fn settle_rules(&mut self, floor: u64, out: &mut Vec<Found>) {
         for (i, st) in &mut self.rules {
-            let rule = &engine.rules.rules[*i];
-            let weight = |t: u32| triggers[t as usize].weight;
-            if st.settle(floor, rule.window, rule.threshold, weight, out) {
-                self.action = self.action.max(rule.action);
+            if st.held.is_empty() {
+                continue;
+            }
+            if let Some(action) = settle_rule(&self.engine, *i, st, floor, out) {
+                self.action = self.action.max(action);
             }
             if self.finished {
                 st.held = Vec::new();
@@ -1571,7 +1580,13 @@ impl StreamSession {
     }
 
     fn step(&mut self, mut found: Vec<Found>) -> StepResult {
-        self.settle_rules(&mut found);
+        // One hit floor per step, for the windows and the release (scoring does not move it).
+        let floor = if self.finished {
+            u64::MAX
+        } else {
+            self.hit_floor()
+        };
+        self.settle_rules(floor, &mut found);
         let mut hits = Vec::new();
         if !found.is_empty() {
             let triggers = &self.engine.rules.triggers;
@@ -1596,7 +1611,7 @@ impl StreamSession {
         let release = if self.finished {
             self.raw_pos
         } else {
-            self.release_bound()
+            self.release_bound(floor)
         };
         self.released = self.released.max(release);
         let language = self.lang_set().and_then(|s| s.primary).map(lang::code);
@@ -1624,9 +1639,9 @@ impl StreamSession {
     }
 
     /// The original offset before which no text can be released: no trigger can still complete
-    /// a match before it, and no hit before it can still be reported.
-    fn release_bound(&self) -> u64 {
-        let mut r = self.hit_floor();
+    /// a match before it (`floor`, the hit floor), and no hit before it can still be reported.
+    fn release_bound(&self, floor: u64) -> u64 {
+        let mut r = floor;
         // Hits held below threshold by a rule whose action withholds text.
         for (i, st) in &self.rules {
             if !st.fired && self.engine.rules.rules[*i].action.withholds() {
@@ -1824,10 +1839,8 @@ impl StreamSession {
         for w in &self.walkers {
             oldest = oldest.min(w.start);
         }
-        if let Some(at) = Some(self.pending_space).filter(|&a| a != NO_SPACE) {
-            oldest = oldest.min(at);
-        }
-        oldest
+        // (NO_SPACE is u64::MAX: no pending space changes nothing.)
+        oldest.min(self.pending_space)
     }
 
     /// Walks the raw-view automata over one chunk, one automaton at a time, confirms the anchors
