@@ -72,6 +72,10 @@ enum Command {
         #[arg(long)]
         lang_hint: bool,
     },
+    /// Print the normalized form of each JSON line's `text` on standard input, one JSON string a
+    /// line (what the word view and the learned tier's trainer see).
+    #[command(hide = true)]
+    Normalize,
     /// Run the gRPC daemon (see docs/DAEMON.md).
     Serve(Box<mistguard::daemon::ServeArgs>),
     /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
             show_fn,
             lang_hint,
         } => eval(corpus, rulesets, json, rule, show_fp, show_fn, lang_hint),
+        Command::Normalize => normalize_lines(),
         Command::Serve(args) => mistguard::daemon::serve_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
@@ -327,6 +332,39 @@ fn eval(
         println!("{}", serde_json::to_string_pretty(&report).unwrap());
     } else {
         print!("{}", mistguard::eval::render(&report, rule.as_deref()));
+    }
+    ExitCode::SUCCESS
+}
+
+fn normalize_lines() -> ExitCode {
+    use std::io::{BufRead, Write};
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: reading standard input: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let text = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(o)) => match o.get("text") {
+                Some(serde_json::Value::String(t)) => t.clone(),
+                _ => {
+                    eprintln!("error: line {}: no string `text`", n + 1);
+                    return ExitCode::from(1);
+                }
+            },
+            _ => {
+                eprintln!("error: line {}: not a JSON object", n + 1);
+                return ExitCode::from(1);
+            }
+        };
+        let norm = mistguard::normalize::normalize(&text);
+        if writeln!(out, "{}", serde_json::Value::String(norm)).is_err() {
+            return ExitCode::from(1);
+        }
     }
     ExitCode::SUCCESS
 }
