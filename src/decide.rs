@@ -2,7 +2,8 @@
 //! the verdict's action and, for SANITIZE, the text with the matched spans replaced.
 
 use crate::action::Action;
-use crate::engine::{Engine, Hit};
+use crate::rules::CompiledRuleset;
+use crate::verdict::Hit;
 
 /// What replaces a sanitized span.
 pub const FILTERED: &str = "[FILTERED]";
@@ -12,7 +13,7 @@ pub const FILTERED: &str = "[FILTERED]";
 /// named by the triggers that hit (RULE-MIST-002's WARN). `triggers`: the distinct triggers
 /// that hit (indices into the ruleset's triggers), in the order they were reported.
 pub fn message(
-    engine: &Engine,
+    rs: &CompiledRuleset,
     action: Action,
     triggers: &[u32],
     language: Option<&str>,
@@ -20,7 +21,6 @@ pub fn message(
     if action == Action::Allow {
         return None;
     }
-    let rs = engine.ruleset();
     let mut rules: Vec<usize> = Vec::new();
     for &t in triggers {
         let i = rs.triggers[t as usize].rule;

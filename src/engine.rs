@@ -1,72 +1,17 @@
 //! The public face of the core: a compiled ruleset that classifies whole texts and streams.
+//!
+//! [`Engine`] owns the ruleset and its automata; a [`StreamSession`] is one text or stream: the
+//! scan (`scan::ScanSession`) plus what the caller is told (hits with their rule and trigger ids,
+//! the message of the verdict, the sanitized text), composed through `decide`.
 
 use crate::action::Action;
 use crate::rules::{CompiledRuleset, LoadError};
-use crate::scan::Scanner;
-use serde::Serialize;
+use crate::scan::{ScanSession, ScanStep, Scanner};
+use crate::score::Match;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Options a caller passes with a text.
-#[derive(Clone, Debug, Default)]
-pub struct ClassifyOptions {
-    /// ISO 639-1 language hint (`"fr"`); `None` lets the engine detect the language.
-    pub lang_hint: Option<String>,
-}
-
-/// One trigger that matched, with its span in the caller's text.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Hit {
-    /// `RULE-MIST-00N`, `PII` or `SECRET`.
-    pub rule_id: Arc<str>,
-    pub trigger_id: Arc<str>,
-    /// The trigger's language code, or `neutral`.
-    pub language: &'static str,
-    /// Byte span in the caller's original text (for a stream: from the stream's first byte).
-    pub start: u64,
-    pub end: u64,
-    /// The trigger's weight.
-    pub score: f32,
-    /// The action of the hit's rule.
-    pub action: Action,
-}
-
-/// The answer for a whole text.
-#[derive(Clone, Debug, Serialize)]
-pub struct Verdict {
-    pub action: Action,
-    pub hits: Vec<Hit>,
-    /// The language the engine settled on (hint or detection); `None` when undecided.
-    pub language: Option<&'static str>,
-    /// Every language whose triggers applied.
-    pub languages_applied: Vec<&'static str>,
-    /// The text with every span of a SANITIZE hit replaced by `[FILTERED]` (set when the action is
-    /// SANITIZE).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sanitized_text: Option<String>,
-    /// Refusal, warning with a safe alternative, help resources, uncertainty note.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Score per fired rule.
-    pub rule_scores: Vec<(Arc<str>, f32)>,
-}
-
-/// The answer for one chunk of a stream.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepResult {
-    /// The verdict so far (most severe action of every rule fired up to now).
-    pub action: Action,
-    /// Hits reported by this step (new, or earlier hits whose rule fired in this step).
-    pub hits: Vec<Hit>,
-    /// Bytes of the stream (from its first byte) the client may forward now: no trigger can still
-    /// complete a match that starts before this offset. Never decreases.
-    pub release_offset: u64,
-    /// The language once decided.
-    pub language: Option<&'static str>,
-    /// Message for the verdict so far.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
+pub use crate::verdict::{ClassifyOptions, Hit, StepResult, Verdict};
 
 /// A compiled ruleset, shareable across threads (`Arc<Engine>`).
 pub struct Engine {
@@ -89,7 +34,7 @@ impl Engine {
     /// # Errors
     /// A [`LoadError`] naming the file, the line and the reason.
     pub fn from_dir(dir: &Path) -> Result<Engine, LoadError> {
-        let rules = crate::rules::load_dir(dir)?;
+        let rules = crate::load::ruleset_dir(dir)?;
         Engine::from_ruleset(rules)
     }
 
@@ -134,7 +79,7 @@ impl Engine {
         if let Some(m) = self.messages.get(&key) {
             return Some((m.clone(), true));
         }
-        let m: Arc<str> = crate::decide::message(self, action, triggers, language)?.into();
+        let m: Arc<str> = crate::decide::message(&self.rules, action, triggers, language)?.into();
         if self.messages.len() < MESSAGE_CACHE_ENTRIES {
             self.messages.insert(key, m.clone());
             return Some((m, true));
@@ -169,4 +114,228 @@ impl Engine {
     }
 }
 
-pub use crate::scan::StreamSession;
+/// Most hits a stream keeps for its final verdict.
+pub const MAX_KEPT_HITS: usize = 4096;
+
+/// One text or stream: its scan, and what it has reported (for the messages and the verdict).
+pub struct StreamSession {
+    engine: Arc<Engine>,
+    scan: ScanSession,
+    /// What was reported, from the first hit on (a stream without hits holds none of it).
+    reported: Option<Box<Reported>>,
+    keep_hits: bool,
+}
+
+/// What a stream keeps of the hits it reported.
+#[derive(Default)]
+struct Reported {
+    /// Every hit reported, for [`StreamSession::verdict`], up to [`MAX_KEPT_HITS`] (not kept
+    /// after [`StreamSession::discard_verdict_hits`]).
+    hits: Vec<Match>,
+    /// Each distinct trigger reported (what the message is made of), by index.
+    distinct: Vec<u32>,
+    /// The message of the last step (the engine's shared copy when the bool is true), and what
+    /// it was made from.
+    message: Option<(Arc<str>, bool)>,
+    message_key: Option<(Action, Option<&'static str>, usize)>,
+}
+
+impl StreamSession {
+    pub fn new(engine: Arc<Engine>, opts: &ClassifyOptions) -> StreamSession {
+        let scan = ScanSession::new(&engine.scanner, opts.lang_hint.as_deref());
+        StreamSession {
+            engine,
+            scan,
+            reported: None,
+            keep_hits: true,
+        }
+    }
+
+    /// Stops keeping every reported hit for [`StreamSession::verdict`], whose `hits` (and
+    /// sanitized text) then hold only what was reported before. For a caller that consumes each
+    /// step's hits as they come (the daemon's streams): the stream's state then stays bounded by
+    /// its automata and scores, not by how many hits it has reported.
+    pub fn discard_verdict_hits(&mut self) {
+        self.keep_hits = false;
+        if let Some(r) = &mut self.reported {
+            r.hits = Vec::new();
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.scan.bytes_seen()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.scan.is_finished()
+    }
+
+    /// The verdict so far.
+    pub fn action(&self) -> Action {
+        self.scan.action()
+    }
+
+    /// Bytes of state this stream holds (the struct, its tails and its vectors), for the budget
+    /// figure in the benchmarks: the sum of [`state_parts`](Self::state_parts).
+    pub fn state_bytes(&self) -> usize {
+        self.state_parts().iter().map(|p| p.1).sum()
+    }
+
+    /// What [`state_bytes`](Self::state_bytes) counts, part by part (heap parts by capacity).
+    pub fn state_parts(&self) -> Vec<(&'static str, usize)> {
+        use std::mem::size_of;
+        let mut parts = self.scan.state_parts();
+        // The scan is part of this struct.
+        parts[0].1 = size_of::<Self>();
+        parts.push((
+            "verdict hits",
+            self.reported
+                .as_ref()
+                .map_or(0, |r| r.hits.capacity() * size_of::<Match>()),
+        ));
+        parts.push((
+            "message",
+            self.reported.as_ref().map_or(0, |r| {
+                size_of::<Reported>()
+                    + r.distinct.capacity() * 4
+                    + r.message
+                        .as_ref()
+                        .map_or(0, |(m, shared)| if *shared { 0 } else { m.len() })
+            }),
+        ));
+        parts
+    }
+
+    /// Scans one chunk.
+    ///
+    /// # Panics
+    /// If the stream grows past 4 GiB (offsets are kept in 32 bits; the daemon caps streams far
+    /// lower).
+    pub fn feed(&mut self, chunk: &str) -> StepResult {
+        let e = &*self.engine;
+        let step = self.scan.feed(&e.scanner, &e.rules, chunk, false);
+        self.report(step)
+    }
+
+    /// Scans the last chunk of the input (call [`finish`](Self::finish) after it). The answer is
+    /// the same as [`feed`](Self::feed)'s; knowing no more text follows lets an input shorter than
+    /// the language probe have its language decided before the scan (the probe is then the whole
+    /// input either way), so the walker groups of languages that cannot apply are not walked.
+    /// Short prompts are most of what a daemon sees.
+    pub fn feed_last(&mut self, chunk: &str) -> StepResult {
+        let e = &*self.engine;
+        let step = self.scan.feed(&e.scanner, &e.rules, chunk, true);
+        self.report(step)
+    }
+
+    /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
+    /// transitions. Returns the final step.
+    pub fn finish(&mut self) -> StepResult {
+        let e = &*self.engine;
+        let step = self.scan.finish(&e.scanner, &e.rules);
+        self.report(step)
+    }
+
+    /// Turns a scan step into the caller's answer: the hits in order of span, what is kept for
+    /// the verdict, and the message.
+    fn report(&mut self, step: ScanStep) -> StepResult {
+        let ScanStep {
+            action,
+            mut found,
+            release_offset,
+        } = step;
+        let mut hits = Vec::new();
+        if !found.is_empty() {
+            let triggers = &self.engine.rules.triggers;
+            found.sort_by(|a, b| {
+                (a.start, a.end, &triggers[a.trigger as usize].id).cmp(&(
+                    b.start,
+                    b.end,
+                    &triggers[b.trigger as usize].id,
+                ))
+            });
+            let rep = self.reported.get_or_insert_with(Box::default);
+            for f in &found {
+                if !rep.distinct.contains(&f.trigger) {
+                    rep.distinct.push(f.trigger);
+                }
+                if self.keep_hits && rep.hits.len() < MAX_KEPT_HITS {
+                    rep.hits.push(*f);
+                }
+            }
+            hits = found.iter().map(|f| hit_of(&self.engine, f)).collect();
+        }
+        let language = self.scan.language();
+        // The message depends only on the action, the language and the distinct triggers: rebuild
+        // it when one of them changes, not on every chunk.
+        // (No hit reported yet: the action is ALLOW, which has none.)
+        let message = match &mut self.reported {
+            Some(rep) => {
+                let key = (action, language, rep.distinct.len());
+                if rep.message_key != Some(key) {
+                    rep.message = self.engine.message(action, &rep.distinct, language);
+                    rep.message_key = Some(key);
+                }
+                rep.message.as_ref().map(|(m, _)| m.to_string())
+            }
+            None => None,
+        };
+        StepResult {
+            action,
+            hits,
+            release_offset,
+            language,
+            message,
+        }
+    }
+
+    /// The verdict for everything seen so far (call after [`finish`](Self::finish) for the final
+    /// one). With the original `text`, a SANITIZE verdict carries the sanitized text.
+    pub fn verdict(&self, text: Option<&str>) -> Verdict {
+        let (kept, distinct) = match &self.reported {
+            Some(r) => (&r.hits[..], &r.distinct[..]),
+            None => (&[][..], &[][..]),
+        };
+        let mut hits: Vec<Hit> = kept.iter().map(|f| hit_of(&self.engine, f)).collect();
+        hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
+        hits.dedup();
+        let action = self.scan.action();
+        let language = self.scan.language();
+        let languages_applied = self.scan.lang_set().map(|s| s.codes()).unwrap_or_default();
+        let message = crate::decide::message(&self.engine.rules, action, distinct, language);
+        let sanitized_text = match text {
+            Some(t) if action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
+            _ => None,
+        };
+        let rule_scores = self
+            .scan
+            .fired_rules()
+            .map(|(i, score)| (self.engine.rules.rules[i].id.clone(), score))
+            .collect();
+        Verdict {
+            action,
+            hits,
+            language,
+            languages_applied,
+            sanitized_text,
+            message,
+            rule_scores,
+        }
+    }
+}
+
+/// The hit a trigger's match reports.
+fn hit_of(engine: &Engine, f: &Match) -> Hit {
+    let t = &engine.rules.triggers[f.trigger as usize];
+    let rule = &engine.rules.rules[t.rule];
+    Hit {
+        rule_id: rule.id.clone(),
+        trigger_id: t.id.clone(),
+        language: crate::lang::code(t.lang),
+        start: f.start,
+        end: f.end,
+        score: t.weight,
+        action: rule.action,
+    }
+}

@@ -14,11 +14,13 @@ pub mod decide;
 pub mod engine;
 pub mod eval;
 pub mod lang;
+pub mod load;
 pub mod normalize;
 pub mod rules;
 pub mod scan;
 pub mod score;
 pub mod validate;
+pub mod verdict;
 
 pub use action::Action;
 pub use engine::{ClassifyOptions, Engine, Hit, StepResult, StreamSession, Verdict};

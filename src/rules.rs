@@ -12,7 +12,7 @@ use crate::validate::Validator;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use toml::Spanned;
 
@@ -188,34 +188,6 @@ struct TriggerSpec {
     view: Option<Spanned<String>>,
     validate: Option<Spanned<String>>,
     message: Option<String>,
-}
-
-/// Loads every `*.toml` in `dir`.
-///
-/// # Errors
-/// The first problem found, with file and line.
-pub fn load_dir(dir: &Path) -> Result<CompiledRuleset, LoadError> {
-    let err = |m: String| LoadError {
-        file: dir.display().to_string(),
-        line: None,
-        message: m,
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
-    let mut files = Vec::new();
-    for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|e| LoadError {
-            file: p.display().to_string(),
-            line: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        files.push((p.display().to_string(), text));
-    }
-    load_files(&files, &dir.display().to_string())
 }
 
 /// The rulesets embedded at build time.

@@ -1,0 +1,402 @@
+//! One text or stream's scan ([`ScanSession`]): both views walked chunk by chunk, the language
+//! decided from the first bytes, the hits given to their rules' scores, and the release offset.
+//!
+//! The session knows the compiled automata ([`Scanner`]) and the ruleset, which the caller
+//! passes with each chunk; it knows nothing of how a verdict is worded or reported (that is the
+//! engine's, through `decide`). Each step answers with a [`ScanStep`]: the action so far, the
+//! matches that became reportable, and the offset before which the stream may be released.
+//!
+//! Invariants kept here:
+//! - the language depends only on the first [`PROBE_BYTES`] bytes, and is decided before the
+//!   chunk that completes them is scanned; language triggers found before it wait for it;
+//! - a step gives its matches to their rules by start, each after its rule decided the windows
+//!   that end before it (the *hit floor*: every match still to be found starts at or after it),
+//!   so whole texts and streams agree and a rule holds about one window of matches;
+//! - the release offset never decreases and never passes a partial match, a pending anchor, a
+//!   match waiting for the language, or a held match of a rule whose action withholds text.
+
+use super::raw::{PendingAnchor, RawState};
+use super::tail::TAIL_IDLE_UPDATES;
+use super::word::{Walker, WordState};
+use super::Scanner;
+use crate::action::Action;
+use crate::lang::{self, LangSet, NEUTRAL, PROBE_BYTES};
+use crate::rules::CompiledRuleset;
+use crate::score::{Match, RuleState};
+
+/// What one step of a scan found.
+#[derive(Debug)]
+pub struct ScanStep {
+    /// The verdict so far (most severe action of every rule fired up to now).
+    pub action: Action,
+    /// Matches that became reportable in this step (new, or held ones whose rule fired), in the
+    /// order the rules gave them.
+    pub found: Vec<Match>,
+    /// Bytes of the stream the client may forward now. Never decreases.
+    pub release_offset: u64,
+}
+
+enum LangState {
+    Decided(LangSet),
+    Probing(Box<Probe>),
+}
+
+/// A stream whose language is not decided yet: its first bytes, and the language triggers found
+/// meanwhile (accepted or dropped once it is decided).
+#[derive(Default)]
+struct Probe {
+    buf: String,
+    waiting: Vec<Match>,
+}
+
+/// The scan of one text or stream. See the module docs.
+pub struct ScanSession {
+    raw: RawState,
+    word: WordState,
+    lang: LangState,
+    /// Score of each rule with a hit so far, by rule index (ascending): a fresh stream holds none.
+    rules: Vec<(usize, RuleState)>,
+    action: Action,
+    /// Chunks in a row that left no pending anchor and no walker: at [`TAIL_IDLE_UPDATES`] the
+    /// room of both lists is given back.
+    lists_idle: u8,
+    released: u64,
+    /// The last chunk was fed: no more may come.
+    fed_last: bool,
+    finished: bool,
+}
+
+/// Decides the windows of rule `rule` (state `st`) that end before `floor`; its action if it
+/// fired (its hits are then in `out`).
+fn settle_rule(
+    rs: &CompiledRuleset,
+    rule: usize,
+    st: &mut RuleState,
+    floor: u64,
+    out: &mut Vec<Match>,
+) -> Option<Action> {
+    let r = &rs.rules[rule];
+    let triggers = &rs.triggers;
+    st.settle(
+        floor,
+        r.window,
+        r.threshold,
+        |t| triggers[t as usize].weight,
+        out,
+    )
+    .then_some(r.action)
+}
+
+impl ScanSession {
+    /// A fresh scan; `lang_hint` (a supported ISO 639-1 code) decides the language at once.
+    pub fn new(sc: &Scanner, lang_hint: Option<&str>) -> ScanSession {
+        let lang = match lang_hint.and_then(LangSet::from_hint) {
+            Some(set) => LangState::Decided(set),
+            None => LangState::Probing(Box::default()),
+        };
+        let mut s = ScanSession {
+            raw: RawState::new(&sc.raw),
+            word: WordState::new(&sc.word),
+            lang,
+            rules: Vec::new(),
+            action: Action::Allow,
+            lists_idle: 0,
+            released: 0,
+            fed_last: false,
+            finished: false,
+        };
+        if let LangState::Decided(set) = &s.lang {
+            s.word.set_languages(&sc.word, set);
+        }
+        s
+    }
+
+    /// Bytes fed so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.raw.pos
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The verdict so far.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// The languages whose triggers apply, once decided.
+    pub fn lang_set(&self) -> Option<&LangSet> {
+        match &self.lang {
+            LangState::Decided(s) => Some(s),
+            LangState::Probing(_) => None,
+        }
+    }
+
+    /// The language settled on (hint or detection), once decided.
+    pub fn language(&self) -> Option<&'static str> {
+        self.lang_set().and_then(|s| s.primary).map(lang::code)
+    }
+
+    /// Each fired rule (index into the ruleset's rules) with its score.
+    pub fn fired_rules(&self) -> impl Iterator<Item = (usize, f32)> + '_ {
+        self.rules
+            .iter()
+            .filter(|(_, r)| r.fired)
+            .map(|(i, r)| (*i, r.score))
+    }
+
+    /// What the scan's state is made of, part by part, in bytes (heap parts by capacity).
+    pub fn state_parts(&self) -> Vec<(&'static str, usize)> {
+        use std::mem::size_of;
+        vec![
+            ("struct", size_of::<Self>()),
+            ("raw tail", self.raw.tail.bytes()),
+            ("word tail", self.word.tail.bytes()),
+            (
+                "DFA states",
+                self.word.dfa_state_bytes() + self.raw.dfa_state_bytes(),
+            ),
+            (
+                "walkers",
+                self.word.walkers.capacity() * size_of::<Walker>(),
+            ),
+            (
+                "pending anchors",
+                self.raw.anchors.capacity() * size_of::<PendingAnchor>(),
+            ),
+            (
+                "language",
+                match &self.lang {
+                    LangState::Probing(p) => {
+                        size_of::<Probe>()
+                            + p.buf.capacity()
+                            + p.waiting.capacity() * size_of::<Match>()
+                    }
+                    LangState::Decided(_) => 0,
+                },
+            ),
+            (
+                "rule scores",
+                self.rules.capacity() * size_of::<(usize, RuleState)>()
+                    + self
+                        .rules
+                        .iter()
+                        .map(|(_, r)| {
+                            r.seen.capacity() * 4 + r.held.capacity() * size_of::<Match>()
+                        })
+                        .sum::<usize>(),
+            ),
+        ]
+    }
+
+    /// Scans one chunk; `last` says no more chunks follow (see
+    /// `StreamSession::feed_last`).
+    ///
+    /// # Panics
+    /// If the stream grows past 4 GiB (offsets are kept in 32 bits; the daemon caps streams far
+    /// lower), or after the last chunk or [`finish`](Self::finish).
+    pub fn feed(
+        &mut self,
+        sc: &Scanner,
+        rs: &CompiledRuleset,
+        chunk: &str,
+        last: bool,
+    ) -> ScanStep {
+        assert!(!self.fed_last, "feed after feed_last");
+        self.fed_last = last;
+        assert!(!self.finished, "feed after finish");
+        assert!(
+            self.raw.pos + chunk.len() as u64 <= u32::MAX as u64,
+            "a stream is limited to 4 GiB"
+        );
+        let mut found = Vec::new();
+        if let LangState::Probing(p) = &mut self.lang {
+            let buf = &mut p.buf;
+            let room = PROBE_BYTES.saturating_sub(buf.len());
+            let mut take = room.min(chunk.len());
+            while !chunk.is_char_boundary(take) {
+                take -= 1;
+            }
+            buf.push_str(&chunk[..take]);
+        }
+        // The language depends on the first PROBE_BYTES only: decide it before scanning the
+        // chunk that completes them, so the scan already skips what cannot apply.
+        if matches!(self.lang, LangState::Probing(_))
+            && (last || self.raw.pos + chunk.len() as u64 >= PROBE_BYTES as u64)
+        {
+            found = self.decide_language(sc);
+        }
+        self.raw
+            .scan(&sc.raw, &rs.triggers, chunk.as_bytes(), &mut found);
+        self.word.feed(&sc.word, chunk, &mut found);
+        let mut out = Vec::new();
+        self.accept_all(rs, found, &mut out);
+        if self.raw.anchors.is_empty() && self.word.walkers.is_empty() {
+            self.lists_idle = self.lists_idle.saturating_add(1);
+            if u32::from(self.lists_idle) >= TAIL_IDLE_UPDATES
+                && self.raw.anchors.capacity() + self.word.walkers.capacity() > 0
+            {
+                self.raw.anchors = Vec::new();
+                self.word.walkers = Vec::new();
+            }
+        } else {
+            self.lists_idle = 0;
+        }
+        self.step(rs, out)
+    }
+
+    /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
+    /// transitions. Returns the final step (an empty one when called again).
+    pub fn finish(&mut self, sc: &Scanner, rs: &CompiledRuleset) -> ScanStep {
+        if self.finished {
+            return self.step(rs, Vec::new());
+        }
+        let mut found = Vec::new();
+        self.raw.finish(&sc.raw, &rs.triggers, &mut found);
+        self.word.finish(&sc.word, &mut found);
+        if matches!(self.lang, LangState::Probing(_)) {
+            found.extend(self.decide_language(sc));
+        }
+        self.finished = true;
+        let mut out = Vec::new();
+        self.accept_all(rs, found, &mut out);
+        self.step(rs, out)
+    }
+
+    /// Decides the language from the probe; returns the triggers found meanwhile.
+    fn decide_language(&mut self, sc: &Scanner) -> Vec<Match> {
+        let mut waiting = Vec::new();
+        if let LangState::Probing(p) = &mut self.lang {
+            waiting = std::mem::take(&mut p.waiting);
+            let set = LangSet::detect(&p.buf);
+            self.word.set_languages(&sc.word, &set);
+            self.lang = LangState::Decided(set);
+        }
+        waiting
+    }
+
+    /// Gives the hits found by one step (and those that waited for the language) to their rules,
+    /// by start, after the language check. Before a hit is added, its rule decides the windows
+    /// that end before the hit's start: no hit still to come starts earlier, whether later in
+    /// this batch (sorted) or in a later chunk (the hit floor). So a rule holds the hits of
+    /// about one window, however many a single step brings, and whole texts and streams agree.
+    /// Hits that become reportable go to `out`.
+    fn accept_all(&mut self, rs: &CompiledRuleset, mut found: Vec<Match>, out: &mut Vec<Match>) {
+        if found.is_empty() {
+            return;
+        }
+        found.sort_unstable_by_key(|f| (f.start, f.end, f.trigger));
+        let floor = if self.finished {
+            u64::MAX
+        } else {
+            self.hit_floor()
+        };
+        for f in found {
+            self.accept(rs, f, floor.min(f.start), out);
+        }
+    }
+
+    fn accept(&mut self, rs: &CompiledRuleset, f: Match, floor: u64, out: &mut Vec<Match>) {
+        let t = &rs.triggers[f.trigger as usize];
+        if t.lang != NEUTRAL {
+            match self.lang_set() {
+                None => {
+                    if let LangState::Probing(p) = &mut self.lang {
+                        p.waiting.push(f);
+                    }
+                    return;
+                }
+                Some(set) if !set.accepts(t.lang) => return,
+                Some(_) => {}
+            }
+        }
+        let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
+            Ok(i) => i,
+            Err(i) => {
+                if self.rules.capacity() == 0 {
+                    // Most streams that hit anything hit one rule.
+                    self.rules.reserve_exact(1);
+                }
+                self.rules.insert(i, (t.rule, RuleState::default()));
+                i
+            }
+        };
+        let st = &mut self.rules[i].1;
+        if let Some(action) = settle_rule(rs, t.rule, st, floor, out) {
+            self.action = self.action.max(action);
+        }
+        st.add(f, t.weight, out);
+    }
+
+    /// Decides the rules' windows that end before `floor`, the hit floor (all of them once the
+    /// stream is finished); a rule that fires raises the action and reports its hits in `out`.
+    fn settle_rules(&mut self, rs: &CompiledRuleset, floor: u64, out: &mut Vec<Match>) {
+        for (i, st) in &mut self.rules {
+            if st.held.is_empty() {
+                continue;
+            }
+            if let Some(action) = settle_rule(rs, *i, st, floor, out) {
+                self.action = self.action.max(action);
+            }
+            if self.finished {
+                st.held = Vec::new();
+            }
+        }
+    }
+
+    fn step(&mut self, rs: &CompiledRuleset, mut found: Vec<Match>) -> ScanStep {
+        // One hit floor per step, for the windows and the release (scoring does not move it).
+        let floor = if self.finished {
+            u64::MAX
+        } else {
+            self.hit_floor()
+        };
+        self.settle_rules(rs, floor, &mut found);
+        let release = if self.finished {
+            self.raw.pos
+        } else {
+            self.release_bound(rs, floor)
+        };
+        self.released = self.released.max(release);
+        ScanStep {
+            action: self.action,
+            found,
+            release_offset: self.released,
+        }
+    }
+
+    /// The original offset before which no text can be released: no trigger can still complete
+    /// a match before it (`floor`, the hit floor), and no hit before it can still be reported.
+    fn release_bound(&self, rs: &CompiledRuleset, floor: u64) -> u64 {
+        let mut r = floor;
+        // Hits held below threshold by a rule whose action withholds text.
+        for (i, st) in &self.rules {
+            if !st.fired && rs.rules[*i].action.withholds() {
+                if let Some(start) = st.held_start() {
+                    r = r.min(start);
+                }
+            }
+        }
+        r
+    }
+
+    /// The original offset before which no trigger can still complete a match: every hit not
+    /// yet given to a rule (still to be found, or waiting for the language) starts at or after it.
+    fn hit_floor(&self) -> u64 {
+        // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
+        let mut r = self.raw.oldest;
+        r = r.min(self.word.settled_offset());
+        // Word view: the oldest live partial match.
+        if let Some(start) = self.word.oldest_original() {
+            r = r.min(start);
+        }
+        // Hits waiting for the language.
+        if let LangState::Probing(p) = &self.lang {
+            for f in &p.waiting {
+                r = r.min(f.start);
+            }
+        }
+        r
+    }
+}
