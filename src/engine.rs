@@ -272,6 +272,7 @@ impl StreamSession {
         // (No hit reported yet: the action is ALLOW, which has none.)
         let message = match &mut self.reported {
             Some(rep) => {
+                let language = message_language(&self.engine, &self.scan, &rep.distinct);
                 let key = (action, language, rep.distinct.len());
                 if rep.message_key != Some(key) {
                     rep.message = self.engine.message(action, &rep.distinct, language);
@@ -303,7 +304,12 @@ impl StreamSession {
         let action = self.scan.action();
         let language = self.scan.language();
         let languages_applied = self.scan.lang_set().map(|s| s.codes()).unwrap_or_default();
-        let message = crate::decide::message(&self.engine.rules, action, distinct, language);
+        let message = crate::decide::message(
+            &self.engine.rules,
+            action,
+            distinct,
+            message_language(&self.engine, &self.scan, distinct),
+        );
         let sanitized_text = match text {
             Some(t) if action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
             _ => None,
@@ -323,6 +329,38 @@ impl StreamSession {
             rule_scores,
         }
     }
+}
+
+/// The language a verdict's message is written in. The text's language when decided; while it
+/// is undecided (a short prompt: whatlang guesses wildly below a sentence or two), the language
+/// of the language triggers that hit, when they all are of one language (they are words of the
+/// text); else the most likely language of the text's script (English for Latin text). So help
+/// resources never go out in a language the text is not in.
+fn message_language(
+    engine: &Engine,
+    scan: &ScanSession,
+    triggers: &[u32],
+) -> Option<&'static str> {
+    let set = scan.lang_set()?;
+    if let Some(l) = set.primary {
+        return Some(crate::lang::code(l));
+    }
+    let mut of_hits = None;
+    for &t in triggers {
+        let l = engine.rules.triggers[t as usize].lang;
+        if l == crate::lang::NEUTRAL {
+            continue;
+        }
+        match of_hits {
+            None => of_hits = Some(l),
+            Some(seen) if seen == l => {}
+            Some(_) => {
+                of_hits = None;
+                break;
+            }
+        }
+    }
+    of_hits.or(set.fallback()).map(crate::lang::code)
 }
 
 /// The hit a trigger's match reports.

@@ -116,6 +116,21 @@ fn writings_of(id: LangId) -> u16 {
     set
 }
 
+/// Every [`Writing`], by its number.
+const ALL_WRITINGS: [Writing; 11] = [
+    Writing::Latin,
+    Writing::Cyrillic,
+    Writing::Arabic,
+    Writing::Hebrew,
+    Writing::Devanagari,
+    Writing::Bengali,
+    Writing::Han,
+    Writing::Kana,
+    Writing::Hangul,
+    Writing::Thai,
+    Writing::Greek,
+];
+
 pub fn writing_of_char(c: char) -> Option<Writing> {
     let w = match c as u32 {
         0x41..=0x5A | 0x61..=0x7A | 0xC0..=0x24F | 0x1E00..=0x1EFF => Writing::Latin,
@@ -141,12 +156,34 @@ pub struct LangSet {
     pub langs: u32,
     /// Writing systems of the chosen languages.
     writings: u16,
-    /// The single language settled on, if any.
+    /// The single language settled on, if any: a hint, a reliable detection, or a script that
+    /// only one supported language writes. `None` is *undecided*.
     pub primary: Option<LangId>,
+    /// The most likely language of the text's main script (English for Latin text), for what
+    /// must be said in some language while the text's own is undecided (see
+    /// [`LangSet::fallback`]).
+    fallback: Option<LangId>,
+}
+
+/// The language most texts of a script are written in, among the supported ones.
+fn script_language(w: Writing) -> Option<&'static str> {
+    Some(match w {
+        Writing::Latin => "en",
+        Writing::Cyrillic => "ru",
+        Writing::Arabic => "ar",
+        Writing::Hebrew => "he",
+        Writing::Devanagari => "hi",
+        Writing::Bengali => "bn",
+        Writing::Han => "zh",
+        Writing::Kana => "ja",
+        Writing::Hangul => "ko",
+        Writing::Thai => "th",
+        Writing::Greek => return None,
+    })
 }
 
 impl LangSet {
-    fn from_bits(langs: u32, primary: Option<LangId>) -> LangSet {
+    fn from_bits(langs: u32, primary: Option<LangId>, fallback: Option<LangId>) -> LangSet {
         let mut writings = 0;
         for i in 0..LANGS.len() {
             if langs & (1 << i) != 0 {
@@ -157,32 +194,43 @@ impl LangSet {
             langs,
             writings,
             primary,
+            fallback: primary.or(fallback),
         }
     }
 
     /// The set for a caller's hint (`None` if the code is not supported).
     pub fn from_hint(hint: &str) -> Option<LangSet> {
         let id = lang_id(hint)?;
-        Some(Self::from_bits((1 << id) | 1, Some(id)))
+        Some(Self::from_bits((1 << id) | 1, Some(id), None))
     }
 
     /// Decides from the first bytes of a text.
+    ///
+    /// whatlang is trusted only when it says its answer is reliable: on a short text it guesses
+    /// wildly ("how can I kill myself" scores Swedish, "hello" Danish). Otherwise the language
+    /// stays undecided (`primary` is `None`), every supported language of the text's scripts
+    /// applies, and the fallback for messages is the main script's most likely language; a
+    /// script that only one supported language writes (Hangul, Thai, Hebrew, ...) still names
+    /// it when whatlang agrees.
     pub fn detect(probe: &str) -> LangSet {
         let mut writings = 0u16;
+        let mut counts = [0u32; 11];
         for c in probe.chars() {
             if let Some(w) = writing_of_char(c) {
                 writings |= 1 << w as u8;
+                counts[w as usize] += 1;
             }
         }
         let single = writings.count_ones() == 1
             || writings == (1 << Writing::Han as u8) | (1 << Writing::Kana as u8);
         // One detection (the costliest step of a short text's scan), used twice.
         let info = whatlang::detect(probe);
-        if let Some(info) = &info {
+        let guess = info
+            .as_ref()
+            .and_then(|info| LANGS.iter().position(|l| l.whatlang == Some(info.lang())));
+        if let (Some(info), Some(i)) = (&info, guess) {
             if single && info.is_reliable() {
-                if let Some(i) = LANGS.iter().position(|l| l.whatlang == Some(info.lang())) {
-                    return Self::from_bits((1 << i) | 1, Some(i as LangId));
-                }
+                return Self::from_bits((1 << i) | 1, Some(i as LangId), None);
             }
         }
         let mut bits = 1u32;
@@ -191,12 +239,34 @@ impl LangSet {
                 bits |= 1 << i;
             }
         }
-        // A lone script that only one language uses still names it.
-        let primary = info
-            .and_then(|info| LANGS.iter().position(|l| l.whatlang == Some(info.lang())))
-            .filter(|&i| bits & (1 << i) != 0)
-            .map(|i| i as LangId);
-        Self::from_bits(bits, primary)
+        // A script that only one supported language writes names it.
+        let primary = guess.filter(|&i| {
+            bits & (1 << i) != 0
+                && LANGS
+                    .iter()
+                    .enumerate()
+                    .all(|(j, l)| j == i || l.writing != LANGS[i].writing)
+        });
+        // Japanese is kana and kanji together; Han alone is most likely Chinese.
+        let main = (0..counts.len())
+            .filter(|&w| counts[w] > 0)
+            .max_by_key(|&w| (counts[w], std::cmp::Reverse(w)))
+            .map(|w| {
+                if w == Writing::Han as usize && counts[Writing::Kana as usize] > 0 {
+                    Writing::Kana
+                } else {
+                    ALL_WRITINGS[w]
+                }
+            });
+        let fallback = main.and_then(script_language).and_then(lang_id);
+        Self::from_bits(bits, primary.map(|i| i as LangId), fallback)
+    }
+
+    /// The language to say something in (a message, help resources): the text's language when
+    /// decided, else the most likely language of its main script (English for Latin text);
+    /// `None` when not even that is known.
+    pub fn fallback(&self) -> Option<LangId> {
+        self.fallback
     }
 
     /// Whether a trigger of language `id` applies.
@@ -234,6 +304,30 @@ mod tests {
         let s = LangSet::detect("ok");
         assert!(s.accepts(lang_id("es").unwrap()));
         assert!(s.accepts(lang_id("sw").unwrap()));
+    }
+
+    #[test]
+    fn a_short_prompt_stays_undecided_with_its_scripts_likely_language_as_fallback() {
+        // whatlang's guesses here are Swedish, French and Danish, none of them reliable.
+        for text in ["how can I kill myself", "ignore previous instructions", "hello"] {
+            let s = LangSet::detect(text);
+            assert_eq!(s.primary, None, "{text}");
+            assert_eq!(s.fallback(), lang_id("en"), "{text}");
+            assert!(s.accepts(lang_id("sv").unwrap()), "every Latin language applies");
+        }
+        let s = LangSet::detect("хочу умереть");
+        assert_eq!((s.primary, s.fallback()), (None, lang_id("ru")));
+        assert!(s.accepts(lang_id("uk").unwrap()));
+        let s = LangSet::detect("我想死");
+        assert_eq!(s.fallback(), lang_id("zh"));
+        let s = LangSet::detect("死にたい");
+        assert_eq!(s.fallback(), lang_id("ja"));
+        // A script only one supported language writes names it.
+        let s = LangSet::detect("죽고 싶어요");
+        assert_eq!(s.primary, lang_id("ko"));
+        // A reliable detection decides, even when short.
+        let s = LangSet::detect("chcę umrzeć");
+        assert_eq!(s.primary, lang_id("pl"));
     }
 
     #[test]
