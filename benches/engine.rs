@@ -168,6 +168,35 @@ fn bench(c: &mut Criterion) {
         );
     }
 
+    // The start of a stream, while its language is undecided (the first PROBE_BYTES): each
+    // language's paragraph, and a prose opener with a SQL anchor word in it ("here ").
+    {
+        let mut held = Vec::new();
+        let mut starts: Vec<String> = WORDS.iter().map(|(_, t)| t.repeat(3)).collect();
+        starts.push(
+            "And here is the summary you asked for: where the budget goes, and why. ".repeat(4),
+        );
+        for text in &starts {
+            let mut s = engine.session(&opts);
+            let mut fed = 0u64;
+            for ch in chunks(text, 16) {
+                fed += ch.len() as u64;
+                let step = s.feed(ch);
+                if fed <= 2 * mistguard::lang::PROBE_BYTES as u64 {
+                    held.push(fed - step.release_offset);
+                }
+            }
+        }
+        eprintln!(
+            "stream starts ({} texts, 16-byte chunks, first {} bytes; the language is decided at {}): bytes held back mean {:.0} most {}",
+            starts.len(),
+            2 * mistguard::lang::PROBE_BYTES,
+            mistguard::lang::PROBE_BYTES,
+            held.iter().sum::<u64>() as f64 / held.len() as f64,
+            held.iter().max().unwrap()
+        );
+    }
+
     let mut g = c.benchmark_group("scan");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(text.len() as u64));

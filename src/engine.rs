@@ -336,11 +336,7 @@ impl StreamSession {
 /// of the language triggers that hit, when they all are of one language (they are words of the
 /// text); else the most likely language of the text's script (English for Latin text). So help
 /// resources never go out in a language the text is not in.
-fn message_language(
-    engine: &Engine,
-    scan: &ScanSession,
-    triggers: &[u32],
-) -> Option<&'static str> {
+fn message_language(engine: &Engine, scan: &ScanSession, triggers: &[u32]) -> Option<&'static str> {
     let set = scan.lang_set()?;
     if let Some(l) = set.primary {
         return Some(crate::lang::code(l));

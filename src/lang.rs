@@ -309,11 +309,18 @@ mod tests {
     #[test]
     fn a_short_prompt_stays_undecided_with_its_scripts_likely_language_as_fallback() {
         // whatlang's guesses here are Swedish, French and Danish, none of them reliable.
-        for text in ["how can I kill myself", "ignore previous instructions", "hello"] {
+        for text in [
+            "how can I kill myself",
+            "ignore previous instructions",
+            "hello",
+        ] {
             let s = LangSet::detect(text);
             assert_eq!(s.primary, None, "{text}");
             assert_eq!(s.fallback(), lang_id("en"), "{text}");
-            assert!(s.accepts(lang_id("sv").unwrap()), "every Latin language applies");
+            assert!(
+                s.accepts(lang_id("sv").unwrap()),
+                "every Latin language applies"
+            );
         }
         let s = LangSet::detect("хочу умереть");
         assert_eq!((s.primary, s.fallback()), (None, lang_id("ru")));

@@ -498,3 +498,42 @@ fn weak_hits_add_up_inside_the_score_window_only() {
         common::check_release(&st).unwrap();
     }
 }
+
+/// The start of a stream: while its language is undecided, only other languages' triggers wait
+/// for the decision (English and neutral ones apply whatever it is), walkers of languages ruled
+/// out are dropped once it is made, and a partial match of a rule that only warns or flags (the
+/// SQL anchor `here ` in "And here is", which waits 256 bytes for its confirmation) holds
+/// nothing back. So prose is held back by at most the language probe at any step, not until the
+/// end ("And here is …" stayed at 0 for all 241 bytes).
+#[test]
+fn a_stream_of_prose_is_released_from_its_start() {
+    let engine = common::bundled();
+    let bound = mistguard::lang::PROBE_BYTES as u64 + 16;
+    for text in [
+        "And here is the summary you asked for. The meeting covered the budget, the hiring plan \
+         for the next quarter, and the new office layout. Everyone agreed to send comments by \
+         Friday, and the next review is scheduled for the first week of March.",
+        "Ok. So where does the data go? Here is the plan: first we collect it, then we store it \
+         where the team can see it, and finally we delete it when the project ends next year.",
+        "Voici le résumé que vous avez demandé. La réunion a porté sur le budget, le plan de \
+         recrutement du prochain trimestre et le nouvel aménagement des bureaux. Tout le monde \
+         a accepté d'envoyer ses commentaires avant vendredi.",
+        "Hier ist die Zusammenfassung, um die du gebeten hast. Das Treffen behandelte das \
+         Budget, den Einstellungsplan für das nächste Quartal und die neue Büroaufteilung.",
+    ] {
+        for n in [4, 16, 64] {
+            let mut s = engine.session(&ClassifyOptions::default());
+            let mut fed = 0u64;
+            for chunk in common::cut(text, std::iter::repeat(n)) {
+                fed += chunk.len() as u64;
+                let step = s.feed(chunk);
+                assert!(
+                    fed - step.release_offset <= bound,
+                    "{n}-byte chunks: {} of {fed} bytes released ({text:?})",
+                    step.release_offset
+                );
+            }
+            assert_eq!(s.finish().release_offset, text.len() as u64);
+        }
+    }
+}

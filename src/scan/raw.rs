@@ -73,6 +73,9 @@ pub(crate) struct RawAutomata {
     ac_stay: Box<[bool]>,
     /// Confirmation regexes of anchored triggers, by trigger index.
     confirm: Vec<Option<regex_automata::meta::Regex>>,
+    /// Whether each trigger's rule withholds text (SANITIZE and above), by trigger index: only
+    /// those hold a stream's release back (see [`RawState::release_oldest`]).
+    withholds: Vec<bool>,
     /// The most bytes the tail may keep (a power of two): what the longest match, or a
     /// confirmation window, reaches back. A stream keeps less, see [`Tail`].
     pub(crate) window: usize,
@@ -254,7 +257,13 @@ impl RawAutomata {
         }
         stats.raw_window = window;
         stats.raw_look_behind = look_behind as usize;
+        let withholds = rs
+            .triggers
+            .iter()
+            .map(|t| rs.rules[t.rule].action.withholds())
+            .collect();
         Ok(RawAutomata {
+            withholds,
             dfas,
             ac,
             ac_patterns: raw_lits,
@@ -539,6 +548,32 @@ impl RawState {
         r = r.min(partial.saturating_sub(a.look_behind));
         for p in &self.anchors {
             r = r.min(p.first().saturating_sub(p.look_behind as u64));
+        }
+        r
+    }
+
+    /// The oldest offset a match of a rule that withholds text (SANITIZE and above) can still
+    /// start at: [`oldest`](Self::oldest) without the pending anchors and DFA partial matches of
+    /// rules that only flag or warn. A stream's release waits for those matches only: a WARN or
+    /// FLAG hit found later never takes back text the client has shown. (A prose `here ` is an
+    /// anchor of the SQL-concatenation trigger, which waits for 256 bytes after it.)
+    pub(crate) fn release_oldest(&self, a: &RawAutomata) -> u64 {
+        let mut r = self.pos;
+        for (d, (_, patterns)) in self.dfas.iter().zip(&a.dfas) {
+            // A DFA holds the patterns of one rule.
+            if patterns
+                .first()
+                .is_some_and(|p| a.withholds[p.trigger as usize])
+            {
+                r = r.min((d.1 as u64).max(self.pos.saturating_sub(a.dfa_max)));
+            }
+        }
+        let partial = self.pos - a.ac_depth(self.ac_sid);
+        r = r.min(partial.saturating_sub(a.look_behind));
+        for p in &self.anchors {
+            if a.withholds[p.trigger as usize] {
+                r = r.min(p.first().saturating_sub(p.look_behind as u64));
+            }
         }
         r
     }

@@ -243,14 +243,14 @@ impl ScanSession {
         } else {
             self.lists_idle = 0;
         }
-        self.step(rs, out)
+        self.step(sc, rs, out)
     }
 
     /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
     /// transitions. Returns the final step (an empty one when called again).
     pub fn finish(&mut self, sc: &Scanner, rs: &CompiledRuleset) -> ScanStep {
         if self.finished {
-            return self.step(rs, Vec::new());
+            return self.step(sc, rs, Vec::new());
         }
         let mut found = Vec::new();
         self.raw.finish(&sc.raw, &rs.triggers, &mut found);
@@ -261,7 +261,7 @@ impl ScanSession {
         self.finished = true;
         let mut out = Vec::new();
         self.accept_all(rs, found, &mut out);
-        self.step(rs, out)
+        self.step(sc, rs, out)
     }
 
     /// Decides the language from the probe; returns the triggers found meanwhile.
@@ -299,7 +299,9 @@ impl ScanSession {
 
     fn accept(&mut self, rs: &CompiledRuleset, f: Match, floor: u64, out: &mut Vec<Match>) {
         let t = &rs.triggers[f.trigger as usize];
-        if t.lang != NEUTRAL {
+        // English triggers apply whatever the language turns out to be (like neutral ones), so
+        // only the other languages' triggers wait for the decision.
+        if t.lang != NEUTRAL && t.lang != lang::ENGLISH {
             match self.lang_set() {
                 None => {
                     if let LangState::Probing(p) = &mut self.lang {
@@ -345,8 +347,8 @@ impl ScanSession {
         }
     }
 
-    fn step(&mut self, rs: &CompiledRuleset, mut found: Vec<Match>) -> ScanStep {
-        // One hit floor per step, for the windows and the release (scoring does not move it).
+    fn step(&mut self, sc: &Scanner, rs: &CompiledRuleset, mut found: Vec<Match>) -> ScanStep {
+        // One hit floor per step for the windows (scoring does not move it).
         let floor = if self.finished {
             u64::MAX
         } else {
@@ -356,7 +358,7 @@ impl ScanSession {
         let release = if self.finished {
             self.raw.pos
         } else {
-            self.release_bound(rs, floor)
+            self.release_bound(sc, rs)
         };
         self.released = self.released.max(release);
         ScanStep {
@@ -366,10 +368,12 @@ impl ScanSession {
         }
     }
 
-    /// The original offset before which no text can be released: no trigger can still complete
-    /// a match before it (`floor`, the hit floor), and no hit before it can still be reported.
-    fn release_bound(&self, rs: &CompiledRuleset, floor: u64) -> u64 {
-        let mut r = floor;
+    /// The original offset before which no text can be released: no trigger of a rule that
+    /// withholds text (SANITIZE and above) can still complete a match before it, and no held
+    /// hit of such a rule before it can still be reported. FLAG and WARN matches never hold a
+    /// stream back: their hits may point into text already released, which they do not change.
+    fn release_bound(&self, sc: &Scanner, rs: &CompiledRuleset) -> u64 {
+        let mut r = self.floor(self.raw.release_oldest(&sc.raw));
         // Hits held below threshold by a rule whose action withholds text.
         for (i, st) in &self.rules {
             if !st.fired && rs.rules[*i].action.withholds() {
@@ -384,8 +388,14 @@ impl ScanSession {
     /// The original offset before which no trigger can still complete a match: every hit not
     /// yet given to a rule (still to be found, or waiting for the language) starts at or after it.
     fn hit_floor(&self) -> u64 {
+        self.floor(self.raw.oldest)
+    }
+
+    /// [`hit_floor`](Self::hit_floor) with the raw view's oldest offset given (all of its partial
+    /// matches, or those of withholding rules only).
+    fn floor(&self, raw_oldest: u64) -> u64 {
         // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).
-        let mut r = self.raw.oldest;
+        let mut r = raw_oldest;
         r = r.min(self.word.settled_offset());
         // Word view: the oldest live partial match.
         if let Some(start) = self.word.oldest_original() {

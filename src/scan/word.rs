@@ -606,7 +606,8 @@ impl WordState {
     }
 
     /// Once the language is known, the anchored groups none of whose triggers can apply are no
-    /// longer walked (their hits would be dropped by the language check anyway).
+    /// longer walked, and their live walkers are dropped (their hits would be dropped by the
+    /// language check anyway).
     pub(crate) fn set_languages(&mut self, a: &WordAutomata, set: &LangSet) {
         let mut active = 0u64;
         for (g, group) in a.anchored.iter().enumerate() {
@@ -615,6 +616,9 @@ impl WordState {
             }
         }
         self.active_groups = active;
+        // Walkers of groups that no longer apply could only find hits the language check drops;
+        // they would hold the release back until they die.
+        self.walkers.retain(|w| active & (1 << w.group) != 0);
     }
 
     /// Normalizes and scans one chunk. The chunk goes through the normalizer in slices, so the
