@@ -358,10 +358,10 @@ impl Config {
     /// # Errors
     /// The first bad setting, as one line.
     pub fn from_sources(src: &Sources) -> Result<Config, ConfigError> {
-        let addr = |s: &str| s.parse::<SocketAddr>().ok();
+        let addr = parse_listen;
         let metrics_listen = src.parse(
             "metrics_listen",
-            "an address like 127.0.0.1:9464 or `off`",
+            "an address like 127.0.0.1:9464 (a host name only if it resolves to loopback, like localhost:9464) or `off`",
             |s| {
                 if s == "off" {
                     Some(None)
@@ -507,7 +507,11 @@ impl Config {
             })?,
         };
         Ok(Config {
-            listen: src.parse("listen", "an address like 127.0.0.1:50051", addr)?,
+            listen: src.parse(
+                "listen",
+                "an address like 127.0.0.1:50051 (a host name only if it resolves to loopback, like localhost:50051)",
+                addr,
+            )?,
             metrics_listen,
             rulesets,
             log_format: src.parse("log_format", "`text` or `json`", |s| match s {
@@ -515,11 +519,11 @@ impl Config {
                 "json" => Some(LogFormat::Json),
                 _ => None,
             })?,
-            log_level: src.parse("log_level", "a tracing filter", |s| {
-                tracing_subscriber::EnvFilter::try_new(s)
-                    .ok()
-                    .map(|_| s.to_string())
-            })?,
+            log_level: src.parse(
+                "log_level",
+                "a log filter: a level (error, warn, info, debug, trace, off) or target=level, comma-separated",
+                parse_log_filter,
+            )?,
             drain_deadline: src.parse(
                 "drain_deadline",
                 "a duration like 20s",
@@ -671,6 +675,58 @@ mod tests {
         };
         let e = Config::from_sources(&src).unwrap_err().0;
         assert_eq!(e, "--rulesets: `/nonexistent/mistguard` is not a directory");
+    }
+
+    #[test]
+    fn a_log_filter_must_set_levels() {
+        for ok in [
+            "info",
+            "INFO",
+            "warn,mistguard::decision=debug",
+            "info,mistguard=trace",
+            "off",
+        ] {
+            assert_eq!(parse_log_filter(ok).as_deref(), Some(ok), "{ok}");
+        }
+        // `infoo` parses as a target at every level, which silences everything else.
+        for bad in [
+            "infoo",
+            "",
+            "info,mistguard",
+            "mistguard=loud",
+            "info,,debug",
+            "mistguard=",
+        ] {
+            assert_eq!(parse_log_filter(bad), None, "{bad:?}");
+        }
+        let src = Sources {
+            flags: flags(&[("log_level", "infoo")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().0;
+        assert!(
+            e.starts_with("--log-level: `infoo` is not a log filter"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_accepts_loopback_host_names_only() {
+        assert_eq!(
+            parse_listen("localhost:50051"),
+            Some("127.0.0.1:50051".parse().unwrap())
+        );
+        assert_eq!(parse_listen("[::1]:7"), Some("[::1]:7".parse().unwrap()));
+        assert_eq!(parse_listen("localhost"), None);
+        assert_eq!(parse_listen("localhost:http"), None);
+        assert_eq!(parse_listen("bad host:1"), None);
+        // Not loopback (does not resolve here either): refused, with the reason in the message.
+        let src = Sources {
+            flags: flags(&[("listen", "mistguard.invalid:50051")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().0;
+        assert!(e.contains("only if it resolves to loopback"), "{e}");
     }
 
     #[test]
