@@ -343,6 +343,10 @@ pub struct Config {
     pub auth_tokens_file: Option<PathBuf>,
     pub subject_key_file: Option<PathBuf>,
     pub escalation: EscalationConfig,
+    /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
+    /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
+    /// bench leave it off.
+    pub notify_systemd: bool,
 }
 
 impl Default for Config {
@@ -534,8 +538,67 @@ impl Config {
             auth_tokens_file,
             subject_key_file,
             escalation,
+            notify_systemd: false,
         })
     }
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` where every address the host name resolves to is
+/// loopback (`localhost:50051`; `localhost` itself is loopback without a lookup, RFC 6761). A
+/// host name that may reach another interface is refused: exposing the daemon takes an explicit
+/// IP address. The first IPv4 address is bound when there are several.
+pub fn parse_listen(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid_name {
+        return None;
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()?
+        .collect();
+    if addrs.is_empty() || !addrs.iter().all(|a| a.ip().is_loopback()) {
+        return None;
+    }
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
+/// A `tracing` filter whose every directive sets a level: `info`, `warn,mistguard::decision=debug`.
+/// `EnvFilter` itself takes a bare word as a target enabled at every level, so a misspelt level
+/// (`infoo`) would turn every other line off, decision records included; it is refused here.
+pub fn parse_log_filter(s: &str) -> Option<String> {
+    use std::str::FromStr;
+    if s.is_empty() {
+        return None;
+    }
+    for directive in s.split(',') {
+        let directive = directive.trim();
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, l)| l)
+            .trim();
+        // (`LevelFilter` reads an empty level as ERROR.)
+        if level.is_empty() {
+            return None;
+        }
+        tracing_subscriber::filter::LevelFilter::from_str(level).ok()?;
+    }
+    tracing_subscriber::EnvFilter::try_new(s).ok()?;
+    Some(s.to_string())
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
