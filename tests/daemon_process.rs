@@ -567,5 +567,7 @@ fn bench_runs_every_phase_against_an_in_process_daemon() {
         stdout.contains("of the empty RPC (target >= 70%)"),
         "{stdout}"
     );
+    // The figures of an in-process run are those of a client and a server sharing the cores.
+    assert!(stdout.contains("client and server share"), "{stdout}");
     assert!(stdout.contains("p99 at half that rate"), "{stdout}");
 }
