@@ -24,10 +24,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a rulesets directory and print what it compiles to (exit 1 on the first error).
+    /// Validate the rulesets `serve` would load and print what they compile to (exit 1 on the
+    /// first error in them, 64 on bad configuration). They are found as `serve` finds them:
+    /// --rulesets, else MISTGUARD_RULESETS, else `rulesets` in the --config file (or
+    /// MISTGUARD_CONFIG), else the bundled ones.
     Check {
-        /// Directory of rule files; the bundled rulesets when omitted.
+        /// Directory of rule files (the same as --rulesets).
+        #[arg(value_name = "DIR", conflicts_with = "rulesets")]
         dir: Option<PathBuf>,
+        /// Rulesets directory, or `bundled` (also MISTGUARD_RULESETS).
+        #[arg(long, value_name = "DIR")]
+        rulesets: Option<String>,
+        /// The daemon's TOML configuration file (also MISTGUARD_CONFIG); its settings are
+        /// validated too.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -86,8 +97,9 @@ enum Command {
 /// becomes exit status 1.
 fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, ExitCode> {
     let loaded: Result<Engine, LoadError> = match rulesets {
-        Some(d) => Engine::from_dir(d),
-        None => Engine::bundled(),
+        // `bundled` means the same as for `serve` (MISTGUARD_RULESETS=bundled).
+        Some(d) if d.as_os_str() != "bundled" => Engine::from_dir(d),
+        _ => Engine::bundled(),
     };
     loaded.map(Arc::new).map_err(|e| {
         eprintln!("error: {e}");
@@ -126,7 +138,26 @@ fn main() -> ExitCode {
         }
     }
     match cli.command {
-        Command::Check { dir, json } => check(dir, json),
+        Command::Check {
+            dir,
+            rulesets,
+            config,
+            json,
+        } => {
+            // The same resolution as `serve` (flag, environment, config file, default).
+            let args = mistguard::daemon::ServeArgs {
+                config,
+                rulesets: dir.map(|d| d.display().to_string()).or(rulesets),
+                ..Default::default()
+            };
+            match args.load() {
+                Ok(c) => check(c.rulesets, json),
+                Err(e) => {
+                    mistguard::daemon::say(&format!("mistguard: configuration: {e}"));
+                    ExitCode::from(mistguard::daemon::EXIT_CONFIG)
+                }
+            }
+        }
         Command::Classify {
             text,
             lang,

@@ -675,6 +675,26 @@ async fn bearer_tokens_are_required_when_configured() {
     let ok = within(c.classify(r)).await.unwrap().into_inner();
     assert_eq!(ok.action, pb::Action::Allow as i32);
 
+    // The scheme is case-insensitive (RFC 7235); the token is not.
+    for header in [
+        "bearer token-aaaaaaaaaaaaaaaa",
+        "BEARER token-aaaaaaaaaaaaaaaa",
+    ] {
+        let mut r = Request::new(req("hello"));
+        r.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        within(c.classify(r)).await.expect(header);
+    }
+    let mut r = Request::new(req("hello"));
+    r.metadata_mut().insert(
+        "authorization",
+        "Bearer TOKEN-AAAAAAAAAAAAAAAA".parse().unwrap(),
+    );
+    assert_eq!(
+        within(c.classify(r)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
     // Health stays open to probes.
     let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
     within(health.check(tonic_health::pb::HealthCheckRequest {
@@ -682,6 +702,66 @@ async fn bearer_tokens_are_required_when_configured() {
     }))
     .await
     .unwrap();
+}
+
+/// A language hint the rulesets do not support was silently ignored (the CLI refuses it), and a
+/// direction outside the enum was taken: both are INVALID_ARGUMENT, on Classify and on streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_language_and_unknown_direction_are_invalid_argument() {
+    let d = Daemon::start(&[]).await;
+    let mut c = d.client().await;
+    let supported = mistguard::lang::supported_codes();
+    for language in ["xx", "tlh", "klingon"] {
+        let e = within(c.classify(pb::ClassifyRequest {
+            text: "hello".into(),
+            language: language.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{language}");
+        assert!(e.message().contains(&supported), "{language}: {e:?}");
+    }
+    for direction in [3, 9, -1] {
+        let e = within(c.classify(pb::ClassifyRequest {
+            text: "hello".into(),
+            direction,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{direction}");
+        assert!(e.message().contains("DIRECTION_INPUT"), "{e:?}");
+    }
+    for first in [
+        pb::ClassifyStreamRequest {
+            text: "hello".into(),
+            language: "xx".into(),
+            ..Default::default()
+        },
+        pb::ClassifyStreamRequest {
+            text: "hello".into(),
+            direction: 9,
+            ..Default::default()
+        },
+    ] {
+        let (tx, mut responses) = open_stream(&mut c).await;
+        tx.send(first).await.unwrap();
+        let e = within(responses.message()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+    // Supported codes, with or without a region, and the known directions still work.
+    for (language, direction) in [("fr", 1), ("pt-BR", 2), ("", 0), ("EN", 1)] {
+        let r = within(c.classify(pb::ClassifyRequest {
+            text: "hello".into(),
+            language: language.into(),
+            direction,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        assert_eq!(r.into_inner().action, pb::Action::Allow as i32);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

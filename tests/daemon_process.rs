@@ -377,7 +377,7 @@ fn a_signal_at_any_moment_of_startup_is_handled() {
 
 #[test]
 fn serve_help_describes_every_setting() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+    let out = Command::new(binary())
         .args(["serve", "--help"])
         .output()
         .unwrap();
@@ -447,9 +447,21 @@ fn bad_configuration_exits_64_before_binding() {
             &[],
             "a value is required for '--drain-deadline",
         ),
+        // A misspelt level parsed as a target at every level and silenced every other line,
+        // decision records included.
+        (
+            &["--log-level", "infoo"],
+            &[],
+            "--log-level: `infoo` is not a log filter",
+        ),
+        (
+            &[],
+            &[("MISTGUARD_LOG_LEVEL", "info,mistguard")],
+            "MISTGUARD_LOG_LEVEL: `info,mistguard` is not a log filter",
+        ),
     ];
     for (args, env, expected) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+        let out = Command::new(binary())
             .args(["serve", "--listen", &addr, "--metrics-listen", "off"])
             .args(*args)
             .envs(env.iter().copied())
@@ -469,7 +481,7 @@ fn bad_configuration_exits_64_before_binding() {
         "listen = \"127.0.0.1:1\"\nmax_inflight = 10\n[escalation]\nlevel2_hitz = 3\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+    let out = Command::new(binary())
         .args(["serve", "--config", file.to_str().unwrap()])
         .output()
         .unwrap();
@@ -487,7 +499,7 @@ fn bad_configuration_exits_64_before_binding() {
         "rule = \"RULE-MIST-002\"\n[[trigger]\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+    let out = Command::new(binary())
         .args([
             "serve",
             "--listen",
@@ -513,7 +525,7 @@ fn bad_configuration_exits_64_before_binding() {
 #[test]
 fn bench_runs_every_phase_against_an_in_process_daemon() {
     let rules = TestRules::new();
-    let out = Command::new(env!("CARGO_BIN_EXE_mistguard"))
+    let out = Command::new(binary())
         .args([
             "bench",
             "--seconds",
@@ -555,5 +567,7 @@ fn bench_runs_every_phase_against_an_in_process_daemon() {
         stdout.contains("of the empty RPC (target >= 70%)"),
         "{stdout}"
     );
+    // The figures of an in-process run are those of a client and a server sharing the cores.
+    assert!(stdout.contains("client and server share"), "{stdout}");
     assert!(stdout.contains("p99 at half that rate"), "{stdout}");
 }

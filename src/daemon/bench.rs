@@ -199,6 +199,20 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         args.payload
     );
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shared_cores = if server.is_some() {
+        format!(
+            "client and server share this machine's {cores} cores (in-process daemon): the targets \
+             assume a daemon with cores of its own; docs/DAEMON.md shows a pinned two-process run"
+        )
+    } else {
+        format!(
+            "the target runs on this machine: unless the two are pinned apart (taskset), client and \
+             server share its {cores} cores"
+        )
+    };
+    println!("note: {shared_cores}");
+
     let unary_channels = &channels[..args.connections.min(channels.len())];
     let ping = closed_loop(
         "Ping (empty RPC)",
@@ -280,6 +294,9 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
         if p99 < 1000.0 { "met" } else { "NOT met" }
     );
+    if ratio < 70.0 || p99 >= 1000.0 {
+        println!("(measured while {shared_cores})");
+    }
 
     if let Some((tx, task)) = server {
         let _ = tx.send(Control::Shutdown).await;

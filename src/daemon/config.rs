@@ -343,6 +343,10 @@ pub struct Config {
     pub auth_tokens_file: Option<PathBuf>,
     pub subject_key_file: Option<PathBuf>,
     pub escalation: EscalationConfig,
+    /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
+    /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
+    /// bench leave it off.
+    pub notify_systemd: bool,
 }
 
 impl Default for Config {
@@ -358,10 +362,10 @@ impl Config {
     /// # Errors
     /// The first bad setting, as one line.
     pub fn from_sources(src: &Sources) -> Result<Config, ConfigError> {
-        let addr = |s: &str| s.parse::<SocketAddr>().ok();
+        let addr = parse_listen;
         let metrics_listen = src.parse(
             "metrics_listen",
-            "an address like 127.0.0.1:9464 or `off`",
+            "an address like 127.0.0.1:9464 (a host name only if it resolves to loopback, like localhost:9464) or `off`",
             |s| {
                 if s == "off" {
                     Some(None)
@@ -507,7 +511,11 @@ impl Config {
             })?,
         };
         Ok(Config {
-            listen: src.parse("listen", "an address like 127.0.0.1:50051", addr)?,
+            listen: src.parse(
+                "listen",
+                "an address like 127.0.0.1:50051 (a host name only if it resolves to loopback, like localhost:50051)",
+                addr,
+            )?,
             metrics_listen,
             rulesets,
             log_format: src.parse("log_format", "`text` or `json`", |s| match s {
@@ -515,11 +523,11 @@ impl Config {
                 "json" => Some(LogFormat::Json),
                 _ => None,
             })?,
-            log_level: src.parse("log_level", "a tracing filter", |s| {
-                tracing_subscriber::EnvFilter::try_new(s)
-                    .ok()
-                    .map(|_| s.to_string())
-            })?,
+            log_level: src.parse(
+                "log_level",
+                "a log filter: a level (error, warn, info, debug, trace, off) or target=level, comma-separated",
+                parse_log_filter,
+            )?,
             drain_deadline: src.parse(
                 "drain_deadline",
                 "a duration like 20s",
@@ -530,8 +538,67 @@ impl Config {
             auth_tokens_file,
             subject_key_file,
             escalation,
+            notify_systemd: false,
         })
     }
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` where every address the host name resolves to is
+/// loopback (`localhost:50051`; `localhost` itself is loopback without a lookup, RFC 6761). A
+/// host name that may reach another interface is refused: exposing the daemon takes an explicit
+/// IP address. The first IPv4 address is bound when there are several.
+pub fn parse_listen(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid_name {
+        return None;
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()?
+        .collect();
+    if addrs.is_empty() || !addrs.iter().all(|a| a.ip().is_loopback()) {
+        return None;
+    }
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
+/// A `tracing` filter whose every directive sets a level: `info`, `warn,mistguard::decision=debug`.
+/// `EnvFilter` itself takes a bare word as a target enabled at every level, so a misspelt level
+/// (`infoo`) would turn every other line off, decision records included; it is refused here.
+pub fn parse_log_filter(s: &str) -> Option<String> {
+    use std::str::FromStr;
+    if s.is_empty() {
+        return None;
+    }
+    for directive in s.split(',') {
+        let directive = directive.trim();
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, l)| l)
+            .trim();
+        // (`LevelFilter` reads an empty level as ERROR.)
+        if level.is_empty() {
+            return None;
+        }
+        tracing_subscriber::filter::LevelFilter::from_str(level).ok()?;
+    }
+    tracing_subscriber::EnvFilter::try_new(s).ok()?;
+    Some(s.to_string())
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
@@ -671,6 +738,58 @@ mod tests {
         };
         let e = Config::from_sources(&src).unwrap_err().0;
         assert_eq!(e, "--rulesets: `/nonexistent/mistguard` is not a directory");
+    }
+
+    #[test]
+    fn a_log_filter_must_set_levels() {
+        for ok in [
+            "info",
+            "INFO",
+            "warn,mistguard::decision=debug",
+            "info,mistguard=trace",
+            "off",
+        ] {
+            assert_eq!(parse_log_filter(ok).as_deref(), Some(ok), "{ok}");
+        }
+        // `infoo` parses as a target at every level, which silences everything else.
+        for bad in [
+            "infoo",
+            "",
+            "info,mistguard",
+            "mistguard=loud",
+            "info,,debug",
+            "mistguard=",
+        ] {
+            assert_eq!(parse_log_filter(bad), None, "{bad:?}");
+        }
+        let src = Sources {
+            flags: flags(&[("log_level", "infoo")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().0;
+        assert!(
+            e.starts_with("--log-level: `infoo` is not a log filter"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_accepts_loopback_host_names_only() {
+        assert_eq!(
+            parse_listen("localhost:50051"),
+            Some("127.0.0.1:50051".parse().unwrap())
+        );
+        assert_eq!(parse_listen("[::1]:7"), Some("[::1]:7".parse().unwrap()));
+        assert_eq!(parse_listen("localhost"), None);
+        assert_eq!(parse_listen("localhost:http"), None);
+        assert_eq!(parse_listen("bad host:1"), None);
+        // Not loopback (does not resolve here either): refused, with the reason in the message.
+        let src = Sources {
+            flags: flags(&[("listen", "mistguard.invalid:50051")]),
+            ..Default::default()
+        };
+        let e = Config::from_sources(&src).unwrap_err().0;
+        assert!(e.contains("only if it resolves to loopback"), "{e}");
     }
 
     #[test]

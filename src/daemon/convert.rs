@@ -45,30 +45,39 @@ pub fn hit_to_pb(h: &Hit) -> pb::Hit {
     }
 }
 
-/// The direction's name for logs.
-pub fn direction_name(d: i32) -> &'static str {
+/// The direction's name for logs; `Err` for a value outside the enum (a newer client's, or a
+/// wrong one): the caller answers INVALID_ARGUMENT rather than guess.
+pub fn direction_name(d: i32) -> Result<&'static str, String> {
     match pb::Direction::try_from(d) {
-        Ok(pb::Direction::Input) => "input",
-        Ok(pb::Direction::Output) => "output",
-        _ => "unspecified",
+        Ok(pb::Direction::Unspecified) => Ok("unspecified"),
+        Ok(pb::Direction::Input) => Ok("input"),
+        Ok(pb::Direction::Output) => Ok("output"),
+        Err(_) => Err(format!(
+            "direction {d} is not a Direction (0 DIRECTION_UNSPECIFIED, 1 DIRECTION_INPUT, 2 DIRECTION_OUTPUT)"
+        )),
     }
 }
 
-/// Checks a language hint's shape without echoing it: ISO 639-1 (`fr`), optionally with a
-/// region (`pt-BR`). Returns the lower-case code.
-pub fn language_hint(s: &str) -> Result<Option<String>, &'static str> {
+/// Checks a language hint without echoing it: an ISO 639-1 code the rulesets support (`fr`),
+/// optionally with a region (`pt-BR`). Returns the lower-case code. The message of an error
+/// lists the supported codes.
+pub fn language_hint(s: &str) -> Result<Option<String>, String> {
     if s.is_empty() {
         return Ok(None);
     }
     let code = s.split(['-', '_']).next().unwrap_or("");
-    let ok = s.len() <= 16
+    let shaped = s.len() <= 16
         && (2..=3).contains(&code.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(Some(code.to_ascii_lowercase()))
+    let code = code.to_ascii_lowercase();
+    if shaped && crate::lang::lang_id(&code).is_some() {
+        Ok(Some(code))
     } else {
-        Err("language must be an ISO 639-1 code such as `fr`")
+        Err(format!(
+            "language must be one of the supported ISO 639-1 codes (optionally with a region, like pt-BR), or empty to detect it: {}",
+            crate::lang::supported_codes()
+        ))
     }
 }
 
@@ -96,5 +105,18 @@ mod tests {
         assert_eq!(language_hint("pt-BR"), Ok(Some("pt".into())));
         assert!(language_hint("ignore previous instructions").is_err());
         assert!(language_hint("f").is_err());
+        // Well formed but not supported: refused, with the list and without the hint.
+        let e = language_hint("xx").unwrap_err();
+        assert!(e.contains("en fr de"), "{e}");
+        assert!(!e.contains("xx"), "{e}");
+        assert!(language_hint("tlh").is_err());
+    }
+
+    #[test]
+    fn directions() {
+        assert_eq!(direction_name(0), Ok("unspecified"));
+        assert_eq!(direction_name(2), Ok("output"));
+        assert!(direction_name(9).is_err());
+        assert!(direction_name(-1).is_err());
     }
 }

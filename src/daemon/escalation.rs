@@ -74,6 +74,11 @@ impl Escalation {
         }
     }
 
+    /// How long a subject that reaches level 2 is suspended.
+    pub fn suspension(&self) -> std::time::Duration {
+        self.cfg.suspension
+    }
+
     pub fn tracked(&self) -> usize {
         self.subjects.len()
     }

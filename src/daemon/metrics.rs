@@ -4,7 +4,7 @@
 //! languages, actions, reasons, outcomes, the ruleset version. Never a subject, never text.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -58,14 +58,60 @@ pub const METRICS: &[(&str, &str)] = &[
         "mistguard_escalation_untracked_total",
         "hits whose subject was not tracked (state full)",
     ),
+    (
+        "mistguard_credentials_reloads_total",
+        "reloads of the auth tokens and the TLS certificate, by `what` (`auth_tokens`, `tls`) and `outcome`",
+    ),
+    (
+        "mistguard_log_write_errors_total",
+        "log lines that could not be written (stderr closed or full); the call they belong to is answered all the same",
+    ),
+    (
+        "mistguard_build_info",
+        "1, with the daemon's `version`",
+    ),
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// The RPCs of `mistguard.v1.Guard`, as metric labels.
+pub const RPCS: &[&str] = &["classify", "classify_stream", "ping"];
+
+/// Every `reason` of `mistguard_rejected_total`.
+pub const REJECT_REASONS: &[&str] = &[
+    "message_too_large",
+    "stream_chunks",
+    "stream_bytes",
+    "idle_timeout",
+    "overloaded",
+    "draining",
+    "unauthenticated",
+    "invalid_argument",
+    "malformed",
+    "suspended",
+    "rate_limited",
+];
+
+/// What `/metrics` renders: the recorder's handle, and the process collector that is read at
+/// each scrape.
+#[derive(Clone)]
+pub struct Exporter {
+    handle: PrometheusHandle,
+    process: Arc<metrics_process::Collector>,
+}
+
+impl Exporter {
+    /// The metrics in the Prometheus text format, the process metrics read now.
+    pub fn render(&self) -> String {
+        self.process.collect();
+        self.handle.render()
+    }
+}
+
+static EXPORTER: OnceLock<Exporter> = OnceLock::new();
 
 /// Installs the global Prometheus recorder once per process (tests start several daemons in one
-/// process; they share it) and returns its handle.
-pub fn install() -> PrometheusHandle {
-    HANDLE
+/// process; they share it) and returns the exporter.
+pub fn install() -> Exporter {
+    EXPORTER
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
@@ -83,15 +129,79 @@ pub fn install() -> PrometheusHandle {
             for (name, help) in METRICS {
                 metrics::describe_counter!(*name, *help);
             }
-            handle
+            // CPU, memory, file descriptors, threads, start time: `mistguard_process_*`.
+            let process = metrics_process::Collector::new("mistguard_");
+            process.describe();
+            Exporter {
+                handle,
+                process: Arc::new(process),
+            }
         })
         .clone()
 }
 
+/// Creates every series the daemon can report whose labels are known at start, at zero, so a
+/// dashboard or an alert sees them before their first event (a rate over a series that does not
+/// exist yet is no data, not zero).
+pub fn register(engine: &crate::engine::Engine) {
+    use crate::action::Action;
+    metrics::gauge!("mistguard_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for rpc in RPCS {
+        metrics::counter!("mistguard_requests_total", "rpc" => *rpc, "code" => "ok").increment(0);
+        // A histogram appears with its first sample; the buckets of each RPC exist from here.
+        let _ = metrics::histogram!("mistguard_request_duration_seconds", "rpc" => *rpc);
+    }
+    for rpc in ["classify", "classify_stream"] {
+        metrics::counter!("mistguard_bytes_scanned_total", "rpc" => rpc).increment(0);
+        for action in Action::ALL {
+            metrics::counter!("mistguard_decisions_total", "rpc" => rpc, "action" => action.as_str())
+                .increment(0);
+        }
+    }
+    metrics::counter!("mistguard_stream_chunks_total").increment(0);
+    metrics::gauge!("mistguard_active_streams").increment(0.0);
+    for outcome in ["success", "failure"] {
+        metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => outcome).increment(0);
+        for what in ["auth_tokens", "tls"] {
+            metrics::counter!("mistguard_credentials_reloads_total", "what" => what, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for reason in REJECT_REASONS {
+        metrics::counter!("mistguard_rejected_total", "reason" => *reason).increment(0);
+    }
+    metrics::counter!("mistguard_escalation_level2_total").increment(0);
+    metrics::counter!("mistguard_escalation_alerts_total", "level" => "3").increment(0);
+    metrics::gauge!("mistguard_escalation_subjects").increment(0.0);
+    metrics::counter!("mistguard_escalation_untracked_total").increment(0);
+    metrics::counter!("mistguard_log_write_errors_total").increment(0);
+    register_hits(engine);
+}
+
+/// `mistguard_hits_total` for every (rule, trigger language) the rulesets hold, with the rule's
+/// action: the series a hit can create. Called again after a reload.
+pub fn register_hits(engine: &crate::engine::Engine) {
+    let rules = engine.ruleset();
+    for (rule, langs) in crate::rules::pattern_counts(rules) {
+        let Some(info) = rules.rules.iter().find(|r| *r.id == *rule) else {
+            continue;
+        };
+        for lang in langs.keys() {
+            metrics::counter!(
+                "mistguard_hits_total",
+                "rule" => rule.clone(),
+                "language" => *lang,
+                "action" => info.action.as_str()
+            )
+            .increment(0);
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until the task is dropped. HTTP/1.1, one request per
 /// connection; requests larger than 8 KiB or slower than 5 s are dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    let upkeep = handle.clone();
+pub async fn serve(listener: TcpListener, exporter: Exporter) {
+    let upkeep = exporter.handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -104,7 +214,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let handle = handle.clone();
+        let exporter = exporter.clone();
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(1024);
             let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -126,7 +236,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             let response = if line.starts_with(b"GET /metrics ")
                 || line.starts_with(b"GET /metrics?")
             {
-                let body = handle.render();
+                let body = exporter.render();
                 format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()

@@ -6,6 +6,8 @@
 //! - `config`: settings from flags, `MISTGUARD_*` environment and a TOML file, validated before
 //!   any port is bound;
 //! - `server`: the tonic server, health, reflection, reload and draining shutdown;
+//! - `front`: what every Guard call goes through: authentication, client-error statuses, counting;
+//! - `tls`: TLS termination with a certificate that SIGHUP replaces;
 //! - `service`: the `mistguard.v1.Guard` RPCs;
 //! - `escalation`: per-subject state of the escalation matrix;
 //! - `ids`: decision ids and the keyed subject hash;
@@ -16,11 +18,13 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod escalation;
+pub mod front;
 pub mod ids;
 pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 pub use bench::{bench_main, BenchArgs};
 pub use config::{Config, ConfigError, Sources};
@@ -39,6 +43,10 @@ pub struct ServeArgs {
     /// TOML configuration file (also `MISTGUARD_CONFIG`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Validate everything `serve` would load (settings, rulesets, token file, subject key, TLS
+    /// certificate and key), bind nothing, print one line and exit: 0 when valid, 64 when not.
+    #[arg(long)]
+    pub check_config: bool,
     #[arg(long = "listen", value_name = "VALUE")]
     pub listen: Option<String>,
     #[arg(long = "metrics-listen", value_name = "VALUE")]
@@ -206,12 +214,37 @@ impl ServeArgs {
     }
 }
 
+/// The log writer: stderr, where a failed write is counted
+/// (`mistguard_log_write_errors_total`) and dropped. tracing-subscriber reports a failed write
+/// with `eprintln!`, which panics when stderr is a closed pipe: the call being logged then died
+/// with CANCELLED instead of its verdict, and a SIGTERM exited 101. A log line is never worth a
+/// request.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // tracing-subscriber formats an event whole, then writes it once: a line is written
+        // whole or counted as lost.
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            ::metrics::counter!("mistguard_log_write_errors_total").increment(1);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn init_logging(config: &Config) {
+    // `config.log_level` was validated with the configuration.
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        .log_internal_errors(false)
         // Colour only on a terminal: a log file or collector gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match config.log_format {
@@ -220,8 +253,15 @@ fn init_logging(config: &Config) {
     };
 }
 
+/// One line on stderr for the operator, before logging starts or instead of it; a closed stderr
+/// is not a reason to panic (`eprintln!` would).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// `mistguard serve`: validates the configuration and loads every file before binding; exits 64
-/// with one line on stderr when anything is wrong.
+/// with one line on stderr when anything is wrong. With `--check-config`, stops there.
 pub fn serve_main(args: ServeArgs) -> ExitCode {
     // A SIGHUP (`systemctl reload`) while the rulesets are still compiling must not kill the
     // daemon (the default action): ignore it until the reload handler is installed, just before
@@ -230,20 +270,25 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    let config = match args.load() {
+    let mut config = match args.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mistguard: configuration: {e}");
+            say(&format!("mistguard: configuration: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let prepared = match prepare(&config) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("mistguard: configuration: {e}");
+            say(&format!("mistguard: configuration: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if args.check_config {
+        println!("{}", check_summary(&config, &prepared));
+        return ExitCode::SUCCESS;
+    }
+    config.notify_systemd = true;
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -251,7 +296,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mistguard: cannot start the runtime: {e}");
+            say(&format!("mistguard: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -260,7 +305,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         let listeners = match server::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("mistguard: {e}");
+                say(&format!("mistguard: {e}"));
                 return Err(ExitCode::FAILURE);
             }
         };
@@ -270,7 +315,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         let signals = match Signals::install() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("mistguard: cannot install signal handlers: {e}");
+                say(&format!("mistguard: cannot install signal handlers: {e}"));
                 return Err(ExitCode::FAILURE);
             }
         };
@@ -288,6 +333,27 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
     }
+}
+
+/// The line `serve --check-config` prints for a valid configuration.
+fn check_summary(config: &Config, prepared: &Prepared) -> String {
+    let rules = prepared.engine.ruleset();
+    format!(
+        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}",
+        rules.source,
+        rules.version,
+        rules.rules.len(),
+        config.listen,
+        config
+            .metrics_listen
+            .map_or_else(|| "off".to_string(), |a| a.to_string()),
+        if config.tls.is_some() { "on" } else { "off" },
+        prepared
+            .tokens
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |t| t.len().to_string()),
+        config.log_level
+    )
 }
 
 /// SIGHUP (reload), SIGTERM and SIGINT (shutdown), listened to from the moment they are installed.

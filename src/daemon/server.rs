@@ -3,25 +3,23 @@
 
 use super::config::Config;
 use super::escalation::Escalation;
+use super::front::{Front, Tokens};
 use super::ids::{DecisionIds, SubjectHasher};
 use super::pb::guard_server::GuardServer;
 use super::service::{GuardService, Shared};
+use super::tls::{self, CertResolver};
 use super::{metrics as m, pb};
 use crate::engine::Engine;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tonic::codegen::{http, Service};
-use tonic::server::NamedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tonic::{Request, Status};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tonic::transport::Server;
 
 /// What the process (signals) or a test asks of a running daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +41,8 @@ pub struct Prepared {
     pub engine: Arc<Engine>,
     pub tokens: Option<Vec<Vec<u8>>>,
     pub subjects: SubjectHasher,
-    pub tls: Option<Identity>,
+    /// The certificate chain and key, checked (PEM, usable key, key matching the certificate).
+    pub tls: Option<Arc<CertifiedKey>>,
 }
 
 /// Error of [`prepare`]: one line for the operator.
@@ -84,25 +83,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
     };
     let tls = match &config.tls {
         None => None,
-        Some(files) => {
-            let cert = std::fs::read(&files.cert)
-                .map_err(|e| PrepareError(format!("{}: {e}", files.cert.display())))?;
-            let key = std::fs::read(&files.key)
-                .map_err(|e| PrepareError(format!("{}: {e}", files.key.display())))?;
-            if !cert.windows(11).any(|w| w == b"-----BEGIN ") {
-                return Err(PrepareError(format!(
-                    "{}: not a PEM certificate",
-                    files.cert.display()
-                )));
-            }
-            if !key.windows(11).any(|w| w == b"-----BEGIN ") {
-                return Err(PrepareError(format!(
-                    "{}: not a PEM private key",
-                    files.key.display()
-                )));
-            }
-            Some(Identity::from_pem(cert, key))
-        }
+        Some(files) => Some(tls::load(files).map_err(PrepareError)?),
     };
     Ok(Prepared {
         engine,
@@ -160,108 +141,6 @@ pub fn load_engine(dir: Option<&Path>) -> Result<Arc<Engine>, crate::rules::Load
     Ok(Arc::new(engine))
 }
 
-/// Checks `authorization: Bearer <token>` against the configured tokens in constant time.
-#[derive(Clone)]
-struct BearerAuth {
-    tokens: Option<Arc<Vec<Vec<u8>>>>,
-}
-
-impl Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(tokens) = &self.tokens else {
-            return Ok(req);
-        };
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .unwrap_or_default();
-        // Compare against every token so the time does not tell which one nearly matched.
-        let mut ok = subtle::Choice::from(0u8);
-        for t in tokens.iter() {
-            ok |= t.as_slice().ct_eq(presented);
-        }
-        if bool::from(ok) && !presented.is_empty() {
-            Ok(req)
-        } else {
-            metrics::counter!("mistguard_rejected_total", "reason" => "unauthenticated")
-                .increment(1);
-            Err(Status::unauthenticated("missing or unknown bearer token"))
-        }
-    }
-}
-
-/// Rewrites the decoder's statuses for a unary request the client got wrong: OUT_OF_RANGE for an
-/// oversized message becomes RESOURCE_EXHAUSTED (what gRPC specifies for it), INTERNAL for a
-/// message that does not decode (bad wire format, invalid UTF-8 in a string) becomes
-/// INVALID_ARGUMENT, as on streams (whose task maps the same errors itself).
-#[derive(Clone)]
-struct ClientErrorStatus<S> {
-    inner: S,
-    limit: usize,
-}
-
-impl<S: NamedService> NamedService for ClientErrorStatus<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> Service<http::Request<B>> for ClientErrorStatus<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let fut = self.inner.call(req);
-        let limit = self.limit;
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            let headers = resp.headers_mut();
-            let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
-                && headers.get("grpc-message").is_some_and(|v| {
-                    v.as_bytes()
-                        .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
-                });
-            let undecodable = headers.get("grpc-status").is_some_and(|v| v == "13")
-                && headers.get("grpc-message").is_some_and(|v| {
-                    let m = v.as_bytes();
-                    m.starts_with(b"failed%20to%20decode") || m.windows(6).any(|w| w == b"decode")
-                });
-            let replacement = if too_large {
-                metrics::counter!("mistguard_rejected_total", "reason" => "message_too_large")
-                    .increment(1);
-                Some(Status::resource_exhausted(format!(
-                    "message larger than {limit} bytes (max_message_bytes)"
-                )))
-            } else if undecodable {
-                metrics::counter!("mistguard_rejected_total", "reason" => "malformed").increment(1);
-                Some(Status::invalid_argument(MALFORMED))
-            } else {
-                None
-            };
-            if let Some(status) = replacement {
-                headers.remove("grpc-message");
-                let _ = status.add_header(headers);
-            }
-            Ok(resp)
-        })
-    }
-}
-
-const MALFORMED: &str = "malformed message (invalid protobuf or UTF-8)";
-
 /// Room for the metadata fields next to a text of `max_message_bytes`.
 const ENVELOPE_BYTES: usize = 16 * 1024;
 
@@ -277,7 +156,8 @@ pub async fn serve_with(
     listeners: Listeners,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let handle = m::install();
+    let exporter = m::install();
+    m::register(&prepared.engine);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<GuardServer<GuardService>>().await;
     health
@@ -299,40 +179,29 @@ pub async fn serve_with(
         shutdown: shutdown_rx,
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
-    metrics::gauge!("mistguard_active_streams").increment(0.0);
 
     let guard = GuardServer::new(GuardService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes + ENVELOPE_BYTES);
-    let guard = ClientErrorStatus {
+    let tokens: Option<Tokens> = prepared.tokens.map(|t| Arc::new(ArcSwap::from_pointee(t)));
+    let guard = Front {
         inner: guard,
         limit: limits.max_message_bytes,
+        tokens: tokens.clone(),
     };
-    let auth = BearerAuth {
-        tokens: prepared.tokens.map(Arc::new),
-    };
-    let guard = tonic::service::interceptor::InterceptedService::new(guard, auth);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let mut builder = Server::builder();
-    if let Some(identity) = prepared.tls {
-        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
-    }
     let grpc_addr = listeners.grpc.local_addr()?;
-    // `Server::tcp_nodelay` applies only to listeners tonic binds itself; set it here, or Nagle's
-    // algorithm and delayed ACKs add tens of milliseconds to small responses.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-        |conn| {
-            conn.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
-        },
-    );
+    let resolver = prepared.tls.map(|key| Arc::new(CertResolver::new(key)));
+    let tls_config = match &resolver {
+        Some(r) => Some(tls::server_config(r.clone())?),
+        None => None,
+    };
+    let (incoming, acceptor) = tls::incoming(listeners.grpc, tls_config);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = builder
+    let router = Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
@@ -357,7 +226,7 @@ pub async fn serve_with(
         if let Ok(addr) = l.local_addr() {
             tracing::info!(metrics_addr = %addr, "metrics listening on /metrics");
         }
-        tokio::spawn(m::serve(l, handle))
+        tokio::spawn(m::serve(l, exporter))
     });
     let sweeper = {
         let shared = shared.clone();
@@ -370,14 +239,33 @@ pub async fn serve_with(
         })
     };
 
-    tracing::info!(addr = %grpc_addr, ruleset_version = %version, "mistguard serving");
+    tracing::info!(
+        addr = %grpc_addr,
+        ruleset_version = %version,
+        tls = resolver.is_some(),
+        auth = tokens.is_some(),
+        "mistguard serving"
+    );
+    if config.notify_systemd {
+        // Type=notify: systemd starts the units ordered after this one, and `systemctl start`
+        // returns, only now. Without NOTIFY_SOCKET (not under systemd) this does nothing.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "could not tell systemd the daemon is ready");
+        }
+    }
 
+    let reloadable = Reloadable {
+        rulesets: config.rulesets.clone(),
+        tokens,
+        auth_tokens_file: config.auth_tokens_file.clone(),
+        tls: resolver.zip(config.tls.clone()),
+    };
     let mut current_version = version;
     let early_exit = loop {
         tokio::select! {
             c = control.recv() => match c {
                 Some(Control::Reload) => {
-                    reload(&shared, config.rulesets.clone(), &mut current_version).await;
+                    reload(&shared, &reloadable, &mut current_version).await;
                 }
                 Some(Control::Shutdown) | None => break None,
             },
@@ -386,6 +274,7 @@ pub async fn serve_with(
     };
     if let Some(result) = early_exit {
         sweeper.abort();
+        acceptor.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -402,6 +291,9 @@ pub async fn serve_with(
         deadline_s = deadline.as_secs_f32(),
         "shutting down: draining"
     );
+    if config.notify_systemd {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
     shared.draining.store(true, Ordering::Release);
     health.set_not_serving::<GuardServer<GuardService>>().await;
     health
@@ -419,6 +311,7 @@ pub async fn serve_with(
     }
     tokio::time::sleep(Duration::from_millis(50).min(grace)).await;
     let _ = stop_tx.send(());
+    acceptor.abort();
     let left = deadline.saturating_sub(drain_started.elapsed());
     match tokio::time::timeout(left, &mut server).await {
         Ok(_) => tracing::info!("drained; exiting"),
@@ -438,16 +331,37 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Compiles the rulesets aside and swaps them in; on failure the old ones keep serving.
-async fn reload(shared: &Shared, dir: Option<PathBuf>, current_version: &mut String) {
+/// What SIGHUP reloads: the rulesets, the bearer tokens and the TLS certificate and key, each
+/// from the files the configuration names.
+struct Reloadable {
+    rulesets: Option<std::path::PathBuf>,
+    tokens: Option<Tokens>,
+    auth_tokens_file: Option<std::path::PathBuf>,
+    tls: Option<(Arc<CertResolver>, super::config::TlsFiles)>,
+}
+
+fn count_reload(what: &'static str, ok: bool) {
+    let outcome = if ok { "success" } else { "failure" };
+    if what == "rulesets" {
+        metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => outcome).increment(1);
+    } else {
+        metrics::counter!("mistguard_credentials_reloads_total", "what" => what, "outcome" => outcome)
+            .increment(1);
+    }
+}
+
+/// Reloads each part aside and swaps it in whole; a part that fails keeps serving its old
+/// version (and the others still reload). The rulesets compile off the async threads.
+async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut String) {
     let started = std::time::Instant::now();
+    let dir = parts.rulesets.clone();
     let result = tokio::task::spawn_blocking(move || load_engine(dir.as_deref())).await;
     match result {
         Ok(Ok(engine)) => {
             let version = engine.version().to_string();
+            m::register_hits(&engine);
             shared.engine.store(engine);
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "success")
-                .increment(1);
+            count_reload("rulesets", true);
             if version != *current_version {
                 metrics::gauge!("mistguard_ruleset_info", "version" => current_version.clone())
                     .set(0.0);
@@ -457,14 +371,39 @@ async fn reload(shared: &Shared, dir: Option<PathBuf>, current_version: &mut Str
             *current_version = version;
         }
         Ok(Err(e)) => {
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure")
-                .increment(1);
+            count_reload("rulesets", false);
             tracing::error!(error = %e, ruleset_version = %current_version, "ruleset reload failed; the previous rulesets keep serving");
         }
         Err(e) => {
-            metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => "failure")
-                .increment(1);
+            count_reload("rulesets", false);
             tracing::error!(error = %e, "ruleset reload panicked; the previous rulesets keep serving");
+        }
+    }
+    if let (Some(tokens), Some(path)) = (&parts.tokens, &parts.auth_tokens_file) {
+        match read_tokens(path) {
+            Ok(new) => {
+                let count = new.len();
+                tokens.store(Arc::new(new));
+                count_reload("auth_tokens", true);
+                tracing::info!(tokens = count, "auth tokens reloaded");
+            }
+            Err(e) => {
+                count_reload("auth_tokens", false);
+                tracing::error!(error = %e, "auth tokens reload failed; the previous tokens stay valid");
+            }
+        }
+    }
+    if let Some((resolver, files)) = &parts.tls {
+        match tls::load(files) {
+            Ok(key) => {
+                resolver.swap(key);
+                count_reload("tls", true);
+                tracing::info!("TLS certificate and key reloaded; new connections use them");
+            }
+            Err(e) => {
+                count_reload("tls", false);
+                tracing::error!(error = %e, "TLS reload failed; the previous certificate keeps serving");
+            }
         }
     }
 }

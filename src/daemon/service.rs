@@ -4,6 +4,7 @@
 use super::config::Limits;
 use super::convert::{action_to_pb, direction_name, hit_to_pb, language_hint};
 use super::escalation::{Escalation, Gate, Outcome};
+use super::front::rejected;
 use super::ids::{DecisionIds, SubjectHasher, SubjectKey};
 use super::pb;
 use crate::action::Action;
@@ -57,39 +58,10 @@ impl GuardService {
     }
 }
 
-fn reject(reason: &'static str, status: Status) -> Status {
-    metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
-    tracing::debug!(reason, code = ?status.code(), "request rejected");
+/// Counts and logs a refused call (see [`rejected`]) and returns its status.
+fn reject(rpc: &'static str, reason: &'static str, status: Status) -> Status {
+    rejected(rpc, reason, status.code());
     status
-}
-
-fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
-
-fn observe_rpc(rpc: &'static str, code: Code, started: Instant) {
-    metrics::counter!("mistguard_requests_total", "rpc" => rpc, "code" => code_label(code))
-        .increment(1);
-    metrics::histogram!("mistguard_request_duration_seconds", "rpc" => rpc)
-        .record(started.elapsed().as_secs_f64());
 }
 
 fn observe_hits(hits: &[Hit]) {
@@ -127,70 +99,90 @@ struct CallMeta {
 
 impl CallMeta {
     fn parse(
+        rpc: &'static str,
         subject: &str,
         language: &str,
         direction: i32,
         request_id: &str,
         hasher: &SubjectHasher,
     ) -> Result<CallMeta, Status> {
+        let invalid = |m: String| reject(rpc, "invalid_argument", Status::invalid_argument(m));
         if subject.len() > MAX_SUBJECT_BYTES {
-            return Err(reject(
-                "invalid_argument",
-                Status::invalid_argument("subject is longer than 1024 bytes"),
-            ));
+            return Err(invalid("subject is longer than 1024 bytes".into()));
         }
-        let lang_hint = language_hint(language)
-            .map_err(|m| reject("invalid_argument", Status::invalid_argument(m)))?;
+        let lang_hint = language_hint(language).map_err(invalid)?;
+        let direction = direction_name(direction).map_err(invalid)?;
         Ok(CallMeta {
             subject: (!subject.is_empty()).then(|| hasher.hash(subject)),
             opts: ClassifyOptions { lang_hint },
-            direction: direction_name(direction),
+            direction,
             request_id: loggable_request_id(request_id).to_string(),
         })
     }
 }
 
-/// One decision record: metadata only. ALLOW decisions are DEBUG (a busy daemon makes thousands
-/// a second, and `mistguard_decisions_total` counts them); every other action is INFO.
-#[allow(clippy::too_many_arguments)]
-fn log_decision(
+/// One decision record: what was decided, about which call, by which rules. Metadata only.
+struct Record<'a> {
     rpc: &'static str,
-    decision_id: &str,
-    meta: &CallMeta,
+    decision_id: &'a str,
+    meta: &'a CallMeta,
     action: Action,
-    rules: &[&str],
-    language: Option<&str>,
+    rules: &'a [&'a str],
+    /// The language the engine settled on (as in the response); `None` when undecided.
+    language: Option<&'a str>,
     level: u32,
-    reason: &str,
+    reason: &'a str,
     bytes: u64,
+    /// The `version` of the rulesets that decided (the stream's own, across a reload).
+    ruleset_version: &'a str,
     started: Instant,
-) {
+}
+
+/// Writes a decision record: metadata only. ALLOW decisions are DEBUG (a busy daemon makes
+/// thousands a second, and `mistguard_decisions_total` counts them); every other action is INFO.
+fn log_decision(r: &Record<'_>) {
     macro_rules! record {
         ($lvl:expr) => {{
-            let subject = meta.subject.map(|s| s.short());
+            let subject = r.meta.subject.map(|s| s.short());
             tracing::event!(
                 target: "mistguard::decision",
                 $lvl,
-                decision_id,
-                rpc,
-                request_id = %meta.request_id,
-                direction = meta.direction,
+                decision_id = r.decision_id,
+                rpc = r.rpc,
+                request_id = %r.meta.request_id,
+                direction = r.meta.direction,
                 subject_hash = subject.as_deref().unwrap_or(""),
-                action = action.as_str(),
-                rules = %rules.join(","),
-                language = language.unwrap_or(""),
-                escalation_level = level,
-                reason,
-                bytes,
-                micros = started.elapsed().as_micros() as u64,
+                action = r.action.as_str(),
+                rules = %r.rules.join(","),
+                language = r.language.unwrap_or(""),
+                escalation_level = r.level,
+                reason = r.reason,
+                bytes = r.bytes,
+                ruleset_version = r.ruleset_version,
+                micros = r.started.elapsed().as_micros() as u64,
                 "decision"
             )
         }};
     }
-    if action == Action::Allow {
+    if r.action == Action::Allow {
         record!(tracing::Level::DEBUG)
     } else {
         record!(tracing::Level::INFO)
+    }
+}
+
+/// One WARN line, target `mistguard::escalation`, when a decision puts its subject at level 2.
+fn log_escalation(meta: &CallMeta, decision_id: &str, outcome: &Outcome, suspension: Duration) {
+    if outcome.suspended_now {
+        let subject = meta.subject.map(|s| s.short());
+        tracing::warn!(
+            target: "mistguard::escalation",
+            subject_hash = subject.as_deref().unwrap_or(""),
+            decision_id,
+            escalation_level = outcome.level,
+            suspended_s = suspension.as_secs(),
+            "subject suspended (escalation level 2): queued for review"
+        );
     }
 }
 
@@ -227,9 +219,10 @@ fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
 }
 
 impl Shared {
-    fn admit(&self) -> Result<(), Status> {
+    fn admit(&self, rpc: &'static str) -> Result<(), Status> {
         if self.draining.load(Ordering::Acquire) {
             return Err(reject(
+                rpc,
                 "draining",
                 Status::unavailable("mistguard is shutting down"),
             ));
@@ -240,6 +233,7 @@ impl Shared {
     fn check_size(&self, len: usize) -> Result<(), Status> {
         if len > self.limits.max_message_bytes {
             return Err(reject(
+                "classify",
                 "message_too_large",
                 Status::resource_exhausted(format!(
                     "text is {len} bytes; the limit is {} bytes (max_message_bytes)",
@@ -274,15 +268,17 @@ impl Shared {
         req: pb::ClassifyRequest,
         started: Instant,
     ) -> Result<pb::ClassifyResponse, Status> {
-        self.admit()?;
+        self.admit("classify")?;
         let Ok(_permit) = self.inflight.try_acquire() else {
             return Err(reject(
+                "classify",
                 "overloaded",
                 Status::resource_exhausted("mistguard is overloaded; retry later"),
             ));
         };
         self.check_size(req.text.len())?;
         let meta = CallMeta::parse(
+            "classify",
             &req.subject,
             &req.language,
             req.direction,
@@ -291,52 +287,56 @@ impl Shared {
         )?;
         let decision_id = self.ids.next();
         let bytes = req.text.len() as u64;
+        let engine = self.engine.load_full();
         let forced = refusal(self.gate(meta.subject.as_ref()));
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => action.as_str()).increment(1);
-            log_decision(
-                "classify",
-                &decision_id,
-                &meta,
+            log_decision(&Record {
+                rpc: "classify",
+                decision_id: &decision_id,
+                meta: &meta,
                 action,
-                &[],
-                None,
+                rules: &[],
+                language: None,
                 level,
                 reason,
                 bytes,
+                ruleset_version: engine.version(),
                 started,
-            );
+            });
             return Ok(pb::ClassifyResponse {
                 action: action_to_pb(action) as i32,
                 escalation_level: level,
                 message: message.to_string(),
                 decision_id,
                 reason: reason.to_string(),
+                ruleset_version: engine.version().to_string(),
                 ..Default::default()
             });
         }
-        let engine = self.engine.load_full();
         let verdict = engine.classify(&req.text, &meta.opts);
         drop(req);
         let rules = distinct_rules(&verdict.hits);
         let outcome = self.record(meta.subject.as_ref(), verdict.action, &rules);
+        log_escalation(&meta, &decision_id, &outcome, self.escalation.suspension());
         observe_hits(&verdict.hits);
         metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify").increment(bytes);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => verdict.action.as_str())
             .increment(1);
-        log_decision(
-            "classify",
-            &decision_id,
-            &meta,
-            verdict.action,
-            &rules,
-            verdict.language,
-            outcome.level,
-            "",
+        log_decision(&Record {
+            rpc: "classify",
+            decision_id: &decision_id,
+            meta: &meta,
+            action: verdict.action,
+            rules: &rules,
+            language: verdict.language,
+            level: outcome.level,
+            reason: "",
             bytes,
+            ruleset_version: engine.version(),
             started,
-        );
+        });
         Ok(pb::ClassifyResponse {
             action: action_to_pb(verdict.action) as i32,
             hits: verdict.hits.iter().map(hit_to_pb).collect(),
@@ -346,6 +346,7 @@ impl Shared {
             message: verdict.message.unwrap_or_default(),
             decision_id,
             reason: String::new(),
+            ruleset_version: engine.version().to_string(),
         })
     }
 }
@@ -360,13 +361,9 @@ impl pb::guard_server::Guard for GuardService {
         req: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let started = Instant::now();
-        let result = self.shared.classify(req.into_inner(), started);
-        observe_rpc(
-            "classify",
-            result.as_ref().err().map_or(Code::Ok, |s| s.code()),
-            started,
-        );
-        result.map(Response::new)
+        self.shared
+            .classify(req.into_inner(), started)
+            .map(Response::new)
     }
 
     type ClassifyStreamStream = ResponseStream;
@@ -376,25 +373,19 @@ impl pb::guard_server::Guard for GuardService {
         req: Request<Streaming<pb::ClassifyStreamRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
         let started = Instant::now();
-        let admitted = self.shared.admit().and_then(|()| {
+        let permit = self.shared.admit("classify_stream").and_then(|()| {
             self.shared
                 .streams
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| {
                     reject(
+                        "classify_stream",
                         "overloaded",
                         Status::resource_exhausted("too many open streams; retry later"),
                     )
                 })
-        });
-        let permit = match admitted {
-            Ok(p) => p,
-            Err(status) => {
-                observe_rpc("classify_stream", status.code(), started);
-                return Err(status);
-            }
-        };
+        })?;
         let (tx, rx) = mpsc::channel(8);
         let task = StreamTask {
             shared: self.shared.clone(),
@@ -412,14 +403,9 @@ impl pb::guard_server::Guard for GuardService {
         &self,
         _req: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
-        let started = Instant::now();
-        let result = self.shared.admit();
-        observe_rpc(
-            "ping",
-            result.as_ref().err().map_or(Code::Ok, |s| s.code()),
-            started,
-        );
-        result.map(|()| Response::new(pb::PingResponse {}))
+        self.shared
+            .admit("ping")
+            .map(|()| Response::new(pb::PingResponse {}))
     }
 }
 
@@ -482,12 +468,11 @@ impl StreamTask {
     }
 
     async fn run(mut self) {
-        let code = self.run_inner().await;
-        observe_rpc("classify_stream", code, self.started);
+        // The call is counted by `front` when its trailers go out (or it is dropped).
+        self.run_inner().await;
     }
 
-    /// Returns the status code the call ended with.
-    async fn run_inner(&mut self) -> Code {
+    async fn run_inner(&mut self) {
         let shared = self.shared.clone();
         let limits = &shared.limits;
         let mut shutdown = shared.shutdown.clone();
@@ -498,6 +483,7 @@ impl StreamTask {
             other => return self.end_early(other).await,
         };
         let meta = match CallMeta::parse(
+            "classify_stream",
             &first.subject,
             &first.language,
             first.direction,
@@ -506,52 +492,48 @@ impl StreamTask {
         ) {
             Ok(m) => m,
             Err(status) => {
-                let code = status.code();
                 self.send(Err(status)).await;
-                return code;
+                return;
             }
         };
-        let decision_id = shared.ids.next();
-        let forced = refusal(shared.gate(meta.subject.as_ref()));
+        // The stream keeps this engine to its end, even across a reload.
+        let engine = shared.engine.load_full();
+        let mut log = StreamLog {
+            decision_id: shared.ids.next(),
+            meta,
+            ruleset_version: engine.version().to_string(),
+            hits: StreamHits::default(),
+            language: None,
+            level: 0,
+            bytes: 0,
+            started: self.started,
+        };
+        let forced = refusal(shared.gate(log.meta.subject.as_ref()));
         if let Some((action, level, reason, message)) = forced {
             metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
             metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str())
                 .increment(1);
-            log_decision(
-                "classify_stream",
-                &decision_id,
-                &meta,
-                action,
-                &[],
-                None,
-                level,
-                reason,
-                0,
-                self.started,
-            );
+            log.level = level;
+            log.end(Some(action), reason);
             self.send(Ok(pb::ClassifyStreamResponse {
                 action: action_to_pb(action) as i32,
                 escalation_level: level,
                 message: message.to_string(),
-                decision_id,
+                decision_id: log.decision_id,
                 r#final: true,
                 reason: reason.to_string(),
+                ruleset_version: log.ruleset_version,
                 ..Default::default()
             }))
             .await;
-            return Code::Ok;
+            return;
         }
 
-        // The stream keeps this engine to its end, even across a reload.
-        let engine = shared.engine.load_full();
-        let mut session = engine.session(&meta.opts);
+        let mut session = engine.session(&log.meta.opts);
         // Each step's hits go to the client as they come: the session need not keep them.
         session.discard_verdict_hits();
-        let mut all_hits = StreamHits::default();
         let mut chunks: u64 = 0;
-        let mut bytes: u64 = 0;
         let mut pending = Some(first);
-        let mut level = 0;
         // What the client was last told it may forward.
         let mut released: u64 = 0;
 
@@ -564,55 +546,31 @@ impl StreamTask {
                     Next::Shutdown => break (session.finish(), "shutdown"),
                     Next::Idle => {
                         let status = reject(
+                            "classify_stream",
                             "idle_timeout",
                             Status::deadline_exceeded(format!(
                                 "stream idle for more than {}s",
                                 idle.as_secs_f32()
                             )),
                         );
-                        self.log_stream_end(
-                            &decision_id,
-                            &meta,
-                            &all_hits,
-                            None,
-                            level,
-                            "idle_timeout",
-                            bytes,
-                        );
+                        log.end(None, "idle_timeout");
                         self.send(Err(status)).await;
-                        return Code::DeadlineExceeded;
+                        return;
                     }
                     Next::ClientGone => {
-                        self.log_stream_end(
-                            &decision_id,
-                            &meta,
-                            &all_hits,
-                            None,
-                            level,
-                            "cancelled",
-                            bytes,
-                        );
-                        return Code::Cancelled;
+                        log.end(None, "cancelled");
+                        return;
                     }
                     Next::Failed(status) => {
                         let status = stream_decode_error(status, limits.max_message_bytes);
-                        self.log_stream_end(
-                            &decision_id,
-                            &meta,
-                            &all_hits,
-                            None,
-                            level,
-                            "malformed",
-                            bytes,
-                        );
-                        let code = status.code();
+                        log.end(None, "malformed");
                         self.send(Err(status)).await;
-                        return code;
+                        return;
                     }
                 },
             };
             chunks += 1;
-            bytes += msg.text.len() as u64;
+            log.bytes += msg.text.len() as u64;
             let over = if msg.text.len() > limits.max_message_bytes {
                 Some((
                     "message_too_large",
@@ -630,7 +588,7 @@ impl StreamTask {
                         limits.stream_max_chunks
                     ),
                 ))
-            } else if bytes > limits.stream_max_bytes {
+            } else if log.bytes > limits.stream_max_bytes {
                 Some((
                     "stream_bytes",
                     format!(
@@ -642,20 +600,27 @@ impl StreamTask {
                 None
             };
             if let Some((reason, text)) = over {
-                self.log_stream_end(&decision_id, &meta, &all_hits, None, level, reason, bytes);
-                self.send(Err(reject(reason, Status::resource_exhausted(text))))
-                    .await;
-                return Code::ResourceExhausted;
+                log.end(None, reason);
+                self.send(Err(reject(
+                    "classify_stream",
+                    reason,
+                    Status::resource_exhausted(text),
+                )))
+                .await;
+                return;
             }
             metrics::counter!("mistguard_stream_chunks_total").increment(1);
             metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream")
                 .increment(msg.text.len() as u64);
             let step = session.feed(&msg.text);
             drop(msg);
+            if step.language.is_some() {
+                log.language = step.language;
+            }
             if !step.hits.is_empty() {
                 observe_hits(&step.hits);
-                all_hits.add(&step.hits);
-                level = level.max(1);
+                log.hits.add(&step.hits);
+                log.level = log.level.max(1);
             }
             if step.action >= Action::Block {
                 break (step, "blocked");
@@ -666,44 +631,38 @@ impl StreamTask {
                 hits: step.hits.iter().map(hit_to_pb).collect(),
                 released_bytes: released,
                 language: step.language.unwrap_or("").to_string(),
-                escalation_level: level,
+                escalation_level: log.level,
                 message: step.message.unwrap_or_default(),
-                decision_id: decision_id.clone(),
+                decision_id: log.decision_id.clone(),
                 r#final: false,
                 reason: String::new(),
+                ruleset_version: log.ruleset_version.clone(),
             };
             if !self.send(Ok(response)).await {
-                self.log_stream_end(
-                    &decision_id,
-                    &meta,
-                    &all_hits,
-                    None,
-                    level,
-                    "cancelled",
-                    bytes,
-                );
-                return Code::Cancelled;
+                log.end(None, "cancelled");
+                return;
             }
         };
 
         // The final response: the verdict of the whole stream.
         if reason != "blocked" && !step.hits.is_empty() {
             observe_hits(&step.hits);
-            all_hits.add(&step.hits);
+            log.hits.add(&step.hits);
+        }
+        if step.language.is_some() {
+            log.language = step.language;
         }
         let action = step.action;
-        let rules = all_hits.rules();
-        let outcome = shared.record(meta.subject.as_ref(), action, &rules);
-        metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
-        self.log_stream_end(
-            &decision_id,
-            &meta,
-            &all_hits,
-            Some(action),
-            outcome.level,
-            reason,
-            bytes,
+        let outcome = shared.record(log.meta.subject.as_ref(), action, &log.hits.rules());
+        log_escalation(
+            &log.meta,
+            &log.decision_id,
+            &outcome,
+            shared.escalation.suspension(),
         );
+        metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
+        log.level = outcome.level;
+        log.end(Some(action), reason);
         // The engine releases past a hit once it is reported (the client can act on its span);
         // after a block nothing more may be forwarded, so the release stays where it was.
         let released_bytes = if action >= Action::Block {
@@ -715,21 +674,18 @@ impl StreamTask {
             action: action_to_pb(action) as i32,
             hits: step.hits.iter().map(hit_to_pb).collect(),
             released_bytes,
-            language: step.language.unwrap_or("").to_string(),
+            language: log.language.unwrap_or("").to_string(),
             escalation_level: outcome.level,
             message: step.message.unwrap_or_default(),
-            decision_id,
+            decision_id: log.decision_id,
             r#final: true,
             reason: reason.to_string(),
+            ruleset_version: log.ruleset_version,
         };
-        if self.send(Ok(response)).await {
-            Code::Ok
-        } else {
-            Code::Cancelled
-        }
+        self.send(Ok(response)).await;
     }
 
-    async fn end_early(&mut self, next: Next) -> Code {
+    async fn end_early(&mut self, next: Next) {
         match next {
             Next::Message(_) => unreachable!("handled by the caller"),
             // Half-closed before any chunk: an empty stream, allowed.
@@ -745,14 +701,15 @@ impl StreamTask {
                     decision_id,
                     r#final: true,
                     reason: reason.to_string(),
+                    ruleset_version: self.shared.engine.load().version().to_string(),
                     ..Default::default()
                 }))
                 .await;
-                Code::Ok
             }
             Next::Idle => {
                 let idle = self.shared.limits.stream_idle_timeout;
                 self.send(Err(reject(
+                    "classify_stream",
                     "idle_timeout",
                     Status::deadline_exceeded(format!(
                         "stream idle for more than {}s",
@@ -760,43 +717,46 @@ impl StreamTask {
                     )),
                 )))
                 .await;
-                Code::DeadlineExceeded
             }
-            Next::ClientGone => Code::Cancelled,
+            Next::ClientGone => {}
             Next::Failed(status) => {
                 let status = stream_decode_error(status, self.shared.limits.max_message_bytes);
-                let code = status.code();
                 self.send(Err(status)).await;
-                code
             }
         }
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn log_stream_end(
-        &self,
-        decision_id: &str,
-        meta: &CallMeta,
-        hits: &StreamHits,
-        action: Option<Action>,
-        level: u32,
-        reason: &str,
-        bytes: u64,
-    ) {
-        let rules = hits.rules();
-        let action = action.unwrap_or(hits.action);
-        log_decision(
-            "classify_stream",
-            decision_id,
-            meta,
-            action,
-            &rules,
-            None,
-            level,
+/// What a stream's decision record is made of, gathered as the stream goes.
+struct StreamLog {
+    decision_id: String,
+    meta: CallMeta,
+    ruleset_version: String,
+    hits: StreamHits,
+    /// The language once the engine decided it (the hint, or detection).
+    language: Option<&'static str>,
+    level: u32,
+    bytes: u64,
+    started: Instant,
+}
+
+impl StreamLog {
+    /// Writes the stream's one decision record; `action` defaults to the most severe hit's.
+    fn end(&self, action: Option<Action>, reason: &str) {
+        let rules = self.hits.rules();
+        log_decision(&Record {
+            rpc: "classify_stream",
+            decision_id: &self.decision_id,
+            meta: &self.meta,
+            action: action.unwrap_or(self.hits.action),
+            rules: &rules,
+            language: self.language,
+            level: self.level,
             reason,
-            bytes,
-            self.started,
-        );
+            bytes: self.bytes,
+            ruleset_version: &self.ruleset_version,
+            started: self.started,
+        });
     }
 }
 
@@ -806,17 +766,19 @@ impl StreamTask {
 fn stream_decode_error(status: Status, limit: usize) -> Status {
     match status.code() {
         Code::OutOfRange => reject(
+            "classify_stream",
             "message_too_large",
             Status::resource_exhausted(format!(
                 "message larger than {limit} bytes (max_message_bytes)"
             )),
         ),
         Code::Internal if status.message().contains("decode") => reject(
+            "classify_stream",
             "malformed",
             Status::invalid_argument("malformed message (invalid protobuf or UTF-8)"),
         ),
         Code::Cancelled => status,
-        _ => reject("malformed", status),
+        _ => reject("classify_stream", "malformed", status),
     }
 }
 

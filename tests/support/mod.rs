@@ -119,6 +119,8 @@ pub struct Daemon {
     pub control: mpsc::Sender<Control>,
     pub task: tokio::task::JoinHandle<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
     pub rules: TestRules,
+    /// The `version` of the rulesets it started with.
+    pub ruleset_version: String,
 }
 
 impl Daemon {
@@ -139,6 +141,7 @@ impl Daemon {
         })
         .expect("config");
         let prepared = prepare(&config).expect("prepare");
+        let ruleset_version = prepared.engine.version().to_string();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
@@ -159,6 +162,7 @@ impl Daemon {
             control,
             task,
             rules,
+            ruleset_version,
         }
     }
 
@@ -206,6 +210,27 @@ pub fn metric_value(body: &str, name: &str, parts: &[&str]) -> f64 {
         .sum()
 }
 
+/// The binary under test: this build's, or `MISTGUARD_TEST_BIN` (to run a test against another
+/// build, e.g. the one before a fix, and see it fail).
+pub fn binary() -> PathBuf {
+    std::env::var_os("MISTGUARD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mistguard")))
+}
+
+/// How [`Process::spawn_with`] starts the daemon.
+#[derive(Default)]
+pub struct Spawn {
+    /// Sent 20 ms after the start, while the rulesets compile.
+    pub early_signal: Option<i32>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Close the read end of the daemon's stderr once it has said where it serves.
+    pub close_stderr_once_serving: bool,
+    /// The gRPC listen address (default `127.0.0.1:0`).
+    pub listen: Option<String>,
+}
+
 /// The `mistguard serve` binary, with its stderr captured line by line.
 pub struct Process {
     pub child: Child,
@@ -224,11 +249,25 @@ impl Process {
     /// still compiling its rulesets, on any machine this runs on), before waiting for it to
     /// serve.
     pub fn spawn_signalled(rulesets: &Path, extra: &[&str], early: Option<i32>) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mistguard"));
+        Process::spawn_with(
+            rulesets,
+            extra,
+            Spawn {
+                early_signal: early,
+                ..Spawn::default()
+            },
+        )
+    }
+
+    /// [`Process::spawn`] with the options of `how`.
+    pub fn spawn_with(rulesets: &Path, extra: &[&str], how: Spawn) -> Process {
+        let early = how.early_signal;
+        let mut cmd = Command::new(binary());
+        cmd.envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            how.listen.as_deref().unwrap_or("127.0.0.1:0"),
             "--metrics-listen",
             "127.0.0.1:0",
             "--log-format",
@@ -255,10 +294,19 @@ impl Process {
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = BufReader::new(child.stderr.take().unwrap());
         let lines = stderr.clone();
+        let close = how.close_stderr_once_serving;
         std::thread::spawn(move || {
+            let mut serving = (false, false);
             for line in reader.lines().map_while(Result::ok) {
                 let _ = tx.send(line.clone());
+                serving.0 |= line.contains("mistguard serving");
+                serving.1 |= line.contains("metrics_addr");
                 lines.lock().unwrap().push(line);
+                if close && serving.0 && serving.1 {
+                    // Dropping the reader closes the pipe's read end: from now on every write
+                    // to the daemon's stderr fails (EPIPE).
+                    return;
+                }
             }
         });
         let (mut addr, mut metrics_addr) = (None, None);
@@ -316,6 +364,17 @@ impl Process {
 
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The JSON log lines whose `target` is `target` (`mistguard::decision`, ...).
+    pub fn log_records(&self, target: &str) -> Vec<serde_json::Value> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("target").and_then(|t| t.as_str()) == Some(target))
+            .collect()
     }
 
     /// Waits until a stderr line contains `needle`.
