@@ -55,7 +55,7 @@ pub fn luhn(s: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// ISO 13616 IBAN check (spaces ignored): country letters, two check digits, mod 97 == 1.

@@ -142,7 +142,7 @@ fn long_texts_agree_whole_and_streamed() {
         text.push_str("the team met after lunch, ");
         text.push_str("le rapport trimestriel ");
         text.push_str("季度报告 ");
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             text.push_str(&seeds[(i * 7919) % seeds.len()]);
             text.push_str(". ");
         }
