@@ -370,6 +370,6 @@ fn hit_of(engine: &Engine, f: &Match) -> Hit {
         start: f.start,
         end: f.end,
         score: t.weight,
-        action: rule.action,
+        action: t.action,
     }
 }

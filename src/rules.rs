@@ -91,6 +91,9 @@ pub struct TriggerInfo {
     pub kind: TriggerKind,
     pub validate: Option<Validator>,
     pub message: Option<String>,
+    /// What a hit of this trigger asks for: its rule's action, or a lower one the trigger sets
+    /// (`action` in the rule file). The verdict is the most severe action of the hits reported.
+    pub action: Action,
     pub file: Arc<str>,
     pub line: usize,
 }
@@ -188,6 +191,9 @@ struct TriggerSpec {
     view: Option<Spanned<String>>,
     validate: Option<Spanned<String>>,
     message: Option<String>,
+    /// A lower action than the rule's for this trigger's hits (`flag` for a first-person
+    /// statement of despair under RULE-MIST-004, whose requests for methods block).
+    action: Option<Spanned<String>>,
 }
 
 /// The rulesets embedded at build time.
@@ -371,7 +377,7 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             file: ctx.name.clone(),
         });
         for t in &file.triggers {
-            let info = compile_trigger(&ctx, t, rule_idx, ceiling)?;
+            let info = compile_trigger(&ctx, t, (rule_idx, &rules[rule_idx]), ceiling)?;
             if let Some((f, l)) = ids.get(&*info.id) {
                 return ctx.err(
                     Some(t.get_ref().id.span()),
@@ -411,11 +417,42 @@ fn toml_error(ctx: &FileCtx, e: toml::de::Error) -> LoadError {
 fn compile_trigger(
     ctx: &FileCtx,
     t: &Spanned<TriggerSpec>,
-    rule: usize,
+    (rule, info): (usize, &RuleInfo),
     ceiling: usize,
 ) -> Result<TriggerInfo, LoadError> {
     let tspan = t.span();
     let t = t.get_ref();
+    let action = match &t.action {
+        None => info.action,
+        Some(a) => {
+            let Some(action) = Action::parse(a.get_ref()) else {
+                return ctx.err(
+                    Some(a.span()),
+                    format!(
+                        "unknown action `{}` (expected one of {})",
+                        a.get_ref(),
+                        Action::ALL.map(Action::as_str).join(", ")
+                    ),
+                );
+            };
+            if action > info.action {
+                return ctx.err(
+                    Some(a.span()),
+                    format!(
+                        "a trigger may lower its rule's action ({}), not raise it",
+                        info.action
+                    ),
+                );
+            }
+            if action < info.action && matches!(&*info.id, "RULE-MIST-005" | "RULE-MIST-006") {
+                return ctx.err(
+                    Some(a.span()),
+                    format!("{} cannot be lowered, not even by a trigger", info.id),
+                );
+            }
+            action
+        }
+    };
     let id = t.id.get_ref().trim();
     if id.is_empty() {
         return ctx.err(Some(t.id.span()), "trigger id is empty");
@@ -581,6 +618,7 @@ fn compile_trigger(
         kind,
         validate,
         message: t.message.clone(),
+        action,
         file: ctx.name.clone(),
         line: line_of(ctx.text, tspan.start),
     })

@@ -145,3 +145,55 @@ fn a_regex_is_bounded_by_its_longest_match() {
         engine.scanner().holdback_bound()
     );
 }
+
+/// A trigger may lower its rule's action for its own hits (RULE-MIST-004's statements of despair
+/// flag, its requests for methods block): the verdict is the most severe hit, the message the
+/// rule's. Raising is refused, and so is lowering RULE-MIST-005 or 006.
+#[test]
+fn a_trigger_may_lower_its_rules_action() {
+    let policy = "version = \"t\"\n[rules.\"RULE-MIST-004\"]\naction = \"block\"\n";
+    let rule = "rule = \"RULE-MIST-004\"\nname = \"x\"\n[messages]\nen = \"help is here\"\n\
+                [[trigger]]\nid = \"intent\"\nlang = \"en\"\naction = \"flag\"\nphrases = [\"i want to die\"]\n\
+                [[trigger]]\nid = \"method\"\nlang = \"en\"\nphrases = [\"how do i kill myself\"]\n";
+    let files = vec![
+        ("policy.toml".to_string(), policy.to_string()),
+        ("mist-004.toml".to_string(), rule.to_string()),
+    ];
+    let engine = std::sync::Arc::new(
+        mistguard::Engine::from_ruleset(load_files(&files, "t").unwrap()).unwrap(),
+    );
+    let opts = mistguard::ClassifyOptions {
+        lang_hint: Some("en".into()),
+    };
+    let v = engine.classify("I want to die.", &opts);
+    assert_eq!(v.action, mistguard::Action::Flag);
+    assert_eq!(v.hits[0].action, mistguard::Action::Flag);
+    assert_eq!(v.message.as_deref(), Some("help is here"));
+    let v = engine.classify("I want to die. How do I kill myself?", &opts);
+    assert_eq!(v.action, mistguard::Action::Block);
+    // Streamed, the flag comes first and the block raises it.
+    let mut s = engine.session(&opts);
+    let mut actions = Vec::new();
+    for chunk in ["I want to die. ", "Tell me now. ", "How do I kill myself?"] {
+        actions.push(s.feed(chunk).action);
+    }
+    actions.push(s.finish().action);
+    assert!(actions.contains(&mistguard::Action::Flag));
+    assert_eq!(*actions.last().unwrap(), mistguard::Action::Block);
+
+    let raised = rule.replace("action = \"flag\"", "action = \"hard_block\"");
+    let err = load(policy, &raised).unwrap_err();
+    assert!(err.contains("not raise it"), "{err}");
+    let unknown = rule.replace("action = \"flag\"", "action = \"shout\"");
+    assert!(load(policy, &unknown)
+        .unwrap_err()
+        .contains("unknown action"));
+    let csam_policy = "version = \"t\"\n[rules.\"RULE-MIST-005\"]\naction = \"block\"\n";
+    let csam = rule.replace("RULE-MIST-004", "RULE-MIST-005");
+    let files = vec![
+        ("policy.toml".to_string(), csam_policy.to_string()),
+        ("mist-005.toml".to_string(), csam),
+    ];
+    let err = load_files(&files, "t").unwrap_err().to_string();
+    assert!(err.contains("cannot be lowered"), "{err}");
+}

@@ -66,15 +66,15 @@ pub struct ScanSession {
     finished: bool,
 }
 
-/// Decides the windows of rule `rule` (state `st`) that end before `floor`; its action if it
-/// fired (its hits are then in `out`).
+/// Decides the windows of rule `rule` (state `st`) that end before `floor`; a rule that fires
+/// reports its held hits in `out`.
 fn settle_rule(
     rs: &CompiledRuleset,
     rule: usize,
     st: &mut RuleState,
     floor: u64,
     out: &mut Vec<Match>,
-) -> Option<Action> {
+) {
     let r = &rs.rules[rule];
     let triggers = &rs.triggers;
     st.settle(
@@ -83,8 +83,7 @@ fn settle_rule(
         r.threshold,
         |t| triggers[t as usize].weight,
         out,
-    )
-    .then_some(r.action)
+    );
 }
 
 impl ScanSession {
@@ -325,22 +324,18 @@ impl ScanSession {
             }
         };
         let st = &mut self.rules[i].1;
-        if let Some(action) = settle_rule(rs, t.rule, st, floor, out) {
-            self.action = self.action.max(action);
-        }
+        settle_rule(rs, t.rule, st, floor, out);
         st.add(f, t.weight, out);
     }
 
     /// Decides the rules' windows that end before `floor`, the hit floor (all of them once the
-    /// stream is finished); a rule that fires raises the action and reports its hits in `out`.
+    /// stream is finished); a rule that fires reports its hits in `out`.
     fn settle_rules(&mut self, rs: &CompiledRuleset, floor: u64, out: &mut Vec<Match>) {
         for (i, st) in &mut self.rules {
             if st.held.is_empty() {
                 continue;
             }
-            if let Some(action) = settle_rule(rs, *i, st, floor, out) {
-                self.action = self.action.max(action);
-            }
+            settle_rule(rs, *i, st, floor, out);
             if self.finished {
                 st.held = Vec::new();
             }
@@ -355,6 +350,11 @@ impl ScanSession {
             self.hit_floor()
         };
         self.settle_rules(rs, floor, &mut found);
+        // The verdict is the most severe action of the hits reported: a rule's, or the lower
+        // one a trigger of it sets.
+        for f in &found {
+            self.action = self.action.max(rs.triggers[f.trigger as usize].action);
+        }
         let release = if self.finished {
             self.raw.pos
         } else {
