@@ -27,7 +27,11 @@ struct Case {
 }
 
 fn load_cases() -> Vec<(String, Case)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    // `MISTGUARD_CASES_DIR` names another directory of case files (see `engine`).
+    let dir = match std::env::var_os("MISTGUARD_CASES_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases"),
+    };
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -45,9 +49,21 @@ fn load_cases() -> Vec<(String, Case)> {
     out
 }
 
+/// The bundled rulesets, or the directory `MISTGUARD_CASES_RULESETS` names: while editing rule
+/// files, the built test binary checks the cases against them without a rebuild.
+fn engine() -> std::sync::Arc<mistguard::Engine> {
+    match std::env::var_os("MISTGUARD_CASES_RULESETS") {
+        Some(dir) => std::sync::Arc::new(
+            mistguard::Engine::from_dir(std::path::Path::new(&dir))
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        None => common::bundled(),
+    }
+}
+
 #[test]
 fn every_case_holds_whole_and_streamed() {
-    let engine = common::bundled();
+    let engine = engine();
     let cases = load_cases();
     assert!(
         cases.len() >= 10,
