@@ -113,8 +113,36 @@ fn chunks(text: &str, n: usize) -> Vec<&str> {
 
 fn bench(c: &mut Criterion) {
     let engine = Arc::new(Engine::bundled().expect("bundled rulesets"));
+    // The same rules without the learned tier: the tier's cost is the ratio of the two.
+    let rules_only = Arc::new(
+        Engine::from_ruleset(mistguard::rules::load_bundled().unwrap()).expect("bundled rules"),
+    );
     let text = corpus(&engine, 2 << 20, true);
     let opts = ClassifyOptions::default();
+
+    // The model: load time (median of 9) and memory.
+    {
+        let mut times: Vec<f64> = (0..9)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let m = mistguard::learned::Model::from_bytes(
+                    mistguard::learned::BUNDLED_MODEL,
+                    "bench",
+                )
+                .unwrap();
+                black_box(&m);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let m = mistguard::learned::bundled();
+        eprintln!(
+            "model: file {} KiB, in memory {} KiB, load {:.1} ms (median of 9)",
+            m.file_bytes / 1024,
+            m.memory_bytes() / 1024,
+            times[4]
+        );
+    }
 
     // State of one stream (mean and most over every chunk of 256 KiB in 16-byte chunks) and the
     // bytes it holds back behind those received — printed, not timed.
@@ -216,6 +244,15 @@ fn bench(c: &mut Criterion) {
     g.bench_function("engine/block", |b| {
         b.iter(|| black_box(engine.classify(&text, &opts).hits.len()))
     });
+    g.bench_function("engine/block-rules-only", |b| {
+        b.iter(|| black_box(rules_only.classify(&text, &opts).hits.len()))
+    });
+    {
+        let model = mistguard::learned::bundled();
+        g.bench_function("learned/score-text-alone", |b| {
+            b.iter(|| black_box(mistguard::learned::score_text(&model, &text).len()))
+        });
+    }
     // Many short texts, as the daemon sees them: per-call cost (session, language, verdict)
     // on top of the scan.
     let small = chunks(&text, 1024);
@@ -235,6 +272,9 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(en.len() as u64));
     g.bench_function("engine/classify-1KiB-english", |b| {
         b.iter(|| black_box(engine.classify(black_box(&en), &opts).hits.len()))
+    });
+    g.bench_function("engine/classify-1KiB-english-rules-only", |b| {
+        b.iter(|| black_box(rules_only.classify(black_box(&en), &opts).hits.len()))
     });
     // Numeric text (log lines): digits anchor the phone, card and IBAN shapes.
     let log = log_text(1024);

@@ -23,9 +23,9 @@ pub fn message(
     }
     let mut rules: Vec<usize> = Vec::new();
     for &t in triggers {
-        let i = rs.triggers[t as usize].rule;
-        if !rules.contains(&i) {
-            rules.push(i);
+        let t = &rs.triggers[t as usize];
+        if t.rule_message && !rules.contains(&t.rule) {
+            rules.push(t.rule);
         }
     }
     rules.sort_by_key(|&i| std::cmp::Reverse(rs.rules[i].action));

@@ -5,6 +5,7 @@
 //! the message of the verdict, the sanitized text), composed through `decide`.
 
 use crate::action::Action;
+use crate::learned::{Learned, Model};
 use crate::rules::{CompiledRuleset, LoadError};
 use crate::scan::{ScanSession, ScanStep, Scanner};
 use crate::score::Match;
@@ -17,6 +18,8 @@ pub use crate::verdict::{ClassifyOptions, Hit, StepResult, Verdict};
 pub struct Engine {
     pub(crate) rules: CompiledRuleset,
     pub(crate) scanner: Scanner,
+    /// The learned tier, when a model is attached and one of its heads is in use.
+    pub(crate) learned: Option<Learned>,
     /// Messages already composed, by (language, distinct triggers in the order reported): a
     /// stream points to its message here instead of holding a copy (see [`Engine::message`]).
     messages: dashmap::DashMap<MessageKey, Arc<str>>,
@@ -29,7 +32,7 @@ type MessageKey = (Option<&'static str>, Box<[u32]>);
 pub const MESSAGE_CACHE_ENTRIES: usize = 4096;
 
 impl Engine {
-    /// Loads and compiles the rulesets in `dir`.
+    /// Loads and compiles the rulesets in `dir` (rules only: no learned tier).
     ///
     /// # Errors
     /// A [`LoadError`] naming the file, the line and the reason.
@@ -38,14 +41,29 @@ impl Engine {
         Engine::from_ruleset(rules)
     }
 
-    /// The rulesets embedded in the binary at build time (`rulesets/`).
+    /// The rulesets and the model embedded in the binary at build time (`rulesets/`,
+    /// `models/`): what the daemon serves by default.
     pub fn bundled() -> Result<Engine, LoadError> {
         let rules = crate::rules::load_bundled()?;
-        Engine::from_ruleset(rules)
+        Engine::new(rules, Some(Arc::new(crate::learned::bundled())))
     }
 
+    /// A ruleset alone, without the learned tier.
     pub fn from_ruleset(rules: CompiledRuleset) -> Result<Engine, LoadError> {
         Engine::from_ruleset_with(rules, &crate::scan::ScanConfig::default())
+    }
+
+    /// A ruleset with a model beside it (`None`: rules only). The model's heads act for the
+    /// rules the ruleset has and lets act (policy.toml `model`).
+    pub fn new(mut rules: CompiledRuleset, model: Option<Arc<Model>>) -> Result<Engine, LoadError> {
+        let learned = model.and_then(|m| crate::learned::attach(&mut rules, m));
+        let scanner = Scanner::build(&rules)?;
+        Ok(Engine {
+            rules,
+            scanner,
+            learned,
+            messages: dashmap::DashMap::new(),
+        })
     }
 
     /// [`Engine::from_ruleset`] with the scanner's build choices (which change its speed, not
@@ -58,8 +76,19 @@ impl Engine {
         Ok(Engine {
             rules,
             scanner,
+            learned: None,
             messages: dashmap::DashMap::new(),
         })
+    }
+
+    /// The learned tier, if the engine has one.
+    pub fn learned(&self) -> Option<&Learned> {
+        self.learned.as_ref()
+    }
+
+    /// The version of the learned tier's model (`None`: the rules alone).
+    pub fn model_version(&self) -> Option<&str> {
+        self.learned.as_ref().map(|l| l.model.version.as_str())
     }
 
     /// The message of a verdict (see [`crate::decide::message`]), shared: streams that reported
@@ -142,7 +171,11 @@ struct Reported {
 
 impl StreamSession {
     pub fn new(engine: Arc<Engine>, opts: &ClassifyOptions) -> StreamSession {
-        let scan = ScanSession::new(&engine.scanner, opts.lang_hint.as_deref());
+        let scan = ScanSession::new(
+            &engine.scanner,
+            engine.learned.as_ref(),
+            opts.lang_hint.as_deref(),
+        );
         StreamSession {
             engine,
             scan,
@@ -214,7 +247,9 @@ impl StreamSession {
     /// lower).
     pub fn feed(&mut self, chunk: &str) -> StepResult {
         let e = &*self.engine;
-        let step = self.scan.feed(&e.scanner, &e.rules, chunk, false);
+        let step = self
+            .scan
+            .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, false);
         self.report(step)
     }
 
@@ -225,7 +260,9 @@ impl StreamSession {
     /// Short prompts are most of what a daemon sees.
     pub fn feed_last(&mut self, chunk: &str) -> StepResult {
         let e = &*self.engine;
-        let step = self.scan.feed(&e.scanner, &e.rules, chunk, true);
+        let step = self
+            .scan
+            .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, true);
         self.report(step)
     }
 
@@ -233,7 +270,7 @@ impl StreamSession {
     /// transitions. Returns the final step.
     pub fn finish(&mut self) -> StepResult {
         let e = &*self.engine;
-        let step = self.scan.finish(&e.scanner, &e.rules);
+        let step = self.scan.finish(&e.scanner, &e.rules, e.learned.as_ref());
         self.report(step)
     }
 

@@ -14,6 +14,7 @@ pub mod decide;
 pub mod engine;
 pub mod eval;
 pub mod lang;
+pub mod learned;
 pub mod load;
 pub mod normalize;
 pub mod rules;

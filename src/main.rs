@@ -35,6 +35,9 @@ enum Command {
         /// Rulesets directory, or `bundled` (also MISTGUARD_RULESETS).
         #[arg(long, value_name = "DIR")]
         rulesets: Option<String>,
+        /// Learned-tier model directory, `bundled` or `off` (also MISTGUARD_MODELS).
+        #[arg(long, value_name = "DIR")]
+        models: Option<String>,
         /// The daemon's TOML configuration file (also MISTGUARD_CONFIG); its settings are
         /// validated too.
         #[arg(long, value_name = "FILE")]
@@ -54,6 +57,10 @@ enum Command {
         /// Rulesets directory (default: bundled).
         #[arg(long, env = "MISTGUARD_RULESETS")]
         rulesets: Option<PathBuf>,
+        /// Learned-tier model directory (holding mistguard-model.bin), `bundled` (the default)
+        /// or `off` (the rules alone).
+        #[arg(long, env = "MISTGUARD_MODELS", value_name = "DIR")]
+        models: Option<String>,
         /// Feed the text as a stream in chunks of N bytes and print each step (at char boundaries).
         #[arg(long, value_name = "N")]
         chunk: Option<usize>,
@@ -67,6 +74,10 @@ enum Command {
         /// Rulesets directory (default: bundled).
         #[arg(long, env = "MISTGUARD_RULESETS")]
         rulesets: Option<PathBuf>,
+        /// Learned-tier model directory (holding mistguard-model.bin), `bundled` (the default)
+        /// or `off` (the rules alone).
+        #[arg(long, env = "MISTGUARD_MODELS", value_name = "DIR")]
+        models: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -93,14 +104,14 @@ enum Command {
     Bench(mistguard::daemon::BenchArgs),
 }
 
-/// The engine of `rulesets` (bundled when `None`); a load error is printed in one line and
-/// becomes exit status 1.
-fn load(rulesets: Option<&PathBuf>) -> Result<Arc<Engine>, ExitCode> {
-    let loaded: Result<Engine, LoadError> = match rulesets {
-        // `bundled` means the same as for `serve` (MISTGUARD_RULESETS=bundled).
-        Some(d) if d.as_os_str() != "bundled" => Engine::from_dir(d),
-        _ => Engine::bundled(),
-    };
+/// The engine of `rulesets` (bundled when `None`) and `models` (bundled when `None`); a load
+/// error is printed in one line and becomes exit status 1.
+fn load(rulesets: Option<&PathBuf>, models: Option<&str>) -> Result<Arc<Engine>, ExitCode> {
+    // `bundled` means the same as for `serve` (MISTGUARD_RULESETS=bundled).
+    let dir = rulesets.filter(|d| d.as_os_str() != "bundled");
+    let models = mistguard::load::Models::parse(models.unwrap_or("bundled"));
+    let loaded: Result<Engine, LoadError> =
+        mistguard::load::engine(dir.map(|d| d.as_path()), &models);
     loaded.map(Arc::new).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(1)
@@ -141,6 +152,7 @@ fn main() -> ExitCode {
         Command::Check {
             dir,
             rulesets,
+            models,
             config,
             json,
         } => {
@@ -148,10 +160,11 @@ fn main() -> ExitCode {
             let args = mistguard::daemon::ServeArgs {
                 config,
                 rulesets: dir.map(|d| d.display().to_string()).or(rulesets),
+                models,
                 ..Default::default()
             };
             match args.load() {
-                Ok(c) => check(c.rulesets, json),
+                Ok(c) => check(c.rulesets, &c.models, json),
                 Err(e) => {
                     mistguard::daemon::say(&format!("mistguard: configuration: {e}"));
                     ExitCode::from(mistguard::daemon::EXIT_CONFIG)
@@ -162,29 +175,58 @@ fn main() -> ExitCode {
             text,
             lang,
             rulesets,
+            models,
             chunk,
-        } => classify(text, lang, rulesets, chunk),
+        } => classify(text, lang, rulesets, models, chunk),
         Command::Eval {
             corpus,
             rulesets,
+            models,
             json,
             rule,
             show_fp,
             show_fn,
             lang_hint,
-        } => eval(corpus, rulesets, json, rule, show_fp, show_fn, lang_hint),
+        } => eval(
+            corpus, rulesets, models, json, rule, show_fp, show_fn, lang_hint,
+        ),
         Command::Normalize => normalize_lines(),
         Command::Serve(args) => mistguard::daemon::serve_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
 }
 
-fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
+fn check(dir: Option<PathBuf>, models: &mistguard::load::Models, json: bool) -> ExitCode {
     let started = std::time::Instant::now();
-    let engine = match load(dir.as_ref()) {
-        Ok(e) => e,
-        Err(code) => return code,
+    let dir = dir.filter(|d| d.as_os_str() != "bundled");
+    let engine = match mistguard::load::engine(dir.as_deref(), models) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
     };
+    let learned = engine.learned().map(|l| {
+        let m = &l.model;
+        let heads: Vec<serde_json::Value> = l
+            .heads
+            .iter()
+            .map(|h| {
+                let label = mistguard::learned::LABELS[h.label];
+                serde_json::json!({"label": label, "alone": h.alone, "flag": h.flag})
+            })
+            .collect();
+        serde_json::json!({
+            "source": m.source,
+            "version": m.version,
+            "file_bytes": m.file_bytes,
+            "memory_bytes": m.memory_bytes(),
+            "labels": mistguard::learned::LABELS,
+            "heads": heads,
+            "mode": format!("{:?}", l.mode).to_lowercase(),
+            "flag_hits": l.flag_hits,
+        })
+    });
     let rs = engine.ruleset();
     let stats = engine.scanner().stats();
     let counts = mistguard::rules::pattern_counts(rs);
@@ -198,6 +240,7 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
             "languages": langs,
             "patterns": counts,
             "automata": stats,
+            "model": learned,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
         return ExitCode::SUCCESS;
@@ -234,6 +277,33 @@ fn check(dir: Option<PathBuf>, json: bool) -> ExitCode {
         stats.raw_window,
         stats.raw_look_behind
     );
+    match engine.learned() {
+        Some(l) => {
+            let m = &l.model;
+            let heads: Vec<String> = l
+                .heads
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} (flag {:.4}, act {:.4})",
+                        mistguard::learned::LABELS[h.label],
+                        h.flag,
+                        h.alone
+                    )
+                })
+                .collect();
+            println!(
+                "model: {} (version {}, {} KiB, 2^{} buckets), mode {:?}, heads: {}",
+                m.source,
+                m.version,
+                m.file_bytes / 1024,
+                m.kbits,
+                l.mode,
+                heads.join(", ")
+            );
+        }
+        None => println!("model: off (the rules alone)"),
+    }
     println!("compiled in {} ms\n", started.elapsed().as_millis());
     println!("{}", pattern_table(&counts));
     ExitCode::SUCCESS
@@ -271,9 +341,10 @@ fn classify(
     text: Option<String>,
     lang: Option<String>,
     rulesets: Option<PathBuf>,
+    models: Option<String>,
     chunk: Option<usize>,
 ) -> ExitCode {
-    let engine = match load(rulesets.as_ref()) {
+    let engine = match load(rulesets.as_ref(), models.as_deref()) {
         Ok(e) => e,
         Err(code) => return code,
     };
@@ -322,16 +393,18 @@ fn classify(
     ExitCode::SUCCESS
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval(
     corpus: PathBuf,
     rulesets: Option<PathBuf>,
+    models: Option<String>,
     json: bool,
     rule: Option<String>,
     show_fp: Option<String>,
     show_fn: Option<String>,
     lang_hint: bool,
 ) -> ExitCode {
-    let engine = match load(rulesets.as_ref()) {
+    let engine = match load(rulesets.as_ref(), models.as_deref()) {
         Ok(e) => e,
         Err(code) => return code,
     };

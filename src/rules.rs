@@ -66,6 +66,8 @@ pub enum Boundary {
 
 #[derive(Clone, Debug)]
 pub enum TriggerKind {
+    /// A learned-tier head's hit (`learned::attach`): no pattern, the scanner skips it.
+    Model,
     /// Literal phrases, normalized (word view) or as written (raw view).
     Phrases(Vec<String>),
     /// A bounded regex compiled into the view's DFA.
@@ -94,6 +96,12 @@ pub struct TriggerInfo {
     /// What a hit of this trigger asks for: its rule's action, or a lower one the trigger sets
     /// (`action` in the rule file). The verdict is the most severe action of the hits reported.
     pub action: Action,
+    /// A hit is reported at once, outside its rule's score (the learned tier's FLAG hits: they
+    /// neither need nor make the rule fire).
+    pub standalone: bool,
+    /// A hit brings its rule's message into the verdict's (false for the learned tier's FLAG
+    /// hits, except self-harm's help resources: the rule messages announce the rule's action).
+    pub rule_message: bool,
     pub file: Arc<str>,
     pub line: usize,
 }
@@ -112,6 +120,10 @@ pub struct RuleInfo {
     pub message: Option<String>,
     /// Per-language messages (the rule file's `[messages]`).
     pub messages: HashMap<String, String>,
+    /// The learned tier's head for this rule acts (policy.toml `model`, default true).
+    pub model: bool,
+    /// The most the learned tier may ask for this rule (policy.toml `model_action`).
+    pub model_action: Option<Action>,
     pub file: Arc<str>,
 }
 
@@ -119,6 +131,12 @@ pub struct RuleInfo {
 #[derive(Clone, Debug)]
 pub struct CompiledRuleset {
     pub version: String,
+    /// policy.toml `[model] mode`.
+    pub model_mode: ModelMode,
+    /// policy.toml `[model] flag_hits`: a window between a head's flag and act thresholds is
+    /// reported as a FLAG hit (otherwise it is only evidence that adds up with the rule's
+    /// triggers).
+    pub model_flag_hits: bool,
     pub rules: Vec<RuleInfo>,
     pub triggers: Vec<TriggerInfo>,
     /// Where it came from (a directory, or `<bundled>`).
@@ -151,7 +169,16 @@ struct PolicyFile {
     /// Default `window` of every rule.
     score_window: Option<Spanned<u64>>,
     #[serde(default)]
+    model: Option<ModelPolicy>,
+    #[serde(default)]
     rules: BTreeMap<String, Spanned<RulePolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelPolicy {
+    mode: Option<Spanned<String>>,
+    flag_hits: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +188,20 @@ struct RulePolicy {
     threshold: Option<f32>,
     window: Option<Spanned<u64>>,
     message: Option<String>,
+    /// The learned tier's head for this rule acts (default true).
+    model: Option<bool>,
+    /// The most the learned tier alone may ask for this rule.
+    model_action: Option<Spanned<String>>,
+}
+
+/// How a stream's release treats the learned tier's windows (policy.toml `[model] mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModelMode {
+    /// The release waits for the windows that can still act (at most one window, 512 bytes).
+    #[default]
+    Hold,
+    /// The release follows the rules alone; the model's verdicts arrive at most one window late.
+    Trail,
 }
 
 #[derive(Deserialize)]
@@ -260,7 +301,20 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
     if let Some(w) = default_window.as_ref().filter(|w| *w.get_ref() == 0) {
         return pctx.err(Some(w.span()), "a score window must be at least 1 byte");
     }
-    type Policy = (Action, f32, u64, Option<String>);
+    let model_mode = match policy.model.as_ref().and_then(|m| m.mode.as_ref()) {
+        None => ModelMode::Hold,
+        Some(m) => match m.get_ref().as_str() {
+            "hold" => ModelMode::Hold,
+            "trail" => ModelMode::Trail,
+            other => {
+                return pctx.err(
+                    Some(m.span()),
+                    format!("model mode `{other}` (expected hold or trail)"),
+                )
+            }
+        },
+    };
+    type Policy = (Action, f32, u64, Option<String>, bool, Option<Action>);
     let mut policies: HashMap<String, Policy> = HashMap::new();
     for (id, p) in &policy.rules {
         let span = p.span();
@@ -305,7 +359,29 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             Some(w) => *w.get_ref(),
             None => DEFAULT_SCORE_WINDOW,
         };
-        policies.insert(id.clone(), (action, threshold, window, p.message.clone()));
+        let model_action = match &p.model_action {
+            None => None,
+            Some(a) => Some(Action::parse(a.get_ref()).ok_or_else(|| LoadError {
+                file: pctx.name.to_string(),
+                line: Some(line_of(pctx.text, a.span().start)),
+                message: format!(
+                    "unknown action `{}` (expected one of {})",
+                    a.get_ref(),
+                    Action::ALL.map(Action::as_str).join(", ")
+                ),
+            })?),
+        };
+        policies.insert(
+            id.clone(),
+            (
+                action,
+                threshold,
+                window,
+                p.message.clone(),
+                p.model.unwrap_or(true),
+                model_action,
+            ),
+        );
     }
 
     let mut rules: Vec<RuleInfo> = Vec::new();
@@ -336,7 +412,9 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
                 format!("rule {rid} is already defined in {}", other.file),
             );
         }
-        let Some((action, threshold, window, message)) = policies.get(rid).cloned() else {
+        let Some((action, threshold, window, message, model, model_action)) =
+            policies.get(rid).cloned()
+        else {
             return ctx.err(
                 Some(file.rule.span()),
                 format!("policy.toml has no [rules.\"{rid}\"] entry (action, threshold)"),
@@ -374,6 +452,8 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             window,
             message,
             messages,
+            model,
+            model_action,
             file: ctx.name.clone(),
         });
         for t in &file.triggers {
@@ -400,6 +480,12 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
     }
     Ok(CompiledRuleset {
         version: policy.version,
+        model_mode,
+        model_flag_hits: policy
+            .model
+            .as_ref()
+            .and_then(|m| m.flag_hits)
+            .unwrap_or(false),
         rules,
         triggers,
         source: source.to_string(),
@@ -619,6 +705,8 @@ fn compile_trigger(
         validate,
         message: t.message.clone(),
         action,
+        standalone: false,
+        rule_message: true,
         file: ctx.name.clone(),
         line: line_of(ctx.text, tspan.start),
     })
@@ -750,6 +838,7 @@ pub fn pattern_counts(rs: &CompiledRuleset) -> BTreeMap<String, BTreeMap<&'stati
         let n = match &t.kind {
             TriggerKind::Phrases(p) => p.len(),
             TriggerKind::Regex { .. } | TriggerKind::Anchored { .. } => 1,
+            TriggerKind::Model => continue,
         };
         *out.entry(rs.rules[t.rule].id.to_string())
             .or_default()

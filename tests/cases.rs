@@ -50,14 +50,17 @@ fn load_cases() -> Vec<(String, Case)> {
 }
 
 /// The bundled rulesets, or the directory `MISTGUARD_CASES_RULESETS` names: while editing rule
-/// files, the built test binary checks the cases against them without a rebuild.
+/// files, the built test binary checks the cases against them without a rebuild. Rules only:
+/// the cases are the rules' (the learned tier has its own tests, `tests/learned.rs`).
 fn engine() -> std::sync::Arc<mistguard::Engine> {
     match std::env::var_os("MISTGUARD_CASES_RULESETS") {
         Some(dir) => std::sync::Arc::new(
             mistguard::Engine::from_dir(std::path::Path::new(&dir))
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
-        None => common::bundled(),
+        None => std::sync::Arc::new(
+            mistguard::Engine::from_ruleset(mistguard::rules::load_bundled().unwrap()).unwrap(),
+        ),
     }
 }
 
@@ -151,7 +154,7 @@ fn every_case_holds_whole_and_streamed() {
 /// whole and in 7-byte chunks.
 #[test]
 fn spawn_literals_change_nothing_found() {
-    let fast = common::bundled();
+    let fast = engine();
     let reference = std::sync::Arc::new(
         mistguard::Engine::from_ruleset_with(
             mistguard::rules::load_bundled().unwrap(),

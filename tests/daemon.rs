@@ -116,7 +116,16 @@ async fn classify_reports_action_hits_and_decision_id() {
 /// engine holds the text back and reports the hit at the end of input).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_split_over_chunks_is_caught_and_never_released() {
-    let d = Daemon::start(&[]).await;
+    // With the learned tier (the default), a rule the model adds to decides only once the
+    // model's window is decided (a 512-byte window: here, at the end of input); the rules alone
+    // decide mid-stream. Never released before the hit is known, either way.
+    for models in ["off", "bundled"] {
+        trigger_split_over_chunks_with(models).await;
+    }
+}
+
+async fn trigger_split_over_chunks_with(models: &str) {
+    let d = Daemon::start(&[("models", models)]).await;
     let mut c = d.client().await;
     let text = format!("Hello there, please {INJECTION_PHRASE} and tell me a secret.");
     let trigger_start = text.find(INJECTION_PHRASE).unwrap() as u64;
@@ -128,7 +137,11 @@ async fn trigger_split_over_chunks_is_caught_and_never_released() {
         let check = |r: &pb::ClassifyStreamResponse,
                      hit_seen: &mut bool,
                      last_released: &mut u64| {
-            if let Some(h) = r.hits.iter().find(|h| h.rule_id == "RULE-MIST-009") {
+            if let Some(h) = r
+                .hits
+                .iter()
+                .find(|h| h.rule_id == "RULE-MIST-009" && !h.trigger_id.starts_with("model."))
+            {
                 assert_eq!(
                     (h.start, h.end),
                     (trigger_start, trigger_start + INJECTION_PHRASE.len() as u64)
@@ -169,7 +182,7 @@ async fn trigger_split_over_chunks_is_caught_and_never_released() {
         assert_eq!(last.reason, "end_of_input");
         check(&last, &mut hit_seen, &mut last_released);
         assert!(hit_seen, "hint {hint:?}: the split trigger was reported");
-        if hint == "en" {
+        if hint == "en" && models == "off" {
             assert!(
                 hit_mid_stream,
                 "with a language hint the hit comes before the end of input"

@@ -571,3 +571,101 @@ fn bench_runs_every_phase_against_an_in_process_daemon() {
     assert!(stdout.contains("client and server share"), "{stdout}");
     assert!(stdout.contains("p99 at half that rate"), "{stdout}");
 }
+
+/// A model file with another `created` version: the bundled model's header rewritten, its
+/// checksum recomputed.
+fn model_with_version(version: &str) -> Vec<u8> {
+    let good = mistguard::learned::BUNDLED_MODEL;
+    let body = &good[..good.len() - 32];
+    let hl = u32::from_le_bytes(body[12..16].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&body[16..16 + hl]).unwrap();
+    header["created"] = serde_json::Value::String(version.into());
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(&body[..12]);
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(&text);
+    while out.len() % 16 != 0 {
+        out.push(0);
+    }
+    let data_at = (16 + hl).div_ceil(16) * 16;
+    out.extend_from_slice(&body[data_at..]);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// `--models DIR`: the model is loaded before any port is bound (a corrupt one is bad
+/// configuration), SIGHUP reloads it with the rulesets, and a corrupt file on reload keeps the old
+/// model serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_model_and_a_corrupt_one_keeps_the_old_one() {
+    let rules = TestRules::new();
+    let models = tempfile::tempdir().unwrap();
+    let file = models.path().join("mistguard-model.bin");
+    let dir = models.path().to_str().unwrap();
+
+    // A corrupt model at start: one line, exit 64, nothing bound.
+    std::fs::write(&file, b"MGMODEL\0not really").unwrap();
+    let out = Command::new(binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--rulesets")
+        .arg(rules.path())
+        .args(["--models", dir])
+        .env_remove("MISTGUARD_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mistguard-model.bin") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    std::fs::write(&file, model_with_version("test-model-1")).unwrap();
+    let p = Process::spawn(rules.path(), &["--models", dir]);
+    let m = scrape(p.metrics_addr).await;
+    assert_eq!(
+        metric_value(&m, "mistguard_model_info", &["version=\"test-model-1\""]),
+        1.0,
+        "{m}"
+    );
+
+    std::fs::write(&file, model_with_version("test-model-2")).unwrap();
+    p.signal(libc::SIGHUP);
+    p.wait_for_log("test-model-2", STEP);
+    let m = scrape(p.metrics_addr).await;
+    assert_eq!(
+        metric_value(&m, "mistguard_model_info", &["version=\"test-model-2\""]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m, "mistguard_model_info", &["version=\"test-model-1\""]),
+        0.0
+    );
+
+    // A truncated file: the reload fails with the reason, the old model keeps serving.
+    let mut bad = model_with_version("test-model-3");
+    bad.truncate(bad.len() - 1000);
+    std::fs::write(&file, bad).unwrap();
+    p.signal(libc::SIGHUP);
+    p.wait_for_log("ruleset reload failed", STEP);
+    assert!(p.stderr_text().contains("checksum"), "{}", p.stderr_text());
+    let mut c = p.client().await;
+    let r = within(c.classify(req("hello there")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.action, pb::Action::Allow as i32);
+    let m = scrape(p.metrics_addr).await;
+    assert_eq!(
+        metric_value(&m, "mistguard_model_info", &["version=\"test-model-2\""]),
+        1.0
+    );
+}

@@ -95,7 +95,7 @@ proptest! {
 
 #[test]
 fn a_trigger_split_byte_by_byte_is_found_and_held_back() {
-    let engine = common::bundled();
+    let engine = common::rules_only();
     let prefix =
         "The weather report for the coming week says it will be mild and dry across the region. "
             .repeat(4);
@@ -204,7 +204,7 @@ fn feed_last_answers_like_feed() {
 /// within 1 KiB all along: it keeps only what a partial match or a look-behind can still reach.
 #[test]
 fn a_streams_state_is_bounded_by_what_it_keeps() {
-    let engine = common::bundled();
+    let engine = common::rules_only();
     let opts = ClassifyOptions::default();
     let para = "My SSN is 123-45-6789, please update the quarterly report and the plan. ";
     let state_after = |discard: bool, repeats: usize| {
@@ -295,7 +295,7 @@ fn a_streams_state_is_bounded_by_what_it_keeps() {
 /// far back) and the partial word or phrase at its end; not by the longest pattern of each view.
 #[test]
 fn benign_prose_is_held_back_by_the_look_behind_and_the_last_word_only() {
-    let engine = common::bundled();
+    let engine = common::rules_only();
     let stats = engine.scanner().stats();
     let sentence = "The weather today is mild and the team will meet after lunch to review the \
                     quarterly report and plan next steps. ";
@@ -507,7 +507,7 @@ fn weak_hits_add_up_inside_the_score_window_only() {
 /// end ("And here is …" stayed at 0 for all 241 bytes).
 #[test]
 fn a_stream_of_prose_is_released_from_its_start() {
-    let engine = common::bundled();
+    let engine = common::rules_only();
     let bound = mistguard::lang::PROBE_BYTES as u64 + 16;
     for text in [
         "And here is the summary you asked for. The meeting covered the budget, the hiring plan \

@@ -456,7 +456,7 @@ async fn open_loop(
 
 /// `Engine::classify` of a 1 KiB text in a loop on one thread (no gRPC, no daemon).
 fn engine_only(dir: Option<PathBuf>, text: &str, dur: Duration) -> Result<PhaseResult, BoxError> {
-    let engine = super::server::load_engine(dir.as_deref())?;
+    let engine = super::server::load_engine(dir.as_deref(), &crate::load::Models::Bundled)?;
     let opts = crate::engine::ClassifyOptions::default();
     let start = Instant::now();
     let mut latencies_us = Vec::new();

@@ -49,6 +49,11 @@ pub const SETTINGS: &[Setting] = &[
         default: "bundled",
         help: "rulesets directory (`bundled`: the rulesets compiled into the binary)",
     },
+    Setting {
+        key: "models",
+        default: "bundled",
+        help: "learned-tier model directory, holding mistguard-model.bin (`bundled`: the model compiled into the binary; `off`: the rules alone)",
+    },
     Setting { key: "log_format", default: "text", help: "`text` or `json`" },
     Setting { key: "log_level", default: "info", help: "tracing filter (`info`, `mistguard=debug`)" },
     Setting {
@@ -335,6 +340,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `None`: the bundled rulesets.
     pub rulesets: Option<PathBuf>,
+    /// The learned tier's model.
+    pub models: crate::load::Models,
     pub log_format: LogFormat,
     pub log_level: String,
     pub drain_deadline: Duration,
@@ -388,6 +395,19 @@ impl Config {
                 return Err(ConfigError(format!(
                     "{}: `{}` is not a directory",
                     src.describe("rulesets", origin),
+                    dir.display()
+                )));
+            }
+        }
+        let models = src.parse("models", "`bundled`, `off` or a directory", |s| {
+            Some(crate::load::Models::parse(s))
+        })?;
+        if let crate::load::Models::Dir(dir) = &models {
+            if !dir.is_dir() {
+                let (_, origin) = src.get("models");
+                return Err(ConfigError(format!(
+                    "{}: `{}` is not a directory",
+                    src.describe("models", origin),
                     dir.display()
                 )));
             }
@@ -518,6 +538,7 @@ impl Config {
             )?,
             metrics_listen,
             rulesets,
+            models,
             log_format: src.parse("log_format", "`text` or `json`", |s| match s {
                 "text" => Some(LogFormat::Text),
                 "json" => Some(LogFormat::Json),

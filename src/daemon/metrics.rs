@@ -41,6 +41,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "1 for the ruleset `version` serving now, 0 for earlier ones",
     ),
     (
+        "mistguard_model_info",
+        "1 for the learned-tier model `version` serving now, 0 for earlier ones (absent with `models = off`)",
+    ),
+    (
         "mistguard_ruleset_reloads_total",
         "ruleset reloads, by `outcome` (`success`, `failure`)",
     ),
@@ -248,5 +252,15 @@ pub async fn serve(listener: TcpListener, exporter: Exporter) {
             let _ = sock.write_all(response.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+/// `mistguard_model_info`: the model serving now at 1, the one before at 0.
+pub fn set_model_info(old: Option<&str>, new: Option<&str>) {
+    if let Some(old) = old.filter(|o| Some(*o) != new) {
+        metrics::gauge!("mistguard_model_info", "version" => old.to_string()).set(0.0);
+    }
+    if let Some(new) = new {
+        metrics::gauge!("mistguard_model_info", "version" => new.to_string()).set(1.0);
     }
 }

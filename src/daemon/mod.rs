@@ -53,6 +53,8 @@ pub struct ServeArgs {
     pub metrics_listen: Option<String>,
     #[arg(long = "rulesets", value_name = "VALUE")]
     pub rulesets: Option<String>,
+    #[arg(long = "models", value_name = "VALUE")]
+    pub models: Option<String>,
     #[arg(long = "log-format", value_name = "VALUE")]
     pub log_format: Option<String>,
     #[arg(long = "log-level", value_name = "VALUE")]
@@ -130,7 +132,11 @@ fn value_name(s: &config::Setting) -> &'static str {
     let d = s.default;
     if s.key.ends_with("listen") {
         "ADDR"
-    } else if s.key.ends_with("_file") || s.key.starts_with("tls_") || s.key == "rulesets" {
+    } else if s.key.ends_with("_file")
+        || s.key.starts_with("tls_")
+        || s.key == "rulesets"
+        || s.key == "models"
+    {
         "PATH"
     } else if d.ends_with("MiB") || d.ends_with("KiB") {
         "SIZE"
@@ -146,10 +152,11 @@ fn value_name(s: &config::Setting) -> &'static str {
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 27] = [
+        let pairs: [(&str, &Option<String>); 28] = [
             ("listen", &self.listen),
             ("metrics_listen", &self.metrics_listen),
             ("rulesets", &self.rulesets),
+            ("models", &self.models),
             ("log_format", &self.log_format),
             ("log_level", &self.log_level),
             ("drain_deadline", &self.drain_deadline),

@@ -62,7 +62,7 @@ impl std::error::Error for PrepareError {}
 /// # Errors
 /// A [`PrepareError`] naming the file and what is wrong with it (never the file's content).
 pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
-    let engine = load_engine(config.rulesets.as_deref())
+    let engine = load_engine(config.rulesets.as_deref(), &config.models)
         .map_err(|e| PrepareError(format!("rulesets: {e}")))?;
     let tokens = match &config.auth_tokens_file {
         None => None,
@@ -129,16 +129,15 @@ fn read_tokens(path: &Path) -> Result<Vec<Vec<u8>>, PrepareError> {
     Ok(tokens)
 }
 
-/// Compiles the rulesets: the directory, or the bundled ones.
+/// Compiles the rulesets (the directory, or the bundled ones) with the learned tier's model.
 ///
 /// # Errors
 /// The loader's error (file, line, reason).
-pub fn load_engine(dir: Option<&Path>) -> Result<Arc<Engine>, crate::rules::LoadError> {
-    let engine = match dir {
-        Some(d) => Engine::from_dir(d)?,
-        None => Engine::bundled()?,
-    };
-    Ok(Arc::new(engine))
+pub fn load_engine(
+    dir: Option<&Path>,
+    models: &crate::load::Models,
+) -> Result<Arc<Engine>, crate::rules::LoadError> {
+    crate::load::engine(dir, models).map(Arc::new)
 }
 
 /// Room for the metadata fields next to a text of `max_message_bytes`.
@@ -179,6 +178,7 @@ pub async fn serve_with(
         shutdown: shutdown_rx,
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
+    m::set_model_info(None, shared.engine.load().model_version());
 
     let guard = GuardServer::new(GuardService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes + ENVELOPE_BYTES);
@@ -256,6 +256,7 @@ pub async fn serve_with(
 
     let reloadable = Reloadable {
         rulesets: config.rulesets.clone(),
+        models: config.models.clone(),
         tokens,
         auth_tokens_file: config.auth_tokens_file.clone(),
         tls: resolver.zip(config.tls.clone()),
@@ -335,6 +336,7 @@ pub async fn serve_with(
 /// from the files the configuration names.
 struct Reloadable {
     rulesets: Option<std::path::PathBuf>,
+    models: crate::load::Models,
     tokens: Option<Tokens>,
     auth_tokens_file: Option<std::path::PathBuf>,
     tls: Option<(Arc<CertResolver>, super::config::TlsFiles)>,
@@ -355,19 +357,22 @@ fn count_reload(what: &'static str, ok: bool) {
 async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut String) {
     let started = std::time::Instant::now();
     let dir = parts.rulesets.clone();
-    let result = tokio::task::spawn_blocking(move || load_engine(dir.as_deref())).await;
+    let models = parts.models.clone();
+    let result = tokio::task::spawn_blocking(move || load_engine(dir.as_deref(), &models)).await;
     match result {
         Ok(Ok(engine)) => {
             let version = engine.version().to_string();
             m::register_hits(&engine);
-            shared.engine.store(engine);
+            let model = engine.model_version().map(str::to_string);
+            let old = shared.engine.swap(engine);
+            m::set_model_info(old.model_version(), model.as_deref());
             count_reload("rulesets", true);
             if version != *current_version {
                 metrics::gauge!("mistguard_ruleset_info", "version" => current_version.clone())
                     .set(0.0);
             }
             metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
-            tracing::info!(ruleset_version = %version, millis = started.elapsed().as_millis() as u64, "rulesets reloaded");
+            tracing::info!(ruleset_version = %version, model_version = model.as_deref().unwrap_or("off"), millis = started.elapsed().as_millis() as u64, "rulesets reloaded");
             *current_version = version;
         }
         Ok(Err(e)) => {

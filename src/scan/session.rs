@@ -21,6 +21,7 @@ use super::word::{Walker, WordState};
 use super::Scanner;
 use crate::action::Action;
 use crate::lang::{self, LangSet, NEUTRAL, PROBE_BYTES};
+use crate::learned::{Learned, LearnedState};
 use crate::rules::CompiledRuleset;
 use crate::score::{Match, RuleState};
 
@@ -53,6 +54,8 @@ struct Probe {
 pub struct ScanSession {
     raw: RawState,
     word: WordState,
+    /// The learned tier's features and windows (when the engine has one).
+    learned: Option<Box<LearnedState>>,
     lang: LangState,
     /// Score of each rule with a hit so far, by rule index (ascending): a fresh stream holds none.
     rules: Vec<(usize, RuleState)>,
@@ -64,6 +67,23 @@ pub struct ScanSession {
     /// The last chunk was fed: no more may come.
     fed_last: bool,
     finished: bool,
+}
+
+/// The hit floors of one step (see `ScanSession::hit_floors`).
+#[derive(Clone, Copy)]
+struct Floors {
+    rules: u64,
+    learned: u64,
+}
+
+impl Floors {
+    /// The floor of rule `rule`: the learned tier's when its hits add to the rule's score.
+    fn of(&self, rule: usize, lt: Option<&Learned>) -> u64 {
+        match lt {
+            Some(lt) if lt.adds_to(rule) => self.learned,
+            _ => self.rules,
+        }
+    }
 }
 
 /// Decides the windows of rule `rule` (state `st`) that end before `floor`; a rule that fires
@@ -88,7 +108,8 @@ fn settle_rule(
 
 impl ScanSession {
     /// A fresh scan; `lang_hint` (a supported ISO 639-1 code) decides the language at once.
-    pub fn new(sc: &Scanner, lang_hint: Option<&str>) -> ScanSession {
+    /// `learned`: the engine's learned tier, if any (pass the same one to every call).
+    pub fn new(sc: &Scanner, learned: Option<&Learned>, lang_hint: Option<&str>) -> ScanSession {
         let lang = match lang_hint.and_then(LangSet::from_hint) {
             Some(set) => LangState::Decided(set),
             None => LangState::Probing(Box::default()),
@@ -96,6 +117,7 @@ impl ScanSession {
         let mut s = ScanSession {
             raw: RawState::new(&sc.raw),
             word: WordState::new(&sc.word),
+            learned: learned.map(|_| Box::new(LearnedState::new())),
             lang,
             rules: Vec::new(),
             action: Action::Allow,
@@ -199,6 +221,7 @@ impl ScanSession {
         &mut self,
         sc: &Scanner,
         rs: &CompiledRuleset,
+        lt: Option<&Learned>,
         chunk: &str,
         last: bool,
     ) -> ScanStep {
@@ -228,9 +251,21 @@ impl ScanSession {
         }
         self.raw
             .scan(&sc.raw, &rs.triggers, chunk.as_bytes(), &mut found);
-        self.word.feed(&sc.word, chunk, &mut found);
+        let learned = self.learned.as_deref_mut().zip(lt);
+        match learned {
+            Some((st, lt)) => {
+                self.word.feed(&sc.word, chunk, &mut found, |b, s| {
+                    st.consume(&lt.table, b, s)
+                });
+                let settled = self.word.settled_offset();
+                st.decide(&lt.table, &lt.model, settled, None, |s, e, p| {
+                    lt.window_matches(s, e, &p, &mut found)
+                });
+            }
+            None => self.word.feed(&sc.word, chunk, &mut found, |_, _| {}),
+        }
         let mut out = Vec::new();
-        self.accept_all(rs, found, &mut out);
+        self.accept_all(rs, lt, found, &mut out);
         if self.raw.anchors.is_empty() && self.word.walkers.is_empty() {
             self.lists_idle = self.lists_idle.saturating_add(1);
             if u32::from(self.lists_idle) >= TAIL_IDLE_UPDATES
@@ -242,25 +277,36 @@ impl ScanSession {
         } else {
             self.lists_idle = 0;
         }
-        self.step(sc, rs, out)
+        self.step(sc, rs, lt, out)
     }
 
     /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
     /// transitions. Returns the final step (an empty one when called again).
-    pub fn finish(&mut self, sc: &Scanner, rs: &CompiledRuleset) -> ScanStep {
+    pub fn finish(&mut self, sc: &Scanner, rs: &CompiledRuleset, lt: Option<&Learned>) -> ScanStep {
         if self.finished {
-            return self.step(sc, rs, Vec::new());
+            return self.step(sc, rs, lt, Vec::new());
         }
         let mut found = Vec::new();
         self.raw.finish(&sc.raw, &rs.triggers, &mut found);
-        self.word.finish(&sc.word, &mut found);
+        let end = self.raw.pos;
+        match self.learned.as_deref_mut().zip(lt) {
+            Some((st, lt)) => {
+                st.set_end(end);
+                self.word
+                    .finish(&sc.word, &mut found, |b, s| st.consume(&lt.table, b, s));
+                st.decide(&lt.table, &lt.model, u64::MAX, Some(end), |s, e, p| {
+                    lt.window_matches(s, e, &p, &mut found)
+                });
+            }
+            None => self.word.finish(&sc.word, &mut found, |_, _| {}),
+        }
         if matches!(self.lang, LangState::Probing(_)) {
             found.extend(self.decide_language(sc));
         }
         self.finished = true;
         let mut out = Vec::new();
-        self.accept_all(rs, found, &mut out);
-        self.step(sc, rs, out)
+        self.accept_all(rs, lt, found, &mut out);
+        self.step(sc, rs, lt, out)
     }
 
     /// Decides the language from the probe; returns the triggers found meanwhile.
@@ -281,22 +327,31 @@ impl ScanSession {
     /// this batch (sorted) or in a later chunk (the hit floor). So a rule holds the hits of
     /// about one window, however many a single step brings, and whole texts and streams agree.
     /// Hits that become reportable go to `out`.
-    fn accept_all(&mut self, rs: &CompiledRuleset, mut found: Vec<Match>, out: &mut Vec<Match>) {
+    fn accept_all(
+        &mut self,
+        rs: &CompiledRuleset,
+        lt: Option<&Learned>,
+        mut found: Vec<Match>,
+        out: &mut Vec<Match>,
+    ) {
         if found.is_empty() {
             return;
         }
         found.sort_unstable_by_key(|f| (f.start, f.end, f.trigger));
-        let floor = if self.finished {
-            u64::MAX
-        } else {
-            self.hit_floor()
-        };
+        let floors = self.hit_floors();
         for f in found {
-            self.accept(rs, f, floor.min(f.start), out);
+            self.accept(rs, lt, f, floors, out);
         }
     }
 
-    fn accept(&mut self, rs: &CompiledRuleset, f: Match, floor: u64, out: &mut Vec<Match>) {
+    fn accept(
+        &mut self,
+        rs: &CompiledRuleset,
+        lt: Option<&Learned>,
+        f: Match,
+        floors: Floors,
+        out: &mut Vec<Match>,
+    ) {
         let t = &rs.triggers[f.trigger as usize];
         // English triggers apply whatever the language turns out to be (like neutral ones), so
         // only the other languages' triggers wait for the decision.
@@ -312,6 +367,10 @@ impl ScanSession {
                 Some(_) => {}
             }
         }
+        if t.standalone {
+            out.push(f);
+            return;
+        }
         let i = match self.rules.binary_search_by_key(&t.rule, |r| r.0) {
             Ok(i) => i,
             Err(i) => {
@@ -323,33 +382,42 @@ impl ScanSession {
                 i
             }
         };
+        let floor = floors.of(t.rule, lt).min(f.start);
         let st = &mut self.rules[i].1;
         settle_rule(rs, t.rule, st, floor, out);
         st.add(f, t.weight, out);
     }
 
-    /// Decides the rules' windows that end before `floor`, the hit floor (all of them once the
-    /// stream is finished); a rule that fires reports its hits in `out`.
-    fn settle_rules(&mut self, rs: &CompiledRuleset, floor: u64, out: &mut Vec<Match>) {
+    /// Decides the rules' windows that end before their hit floor (all of them once the stream
+    /// is finished); a rule that fires reports its hits in `out`.
+    fn settle_rules(
+        &mut self,
+        rs: &CompiledRuleset,
+        lt: Option<&Learned>,
+        floors: Floors,
+        out: &mut Vec<Match>,
+    ) {
         for (i, st) in &mut self.rules {
             if st.held.is_empty() {
                 continue;
             }
-            settle_rule(rs, *i, st, floor, out);
+            settle_rule(rs, *i, st, floors.of(*i, lt), out);
             if self.finished {
                 st.held = Vec::new();
             }
         }
     }
 
-    fn step(&mut self, sc: &Scanner, rs: &CompiledRuleset, mut found: Vec<Match>) -> ScanStep {
-        // One hit floor per step for the windows (scoring does not move it).
-        let floor = if self.finished {
-            u64::MAX
-        } else {
-            self.hit_floor()
-        };
-        self.settle_rules(rs, floor, &mut found);
+    fn step(
+        &mut self,
+        sc: &Scanner,
+        rs: &CompiledRuleset,
+        lt: Option<&Learned>,
+        mut found: Vec<Match>,
+    ) -> ScanStep {
+        // One pair of hit floors per step for the windows (scoring does not move them).
+        let floors = self.hit_floors();
+        self.settle_rules(rs, lt, floors, &mut found);
         // The verdict is the most severe action of the hits reported: a rule's, or the lower
         // one a trigger of it sets.
         for f in &found {
@@ -358,7 +426,7 @@ impl ScanSession {
         let release = if self.finished {
             self.raw.pos
         } else {
-            self.release_bound(sc, rs)
+            self.release_bound(sc, rs, lt)
         };
         self.released = self.released.max(release);
         ScanStep {
@@ -372,8 +440,14 @@ impl ScanSession {
     /// withholds text (SANITIZE and above) can still complete a match before it, and no held
     /// hit of such a rule before it can still be reported. FLAG and WARN matches never hold a
     /// stream back: their hits may point into text already released, which they do not change.
-    fn release_bound(&self, sc: &Scanner, rs: &CompiledRuleset) -> u64 {
+    fn release_bound(&self, sc: &Scanner, rs: &CompiledRuleset, lt: Option<&Learned>) -> u64 {
         let mut r = self.floor(self.raw.release_oldest(&sc.raw));
+        // In `hold` mode the release also waits for the learned tier's undecided windows.
+        if let (Some(st), Some(lt)) = (&self.learned, lt) {
+            if lt.holds_release(rs) {
+                r = r.min(st.undecided_from());
+            }
+        }
         // Hits held below threshold by a rule whose action withholds text.
         for (i, st) in &self.rules {
             if !st.fired && rs.rules[*i].action.withholds() {
@@ -385,13 +459,26 @@ impl ScanSession {
         r
     }
 
-    /// The original offset before which no trigger can still complete a match: every hit not
-    /// yet given to a rule (still to be found, or waiting for the language) starts at or after it.
-    fn hit_floor(&self) -> u64 {
-        self.floor(self.raw.oldest)
+    /// The original offsets before which no trigger can still complete a match: every hit not
+    /// yet given to a rule (still to be found, or waiting for the language) starts at or after
+    /// them. The second also waits for the learned tier's undecided windows, for the rules whose
+    /// score its hits add to. Once the stream is finished, nothing is still to come.
+    fn hit_floors(&self) -> Floors {
+        if self.finished {
+            return Floors {
+                rules: u64::MAX,
+                learned: u64::MAX,
+            };
+        }
+        let rules = self.floor(self.raw.oldest);
+        let learned = match &self.learned {
+            Some(st) => rules.min(st.undecided_from()),
+            None => rules,
+        };
+        Floors { rules, learned }
     }
 
-    /// [`hit_floor`](Self::hit_floor) with the raw view's oldest offset given (all of its partial
+    /// The hit floor of the rules, with the raw view's oldest offset given (all of its partial
     /// matches, or those of withholding rules only).
     fn floor(&self, raw_oldest: u64) -> u64 {
         // A partial match is never older than the longest pattern (plus the DFA's one-byte delay).

@@ -623,7 +623,15 @@ impl WordState {
 
     /// Normalizes and scans one chunk. The chunk goes through the normalizer in slices, so the
     /// batch buffer stays small (a few KiB per thread) whatever the chunk size.
-    pub(crate) fn feed(&mut self, a: &WordAutomata, chunk: &str, found: &mut Vec<Match>) {
+    /// `on_batch` sees each batch of normalized bytes with the original offset of each (the
+    /// learned tier's features are computed from them).
+    pub(crate) fn feed(
+        &mut self,
+        a: &WordAutomata,
+        chunk: &str,
+        found: &mut Vec<Match>,
+        mut on_batch: impl FnMut(&[u8], &[u32]),
+    ) {
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
             let mut rest = chunk;
@@ -635,6 +643,7 @@ impl WordState {
                 b.clear();
                 self.norm.feed(&rest[..cut], &mut *b);
                 self.scan(a, &b, found);
+                on_batch(&b.bytes, &b.starts);
                 rest = &rest[cut..];
             }
         });
@@ -642,12 +651,18 @@ impl WordState {
 
     /// The end of input: the character the normalizer holds, the closing space, the walkers of
     /// a pending space, then the DFAs' end-of-input transitions.
-    pub(crate) fn finish(&mut self, sc: &WordAutomata, found: &mut Vec<Match>) {
+    pub(crate) fn finish(
+        &mut self,
+        sc: &WordAutomata,
+        found: &mut Vec<Match>,
+        on_batch: impl FnOnce(&[u8], &[u32]),
+    ) {
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
             b.clear();
             self.norm.finish(&mut *b);
             self.scan(sc, &b, found);
+            on_batch(&b.bytes, &b.starts);
         });
         if let Some(at) = take_space(&mut self.pending_space) {
             for (g, group) in sc.anchored.iter().enumerate() {

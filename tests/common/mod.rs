@@ -14,6 +14,17 @@ pub fn bundled() -> Arc<Engine> {
         .clone()
 }
 
+/// The bundled rulesets without the learned tier: for what the rules alone do (their release
+/// bounds, their state).
+pub fn rules_only() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            Arc::new(Engine::from_ruleset(mistguard::rules::load_bundled().unwrap()).unwrap())
+        })
+        .clone()
+}
+
 /// Cuts `text` at the given byte offsets (each moved down to a char boundary).
 pub fn cut(text: &str, sizes: impl IntoIterator<Item = usize>) -> Vec<&str> {
     let mut out = Vec::new();
