@@ -53,14 +53,15 @@ fn load_cases() -> Vec<(String, Case)> {
 /// files, the built test binary checks the cases against them without a rebuild. Rules only:
 /// the cases are the rules' (the learned tier has its own tests, `tests/learned.rs`).
 fn engine() -> std::sync::Arc<mistguard::Engine> {
+    std::sync::Arc::new(mistguard::Engine::from_ruleset(rules()).unwrap())
+}
+
+/// The compiled rulesets the cases run against (see `engine`).
+fn rules() -> mistguard::rules::CompiledRuleset {
     match std::env::var_os("MISTGUARD_CASES_RULESETS") {
-        Some(dir) => std::sync::Arc::new(
-            mistguard::Engine::from_dir(std::path::Path::new(&dir))
-                .unwrap_or_else(|e| panic!("{e}")),
-        ),
-        None => std::sync::Arc::new(
-            mistguard::Engine::from_ruleset(mistguard::rules::load_bundled().unwrap()).unwrap(),
-        ),
+        Some(dir) => mistguard::load::ruleset_dir(std::path::Path::new(&dir))
+            .unwrap_or_else(|e| panic!("{e}")),
+        None => mistguard::rules::load_bundled().unwrap(),
     }
 }
 
@@ -157,7 +158,7 @@ fn spawn_literals_change_nothing_found() {
     let fast = engine();
     let reference = std::sync::Arc::new(
         mistguard::Engine::from_ruleset_with(
-            mistguard::rules::load_bundled().unwrap(),
+            rules(),
             &mistguard::scan::ScanConfig {
                 spawn_literals: false,
             },
