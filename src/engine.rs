@@ -5,6 +5,7 @@
 //! the message of the verdict, the sanitized text), composed through `decide`.
 
 use crate::action::Action;
+use crate::decode::{Codec, DecodeTracker, Segment};
 use crate::learned::{Learned, Model};
 use crate::rules::{CompiledRuleset, LoadError};
 use crate::scan::{ScanSession, ScanStep, Scanner};
@@ -146,6 +147,10 @@ impl Engine {
 /// Most hits a stream keeps for its final verdict.
 pub const MAX_KEPT_HITS: usize = 4096;
 
+/// Levels of decoding: a text, what was decoded from it, and what was decoded from that. A
+/// segment at the last level is scanned but not decoded again.
+pub const MAX_DECODE_DEPTH: u8 = 2;
+
 /// One text or stream: its scan, and what it has reported (for the messages and the verdict).
 pub struct StreamSession {
     engine: Arc<Engine>,
@@ -153,6 +158,15 @@ pub struct StreamSession {
     /// What was reported, from the first hit on (a stream without hits holds none of it).
     reported: Option<Box<Reported>>,
     keep_hits: bool,
+    /// Encoded runs (base64, hex, URL, HTML entities, tag characters, rot13, reversed text)
+    /// found so far; `None` at the last decoding level.
+    decode: Option<Box<DecodeTracker>>,
+    /// How many decodings lie between the caller's text and this one (0: the caller's text).
+    depth: u8,
+    /// The most severe action of the decoded segments scanned so far.
+    decoded_action: Action,
+    /// Segments scratch space.
+    segments: Vec<Segment>,
 }
 
 /// What a stream keeps of the hits it reported.
@@ -167,10 +181,19 @@ struct Reported {
     /// it was made from.
     message: Option<(Arc<str>, bool)>,
     message_key: Option<(Action, Option<&'static str>, usize)>,
+    /// The hits found in decoded segments, with the span of the encoded run and the codec, up to
+    /// [`MAX_KEPT_HITS`] (not kept after [`StreamSession::discard_verdict_hits`]).
+    decoded: Vec<(Match, Codec)>,
+    /// Score per rule fired in decoded segments.
+    decoded_scores: Vec<(usize, f32)>,
 }
 
 impl StreamSession {
     pub fn new(engine: Arc<Engine>, opts: &ClassifyOptions) -> StreamSession {
+        StreamSession::at_depth(engine, opts, 0)
+    }
+
+    fn at_depth(engine: Arc<Engine>, opts: &ClassifyOptions, depth: u8) -> StreamSession {
         let scan = ScanSession::new(
             &engine.scanner,
             engine.learned.as_ref(),
@@ -181,6 +204,10 @@ impl StreamSession {
             scan,
             reported: None,
             keep_hits: true,
+            decode: (depth < MAX_DECODE_DEPTH).then(Box::default),
+            depth,
+            decoded_action: Action::Allow,
+            segments: Vec::new(),
         }
     }
 
@@ -192,6 +219,7 @@ impl StreamSession {
         self.keep_hits = false;
         if let Some(r) = &mut self.reported {
             r.hits = Vec::new();
+            r.decoded = Vec::new();
         }
     }
 
@@ -206,7 +234,7 @@ impl StreamSession {
 
     /// The verdict so far.
     pub fn action(&self) -> Action {
-        self.scan.action()
+        self.scan.action().max(self.decoded_action)
     }
 
     /// Bytes of state this stream holds (the struct, its tails and its vectors), for the budget
@@ -226,6 +254,15 @@ impl StreamSession {
             self.reported
                 .as_ref()
                 .map_or(0, |r| r.hits.capacity() * size_of::<Match>()),
+        ));
+        parts.push((
+            "decoding",
+            self.decode.as_ref().map_or(0, |d| d.state_bytes())
+                + self.segments.capacity() * size_of::<Segment>()
+                + self.reported.as_ref().map_or(0, |r| {
+                    r.decoded.capacity() * size_of::<(Match, Codec)>()
+                        + r.decoded_scores.capacity() * size_of::<(usize, f32)>()
+                }),
         ));
         parts.push((
             "message",
@@ -250,6 +287,9 @@ impl StreamSession {
         let step = self
             .scan
             .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, false);
+        if let Some(d) = &mut self.decode {
+            d.feed(chunk, &mut self.segments);
+        }
         self.report(step)
     }
 
@@ -263,6 +303,9 @@ impl StreamSession {
         let step = self
             .scan
             .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, true);
+        if let Some(d) = &mut self.decode {
+            d.feed(chunk, &mut self.segments);
+        }
         self.report(step)
     }
 
@@ -271,7 +314,48 @@ impl StreamSession {
     pub fn finish(&mut self) -> StepResult {
         let e = &*self.engine;
         let step = self.scan.finish(&e.scanner, &e.rules, e.learned.as_ref());
+        if let Some(d) = &mut self.decode {
+            d.finish(&mut self.segments);
+        }
         self.report(step)
+    }
+
+    /// Scans each decoded segment found by this step as a text of its own (one level deeper),
+    /// and returns its hits with the span of the encoded run in this text.
+    fn scan_segments(&mut self) -> Vec<(Match, Codec)> {
+        let mut found = Vec::new();
+        for seg in std::mem::take(&mut self.segments) {
+            let mut inner = StreamSession::at_depth(
+                self.engine.clone(),
+                &ClassifyOptions::default(),
+                self.depth + 1,
+            );
+            inner.feed_last(&seg.text);
+            inner.finish();
+            let action = inner.action();
+            if action == Action::Allow {
+                continue;
+            }
+            self.decoded_action = self.decoded_action.max(action);
+            let Some(rep) = inner.reported else { continue };
+            let scores = inner.scan.fired_rules().collect::<Vec<_>>();
+            let own = self.reported.get_or_insert_with(Box::default);
+            for (rule, score) in scores {
+                match own.decoded_scores.iter_mut().find(|s| s.0 == rule) {
+                    Some(s) => s.1 = s.1.max(score),
+                    None => own.decoded_scores.push((rule, score)),
+                }
+            }
+            // Hits of the inner text (itself possibly decoded once more), at the run's span.
+            let inner_hits = rep.hits.iter().map(|m| (*m, seg.codec));
+            let nested = rep.decoded.iter().map(|(m, _)| (*m, seg.codec));
+            for (mut m, codec) in inner_hits.chain(nested) {
+                m.start = seg.start;
+                m.end = seg.end;
+                found.push((m, codec));
+            }
+        }
+        found
     }
 
     /// Turns a scan step into the caller's answer: the hits in order of span, what is kept for
@@ -280,8 +364,17 @@ impl StreamSession {
         let ScanStep {
             action,
             mut found,
-            release_offset,
+            mut release_offset,
         } = step;
+        let decoded = if self.segments.is_empty() {
+            Vec::new()
+        } else {
+            self.scan_segments()
+        };
+        let action = action.max(self.decoded_action);
+        if let Some(hold) = self.decode.as_ref().and_then(|d| d.hold_offset()) {
+            release_offset = release_offset.min(hold);
+        }
         let mut hits = Vec::new();
         if !found.is_empty() {
             let triggers = &self.engine.rules.triggers;
@@ -302,6 +395,21 @@ impl StreamSession {
                 }
             }
             hits = found.iter().map(|f| hit_of(&self.engine, f)).collect();
+        }
+        if !decoded.is_empty() {
+            let rep = self.reported.get_or_insert_with(Box::default);
+            for (m, codec) in &decoded {
+                if !rep.distinct.contains(&m.trigger) {
+                    rep.distinct.push(m.trigger);
+                }
+                if self.keep_hits && rep.decoded.len() < MAX_KEPT_HITS {
+                    rep.decoded.push((*m, *codec));
+                }
+                hits.push(decoded_hit_of(&self.engine, m, *codec));
+            }
+            hits.sort_by(|a, b| {
+                (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id))
+            });
         }
         let language = self.scan.language();
         // The message depends only on the action, the language and the distinct triggers: rebuild
@@ -331,14 +439,19 @@ impl StreamSession {
     /// The verdict for everything seen so far (call after [`finish`](Self::finish) for the final
     /// one). With the original `text`, a SANITIZE verdict carries the sanitized text.
     pub fn verdict(&self, text: Option<&str>) -> Verdict {
-        let (kept, distinct) = match &self.reported {
-            Some(r) => (&r.hits[..], &r.distinct[..]),
-            None => (&[][..], &[][..]),
+        let (kept, distinct, decoded) = match &self.reported {
+            Some(r) => (&r.hits[..], &r.distinct[..], &r.decoded[..]),
+            None => (&[][..], &[][..], &[][..]),
         };
         let mut hits: Vec<Hit> = kept.iter().map(|f| hit_of(&self.engine, f)).collect();
+        hits.extend(
+            decoded
+                .iter()
+                .map(|(m, codec)| decoded_hit_of(&self.engine, m, *codec)),
+        );
         hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
         hits.dedup();
-        let action = self.scan.action();
+        let action = self.action();
         let language = self.scan.language();
         let languages_applied = self.scan.lang_set().map(|s| s.codes()).unwrap_or_default();
         let message = crate::decide::message(
@@ -351,9 +464,15 @@ impl StreamSession {
             Some(t) if action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
             _ => None,
         };
-        let rule_scores = self
-            .scan
-            .fired_rules()
+        let mut scores: Vec<(usize, f32)> = self.scan.fired_rules().collect();
+        for &(rule, score) in self.reported.iter().flat_map(|r| r.decoded_scores.iter()) {
+            match scores.iter_mut().find(|s| s.0 == rule) {
+                Some(s) => s.1 = s.1.max(score),
+                None => scores.push((rule, score)),
+            }
+        }
+        let rule_scores = scores
+            .into_iter()
             .map(|(i, score)| (self.engine.rules.rules[i].id.clone(), score))
             .collect();
         Verdict {
@@ -394,6 +513,14 @@ fn message_language(engine: &Engine, scan: &ScanSession, triggers: &[u32]) -> Op
         }
     }
     of_hits.or(set.fallback()).map(crate::lang::code)
+}
+
+/// The hit a trigger's match in a decoded segment reports: trigger id
+/// `<trigger>+decoded.<codec>`, the span of the encoded run.
+fn decoded_hit_of(engine: &Engine, m: &Match, codec: Codec) -> Hit {
+    let mut h = hit_of(engine, m);
+    h.trigger_id = format!("{}+decoded.{}", h.trigger_id, codec.name()).into();
+    h
 }
 
 /// The hit a trigger's match reports.

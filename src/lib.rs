@@ -11,6 +11,7 @@
 pub mod action;
 pub mod daemon;
 pub mod decide;
+pub mod decode;
 pub mod engine;
 pub mod eval;
 pub mod lang;

@@ -47,8 +47,19 @@ impl NormSink for Vec<u8> {
 pub struct Normalizer {
     /// Original offset of the next input byte.
     pos: u64,
-    /// A look-alike or leetspeak character waiting for its right neighbour.
-    pending: Option<(char, u64)>,
+    /// Look-alike or leetspeak characters in a row, waiting for the character after them.
+    run: LookRun,
+    /// A separator run, not yet emitted as its space: it may fold away inside a word
+    /// (`ig.nore`, `**ig**nore`).
+    sep: Option<Sep>,
+    /// The last emitted character was a letter (of any script).
+    prev_alpha: bool,
+    /// Spaced single letters (`i g n o r e`) waiting to be joined.
+    spaced: Spaced,
+    /// The last letter emitted was Latin (words of look-alikes among Latin words fold).
+    latin_context: bool,
+    /// Original offset where the current line starts (after the last `\n`).
+    line_start: u64,
     /// The last emitted character was a Latin letter.
     prev_latin: bool,
     /// The last emitted byte was a space (separators collapse).
@@ -68,7 +79,12 @@ impl Normalizer {
     pub fn new() -> Normalizer {
         Normalizer {
             pos: 0,
-            pending: None,
+            run: LookRun::default(),
+            sep: None,
+            prev_alpha: false,
+            spaced: Spaced::default(),
+            latin_context: false,
+            line_start: 0,
             prev_latin: false,
             last_space: false,
             strip_marks: false,
@@ -79,10 +95,17 @@ impl Normalizer {
     /// Original bytes consumed so far, less those held back as look-ahead: every output for input
     /// before this offset has been emitted.
     pub fn settled_offset(&self) -> u64 {
-        match self.pending {
-            Some((_, start)) => start,
-            None => self.pos,
+        let mut at = self.pos;
+        if self.run.len > 0 {
+            at = at.min(self.run.start);
         }
+        if let Some(sep) = &self.sep {
+            at = at.min(sep.at);
+        }
+        if self.spaced.n > 0 {
+            at = at.min(u64::from(self.spaced.pend[0].1));
+        }
+        at
     }
 
     /// Original bytes consumed so far.
@@ -100,28 +123,47 @@ impl Normalizer {
 
     /// Normalizes one chunk.
     pub fn feed<S: NormSink>(&mut self, chunk: &str, sink: &mut S) {
+        let mut spaced = std::mem::take(&mut self.spaced);
+        self.feed_folded(
+            chunk,
+            &mut SpacedSink {
+                inner: sink,
+                st: &mut spaced,
+            },
+        );
+        self.spaced = spaced;
+    }
+
+    /// [`feed`](Self::feed) before spaced letters are joined.
+    fn feed_folded<S: NormSink>(&mut self, chunk: &str, sink: &mut S) {
         self.start(sink);
         let bytes = chunk.as_bytes();
         let base = self.pos;
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
-            if let Some((p, pat)) = self.pending {
-                // A look-alike waits for its right neighbour: this character. An ignorable one is
-                // transparent; any other resolves it and is then handled below as usual.
+            if self.run.len > 0 {
+                // Look-alikes wait for the character after them: this one. An ignorable one is
+                // transparent, another look-alike joins the run; any other resolves the run and
+                // is then handled below as usual.
                 let c = chunk[i..].chars().next().expect("char boundary");
                 let e = fast_entry(c);
                 if e & IGNORABLE != 0 || (e & KIND_MASK == SLOW && is_ignorable(c)) {
                     i += c.len_utf8();
                     continue;
                 }
-                self.pending = None;
+                let at = base + i as u64;
+                if e & KIND_MASK == LOOK || (e & KIND_MASK == SLOW && lookalike(c).is_some()) {
+                    self.push_look(c, at, sink);
+                    i += c.len_utf8();
+                    continue;
+                }
                 let next_latin = if e & KIND_MASK == SLOW && c as u32 >= TABLE_END {
                     is_latin_letter(c)
                 } else {
                     e & LATIN_LETTER != 0
                 };
-                self.resolve(p, pat, next_latin, sink);
+                self.resolve_run(Next::of(next_latin, c), sink);
                 continue;
             }
             if b < 0x80 && !is_leet(b) {
@@ -133,14 +175,17 @@ impl Normalizer {
                     while j < bytes.len() && PLAIN_ALNUM[bytes[j] as usize] {
                         j += 1;
                     }
+                    self.before_emit(b.is_ascii_alphabetic(), b.is_ascii_uppercase(), sink);
                     sink.push_ascii_run(&bytes[i..j], at);
                     self.last_space = false;
                     self.prev_latin = bytes[j - 1].is_ascii_alphabetic();
+                    self.prev_alpha = self.prev_latin;
+                    self.latin_context |= b.is_ascii_alphabetic() || self.prev_latin;
                     self.strip_marks = true;
                     i = j;
                     continue;
                 } else {
-                    self.separator(sink, at, 1);
+                    self.separator(SepKind::of(b), at, 1);
                 }
                 i += 1;
                 continue;
@@ -158,17 +203,17 @@ impl Normalizer {
                 }
                 MARK => {
                     if !self.strip_marks {
-                        self.emit_char(c, at, len as u8, sink);
+                        self.emit_mark(c, at, len as u8, sink);
                     }
                     continue;
                 }
                 SEP => {
-                    self.separator(sink, at, len as u8);
+                    self.separator(SepKind::Hard, at, len as u8);
                     continue;
                 }
                 SKIP => continue,
                 LOOK => {
-                    self.pending = Some((c, at));
+                    self.push_look(c, at, sink);
                     continue;
                 }
                 _ => {}
@@ -180,46 +225,123 @@ impl Normalizer {
 
     /// Applies the end of input: resolves the held character and emits the closing space.
     pub fn finish<S: NormSink>(&mut self, sink: &mut S) {
+        let mut spaced = std::mem::take(&mut self.spaced);
+        let mut out = SpacedSink {
+            inner: sink,
+            st: &mut spaced,
+        };
+        self.finish_folded(&mut out);
+        out.flush();
+    }
+
+    fn finish_folded<S: NormSink>(&mut self, sink: &mut S) {
         self.start(sink);
-        if let Some((c, at)) = self.pending.take() {
-            self.resolve(c, at, false, sink);
+        if self.run.len > 0 {
+            self.resolve_run(Next::Nothing, sink);
         }
-        if !self.last_space {
+        if let Some(sep) = self.sep.take() {
+            sink.push(b' ', sep.at, sep.len);
+        } else if !self.last_space {
             sink.push(b' ', self.pos, 0);
             self.last_space = true;
         }
     }
 
-    fn separator<S: NormSink>(&mut self, sink: &mut S, at: u64, len: u8) {
-        if !self.last_space {
-            sink.push(b' ', at, len);
+    /// A separator character: starts (or extends) the pending separator run, which becomes one
+    /// space when the next character is emitted, or nothing when it folds away inside a word.
+    fn separator(&mut self, mut kind: SepKind, at: u64, len: u8) {
+        if kind == SepKind::Newline {
+            // A line break folds away inside a word of a short line only: hard-wrapped prose
+            // (long lines) breaks between words.
+            if at - self.line_start.min(at) >= SHORT_LINE {
+                kind = SepKind::Hard;
+            }
+            self.line_start = at + 1;
+        }
+        if let Some(sep) = &mut self.sep {
+            sep.add(kind);
+        } else if !self.last_space {
+            let mut sep = Sep {
+                at,
+                len,
+                dots: 0,
+                marks: 0,
+                unders: 0,
+                newlines: 0,
+                hard: false,
+            };
+            sep.add(kind);
+            self.sep = Some(sep);
             self.last_space = true;
         }
         self.prev_latin = false;
         self.strip_marks = false;
     }
 
+    /// Emits the pending separator's space before a character, unless the separator folds away:
+    /// a single `.` before a letter that is not upper case (`ig.nore`, but not `done.Then`), or a
+    /// short run of markdown emphasis (`*`, `~`, `` ` ``, `__`), between two letters.
+    #[inline]
+    fn before_emit<S: NormSink>(&mut self, alpha: bool, upper: bool, sink: &mut S) {
+        if let Some(sep) = self.sep.take() {
+            if !(alpha && self.prev_alpha && sep.folds(upper)) {
+                sink.push(b' ', sep.at, sep.len);
+            }
+        }
+    }
+
+    /// Adds a look-alike to the run waiting for its right neighbour (a full run is resolved
+    /// first, as if a non-Latin character followed it).
+    fn push_look<S: NormSink>(&mut self, c: char, at: u64, sink: &mut S) {
+        if self.run.len as usize == RUN_MAX {
+            self.resolve_run(Next::Nothing, sink);
+        }
+        self.run.push(c, at);
+    }
+
+    /// Resolves the run of look-alikes: all of them become Latin letters when a Latin letter
+    /// stands right before or after the run, when the run itself is not one script's word (it
+    /// mixes Cyrillic, Greek and leetspeak, or holds Latin small capitals), or when it is a word
+    /// of its own (no other letter before or after it) of non-ASCII look-alikes among Latin
+    /// words (`make а ріре bomb`); else each is folded as itself, so a Russian or Greek word
+    /// stays in its script, and numbers among Latin words stay numbers.
+    fn resolve_run<S: NormSink>(&mut self, next: Next, sink: &mut S) {
+        let run = std::mem::take(&mut self.run);
+        let prev_other = !self.last_space && self.prev_alpha && !self.prev_latin;
+        let fold_all = self.prev_latin
+            || next == Next::Latin
+            || run.not_a_word()
+            || (self.latin_context && next == Next::Nothing && !prev_other && run.has_letters());
+        for k in 0..run.len as usize {
+            let (c, at) = run.get(k);
+            self.resolve(c, at, fold_all, sink);
+        }
+    }
+
     fn char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
         if is_ignorable(c) {
             return; // transparent: does not resolve a pending look-alike either
         }
-        if let Some((p, pat)) = self.pending.take() {
-            self.resolve(p, pat, is_latin_letter(c), sink);
-        }
         if lookalike(c).is_some() {
-            self.pending = Some((c, at));
+            self.push_look(c, at, sink);
             return;
+        }
+        if self.run.len > 0 {
+            self.resolve_run(Next::of(is_latin_letter(c), c), sink);
         }
         self.fold(c, at, len, sink);
     }
 
-    fn resolve<S: NormSink>(&mut self, c: char, at: u64, next_latin: bool, sink: &mut S) {
+    fn resolve<S: NormSink>(&mut self, c: char, at: u64, fold: bool, sink: &mut S) {
         let len = c.len_utf8() as u8;
-        if self.prev_latin || next_latin {
+        if fold {
             if let Some(l) = lookalike(c) {
+                self.before_emit(true, c.is_uppercase(), sink);
                 sink.push(l, at, len);
                 self.last_space = false;
                 self.prev_latin = true;
+                self.prev_alpha = true;
+                self.latin_context = true;
                 self.strip_marks = true;
                 return;
             }
@@ -227,7 +349,7 @@ impl Normalizer {
         let e = fast_entry(c);
         if e & KIND_MASK == LOOK {
             if e & FOLD_SEP != 0 {
-                self.separator(sink, at, len);
+                self.separator(SepKind::Hard, at, len);
                 return;
             }
             if e & FOLD_SLOW == 0 {
@@ -243,18 +365,21 @@ impl Normalizer {
         if c.is_ascii() {
             let b = c as u8;
             if b.is_ascii_alphanumeric() {
+                self.before_emit(b.is_ascii_alphabetic(), b.is_ascii_uppercase(), sink);
                 sink.push(b.to_ascii_lowercase(), at, len);
                 self.last_space = false;
                 self.prev_latin = b.is_ascii_alphabetic();
+                self.prev_alpha = self.prev_latin;
+                self.latin_context |= self.prev_latin;
                 self.strip_marks = true;
             } else {
-                self.separator(sink, at, len);
+                self.separator(SepKind::of(b), at, len);
             }
             return;
         }
         if is_combining_mark(c) {
             if !self.strip_marks {
-                self.emit_char(c, at, len, sink);
+                self.emit_mark(c, at, len, sink);
             }
             return;
         }
@@ -275,7 +400,7 @@ impl Normalizer {
         for &d in &parts[..n] {
             if is_combining_mark(d) {
                 if !self.strip_marks {
-                    self.emit_char(d, at, len, sink);
+                    self.emit_mark(d, at, len, sink);
                 }
                 continue;
             }
@@ -299,7 +424,7 @@ impl Normalizer {
                     self.emit_char(l, at, len, sink);
                     any = true;
                 } else {
-                    self.separator(sink, at, len);
+                    self.separator(SepKind::Hard, at, len);
                 }
             }
             if any {
@@ -317,7 +442,27 @@ impl Normalizer {
         self.strip_marks = e & STRIP != 0;
     }
 
+    /// Emits a letter or digit (a non-ASCII one counts as a letter: a digit of another script
+    /// between two separators changes nothing that matters).
     fn emit_char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
+        // (`c` is already lower-cased: a `.` before a non-ASCII capital folds away.)
+        let alpha = !c.is_ascii_digit();
+        self.before_emit(alpha, false, sink);
+        self.prev_alpha = alpha;
+        if alpha {
+            // Latin letters outside ASCII are below the table's end (U+3400).
+            self.latin_context = (c as u32) < TABLE_END && is_latin_letter(c);
+        }
+        self.push_char(c, at, len, sink);
+    }
+
+    /// Emits a combining mark (kept after the letters of scripts that need them).
+    fn emit_mark<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
+        self.before_emit(false, false, sink);
+        self.push_char(c, at, len, sink);
+    }
+
+    fn push_char<S: NormSink>(&mut self, c: char, at: u64, len: u8, sink: &mut S) {
         let mut buf = [0u8; 4];
         for &b in c.encode_utf8(&mut buf).as_bytes() {
             sink.push(b, at, len);
@@ -355,53 +500,337 @@ static PLAIN_ALNUM: [bool; 256] = {
     t
 };
 
-/// The Latin letter a look-alike or leetspeak character stands for.
+/// The Latin letter a look-alike or leetspeak character stands for: leetspeak digits and
+/// symbols, and the letters of other scripts that UTS #39 (`confusables.txt`, through the
+/// `unicode-security` crate) lists as confusable with one Latin letter ([`confusables`]).
 fn lookalike(c: char) -> Option<u8> {
-    Some(match c {
-        '0' => b'o',
-        '1' => b'i',
-        '3' => b'e',
-        '4' => b'a',
-        '5' => b's',
-        '7' => b't',
-        '@' => b'a',
-        '$' => b's',
-        // Cyrillic
-        'а' | 'А' => b'a',
-        'В' => b'b',
-        'е' | 'Е' | 'ё' | 'Ё' => b'e',
-        'К' | 'к' => b'k',
-        'М' => b'm',
-        'Н' => b'h',
-        'о' | 'О' => b'o',
-        'р' | 'Р' => b'p',
-        'с' | 'С' => b'c',
-        'Т' => b't',
-        'у' => b'y',
-        'х' | 'Х' => b'x',
-        'і' | 'І' => b'i',
-        'ј' | 'Ј' => b'j',
-        'ѕ' | 'Ѕ' => b's',
-        'ԁ' => b'd',
-        'ԛ' => b'q',
-        'ԝ' => b'w',
-        // Greek
-        'α' | 'Α' => b'a',
-        'Β' | 'β' => b'b',
-        'ε' | 'Ε' => b'e',
-        'Ζ' => b'z',
-        'Η' => b'h',
-        'ι' | 'Ι' => b'i',
-        'κ' | 'Κ' => b'k',
-        'Μ' => b'm',
-        'ν' | 'Ν' => b'n',
-        'ο' | 'Ο' => b'o',
-        'ρ' | 'Ρ' => b'p',
-        'τ' | 'Τ' => b't',
-        'υ' | 'Υ' => b'y',
-        'χ' | 'Χ' => b'x',
-        _ => return None,
+    match c {
+        '0' => Some(b'o'),
+        '1' => Some(b'i'),
+        '3' => Some(b'e'),
+        '4' => Some(b'a'),
+        '5' => Some(b's'),
+        '7' => Some(b't'),
+        '@' => Some(b'a'),
+        '$' => Some(b's'),
+        _ if c.is_ascii() => None,
+        _ => confusables().get(&c).copied(),
+    }
+}
+
+/// Blocks whose letters may stand in for Latin letters: Cyrillic, Greek, Armenian, Cherokee, and
+/// the Latin-script small capitals and phonetic letters that compatibility decomposition leaves
+/// alone (`ᴏ`, `ꜱ`, `ɑ`).
+const CONFUSABLE_BLOCKS: [std::ops::RangeInclusive<u32>; 9] = [
+    0x0250..=0x02AF, // IPA extensions
+    0x0370..=0x03FF, // Greek
+    0x0400..=0x052F, // Cyrillic and its supplement
+    0x0530..=0x058F, // Armenian
+    0x13A0..=0x13FF, // Cherokee
+    0x1D00..=0x1DBF, // phonetic extensions (small capitals)
+    0x1F00..=0x1FFF, // Greek extended
+    0xA720..=0xA7FF, // Latin extended-D (small capitals)
+    0xAB30..=0xAB6F, // Latin extended-E
+];
+
+/// Letters of [`CONFUSABLE_BLOCKS`] whose UTS #39 skeleton is one Latin letter (accents
+/// dropped: `ё` is `e`), lower-cased. Built once from the crate's copy of `confusables.txt`.
+fn confusables() -> &'static std::collections::HashMap<char, u8> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let mut map = std::collections::HashMap::new();
+        let mut buf = [0u8; 4];
+        for c in CONFUSABLE_BLOCKS
+            .iter()
+            .flat_map(|r| r.clone())
+            .filter_map(char::from_u32)
+            .filter(|c| c.is_alphabetic() && !latin_letter_slow(*c))
+        {
+            let mut letters = unicode_security::skeleton(c.encode_utf8(&mut buf))
+                .filter(|d| !is_combining_mark(*d));
+            if let (Some(l), None) = (letters.next(), letters.next()) {
+                if l.is_ascii_alphabetic() {
+                    map.insert(c, l.to_ascii_lowercase() as u8);
+                }
+            }
+        }
+        map
     })
+}
+
+/// What follows a run of look-alikes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// A Latin letter.
+    Latin,
+    /// A letter of another script.
+    Other,
+    /// No letter (a separator, a digit, the end).
+    Nothing,
+}
+
+impl Next {
+    fn of(latin: bool, c: char) -> Next {
+        if latin {
+            Next::Latin
+        } else if c.is_alphabetic() {
+            Next::Other
+        } else {
+            Next::Nothing
+        }
+    }
+}
+
+/// Most look-alikes in a row that wait for their right neighbour (a longer run is resolved in
+/// pieces).
+const RUN_MAX: usize = 8;
+
+/// Look-alike characters in a row, with their original offsets (from `start`).
+#[derive(Clone, Debug, Default)]
+struct LookRun {
+    start: u64,
+    chars: [char; RUN_MAX],
+    delta: [u32; RUN_MAX],
+    len: u8,
+}
+
+impl LookRun {
+    fn push(&mut self, c: char, at: u64) {
+        if self.len == 0 {
+            self.start = at;
+        }
+        let k = self.len as usize;
+        self.chars[k] = c;
+        // Streams are capped below 4 GiB (see `StreamSession::feed`).
+        self.delta[k] = (at - self.start) as u32;
+        self.len += 1;
+    }
+
+    fn get(&self, k: usize) -> (char, u64) {
+        (self.chars[k], self.start + self.delta[k] as u64)
+    }
+
+    /// The run holds a look-alike letter (not only leetspeak digits and symbols).
+    fn has_letters(&self) -> bool {
+        self.chars[..self.len as usize]
+            .iter()
+            .any(|c| !c.is_ascii())
+    }
+
+    /// The run cannot be a word of one script: it mixes scripts (Cyrillic, Greek, leetspeak,
+    /// others), or holds a Latin small capital or phonetic letter.
+    fn not_a_word(&self) -> bool {
+        let mut seen = 0u8;
+        for &c in &self.chars[..self.len as usize] {
+            seen |= match c as u32 {
+                0..=0x7F => 1,
+                0x0370..=0x03FF | 0x1F00..=0x1FFF => 2,
+                0x0400..=0x052F => 4,
+                0x0250..=0x02AF | 0x1D00..=0x1DBF | 0xA720..=0xA7FF | 0xAB30..=0xAB6F => {
+                    return true
+                }
+                _ => 8,
+            };
+        }
+        seen.count_ones() > 1
+    }
+}
+
+/// Spaced single letters (`i g n o r e`): the normalized bytes of a run of single-letter words
+/// held back until it is known whether the run reaches [`SPACED_MIN`] letters, when the spaces
+/// between them fold away. Shorter runs (`I a m`) pass unchanged.
+#[derive(Clone, Copy, Debug, Default)]
+struct Spaced {
+    /// Held bytes with their original spans: a space, then single letters each followed by a
+    /// space, possibly ending with a letter whose word may go on.
+    pend: [(u8, u32, u8); 2 * SPACED_MIN + 1],
+    n: u8,
+    /// A run reached [`SPACED_MIN`] letters: single letters go on joining it.
+    joining: bool,
+    /// Original end offset of the last letter joined: letters one character apart (a single
+    /// space) make a word; a wider gap (`k i l l   y o u`) keeps its space.
+    last_end: u64,
+}
+
+/// Single-letter words in a row that are joined into one word.
+const SPACED_MIN: usize = 4;
+
+/// The sink the folding steps write to: joins spaced single letters on the way to `inner`.
+struct SpacedSink<'a, S: NormSink> {
+    inner: &'a mut S,
+    st: &'a mut Spaced,
+}
+
+impl<S: NormSink> SpacedSink<'_, S> {
+    fn hold(&mut self, b: u8, at: u64, len: u8) {
+        // Streams are capped below 4 GiB (see `StreamSession::feed`).
+        self.st.pend[self.st.n as usize] = (b, at as u32, len);
+        self.st.n += 1;
+    }
+
+    /// Passes every held byte on unchanged.
+    fn flush(&mut self) {
+        for &(b, at, len) in &self.st.pend[..self.st.n as usize] {
+            self.inner.push(b, u64::from(at), len);
+        }
+        self.st.n = 0;
+        self.st.joining = false;
+    }
+
+    fn last(&self) -> Option<u8> {
+        self.st.n.checked_sub(1).map(|k| self.st.pend[k as usize].0)
+    }
+}
+
+impl<S: NormSink> NormSink for SpacedSink<'_, S> {
+    fn push(&mut self, b: u8, at: u64, len: u8) {
+        let letter = b.is_ascii_lowercase();
+        if self.st.n == 0 && !letter && b != b' ' {
+            // Nothing held, and not a letter or a space: passes straight on.
+            self.inner.push(b, at, len);
+            return;
+        }
+        match (b, self.last()) {
+            (b' ', Some(l)) if l != b' ' => {
+                // The held letter was a word of its own.
+                if self.st.joining {
+                    // pend: [space, letter]: the letter joins the run (after a space when the
+                    // gap before it is wider than one character: a word boundary).
+                    let pend = self.st.pend;
+                    if u64::from(pend[1].1) > self.st.last_end + 1 {
+                        self.inner.push(pend[0].0, u64::from(pend[0].1), pend[0].2);
+                    }
+                    self.inner.push(pend[1].0, u64::from(pend[1].1), pend[1].2);
+                    self.st.last_end = u64::from(pend[1].1) + pend[1].2 as u64;
+                    self.st.n = 0;
+                    self.hold(b, at, len);
+                    return;
+                }
+                self.hold(b, at, len);
+                if self.st.n as usize == 2 * SPACED_MIN + 1 {
+                    // space, then SPACED_MIN letters each followed by a space: join them,
+                    // keeping the spaces of wider gaps (`y o u   a r e`: two words).
+                    let pend = self.st.pend;
+                    self.inner.push(pend[0].0, u64::from(pend[0].1), pend[0].2);
+                    self.inner.push(pend[1].0, u64::from(pend[1].1), pend[1].2);
+                    for k in (3..2 * SPACED_MIN).step_by(2) {
+                        let prev_end = u64::from(pend[k - 2].1) + pend[k - 2].2 as u64;
+                        if u64::from(pend[k].1) > prev_end + 1 {
+                            self.inner
+                                .push(pend[k - 1].0, u64::from(pend[k - 1].1), pend[k - 1].2);
+                        }
+                        self.inner.push(pend[k].0, u64::from(pend[k].1), pend[k].2);
+                    }
+                    let last = pend[2 * SPACED_MIN - 1];
+                    self.st.last_end = u64::from(last.1) + last.2 as u64;
+                    self.st.n = 0;
+                    self.hold(b, at, len);
+                    self.st.joining = true;
+                }
+            }
+            (b' ', _) => {
+                self.flush();
+                self.hold(b, at, len);
+            }
+            (_, Some(b' ')) if letter => self.hold(b, at, len),
+            _ => {
+                // A word of two letters or more, or not a letter: whatever was held passes.
+                self.flush();
+                self.inner.push(b, at, len);
+            }
+        }
+    }
+
+    fn push_ascii_run(&mut self, run: &[u8], orig_start: u64) {
+        // A run of two letters or digits or more is a word of its own (or the rest of one):
+        // whatever was held passes, then the run in bulk.
+        if run.len() >= 2 {
+            self.flush();
+            self.inner.push_ascii_run(run, orig_start);
+            return;
+        }
+        // Byte by byte while something is held (at most two bytes: a second letter decides),
+        // then in bulk.
+        let mut k = 0;
+        while k < run.len() && self.st.n > 0 {
+            self.push(run[k].to_ascii_lowercase(), orig_start + k as u64, 1);
+            k += 1;
+        }
+        if k < run.len() {
+            self.inner.push_ascii_run(&run[k..], orig_start + k as u64);
+        }
+    }
+}
+
+/// Lines shorter than this (in bytes) may have a line break inside a word (`ig\nnore`).
+const SHORT_LINE: u64 = 40;
+
+/// What a separator character is, for folding separators inside words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SepKind {
+    Dot,
+    /// Markdown emphasis: `*`, `~`, `` ` ``.
+    Mark,
+    Under,
+    Newline,
+    Hard,
+}
+
+impl SepKind {
+    fn of(b: u8) -> SepKind {
+        match b {
+            b'.' => SepKind::Dot,
+            b'*' | b'~' | b'`' => SepKind::Mark,
+            b'_' => SepKind::Under,
+            b'\n' => SepKind::Newline,
+            _ => SepKind::Hard,
+        }
+    }
+}
+
+/// A run of separator characters not yet emitted as its space.
+#[derive(Clone, Copy, Debug)]
+struct Sep {
+    /// The first separator character's original span (the space's span).
+    at: u64,
+    len: u8,
+    dots: u8,
+    marks: u8,
+    unders: u8,
+    newlines: u8,
+    hard: bool,
+}
+
+impl Sep {
+    fn add(&mut self, kind: SepKind) {
+        let n = match kind {
+            SepKind::Dot => &mut self.dots,
+            SepKind::Mark => &mut self.marks,
+            SepKind::Under => &mut self.unders,
+            SepKind::Newline => &mut self.newlines,
+            SepKind::Hard => {
+                self.hard = true;
+                return;
+            }
+        };
+        *n = n.saturating_add(1);
+    }
+
+    /// Between two letters this run folds away: one `.` or one line break (in a line shorter
+    /// than [`SHORT_LINE`]) before a letter that is not a capital (`ig.nore`, `ig\nnore`;
+    /// `instructions.Tell` is two sentences), or markdown emphasis of up
+    /// to four characters (`ig**nore`, `ig__nore`; a single `_` stays a separator: snake_case
+    /// names are words).
+    fn folds(&self, upper: bool) -> bool {
+        if self.hard {
+            return false;
+        }
+        let md = self.marks + self.unders;
+        let lone = |n: u8| n == 1 && self.dots + md + self.newlines == 1;
+        ((lone(self.dots) || lone(self.newlines)) && !upper)
+            || (self.dots + self.newlines == 0 && (1..=4).contains(&md) && self.unders != 1)
+    }
 }
 
 // The fast-path table: for each character below `TABLE_END` (and the CJK and Hangul blocks
@@ -525,15 +954,17 @@ fn classify_fold(c: char) -> u32 {
         (true, false, true),
     ] {
         let mut n = Normalizer {
-            pos: 0,
-            pending: None,
             prev_latin,
             last_space,
             strip_marks: strip,
             started: true,
+            ..Normalizer::new()
         };
         let mut out = Record::default();
         n.fold(c, 0, c.len_utf8() as u8, &mut out);
+        if let Some(sep) = n.sep.take() {
+            out.push(b' ', sep.at, sep.len);
+        }
         let text = String::from_utf8(out.0).expect("normalizer emits UTF-8");
         let after = (n.prev_latin, n.last_space, n.strip_marks);
         let mut chars = text.chars();
@@ -715,12 +1146,18 @@ mod tests {
     fn normalize_general(text: &str) -> Vec<u8> {
         let mut n = Normalizer::new();
         let mut out = Vec::new();
-        n.start(&mut out);
+        let mut spaced = Spaced::default();
+        let mut sink = SpacedSink {
+            inner: &mut out,
+            st: &mut spaced,
+        };
+        n.start(&mut sink);
         for (i, c) in text.char_indices() {
-            n.char(c, i as u64, c.len_utf8() as u8, &mut out);
+            n.char(c, i as u64, c.len_utf8() as u8, &mut sink);
         }
         n.pos = text.len() as u64;
-        n.finish(&mut out);
+        n.finish_folded(&mut sink);
+        sink.flush();
         out
     }
 

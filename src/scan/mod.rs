@@ -19,6 +19,7 @@
 //! size-limited builds); `session.rs` the walk of one text or stream, the language decision,
 //! scoring and the release offset.
 
+mod clean;
 mod dfa;
 mod raw;
 mod session;

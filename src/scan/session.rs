@@ -15,6 +15,7 @@
 //! - the release offset never decreases and never passes a partial match, a pending anchor, a
 //!   match waiting for the language, or a held match of a rule whose action withholds text.
 
+use super::clean::CleanMap;
 use super::raw::{PendingAnchor, RawState};
 use super::tail::TAIL_IDLE_UPDATES;
 use super::word::{Walker, WordState};
@@ -53,6 +54,9 @@ struct Probe {
 /// The scan of one text or stream. See the module docs.
 pub struct ScanSession {
     raw: RawState,
+    /// The raw view reads the text with invisible characters removed and fullwidth forms
+    /// folded (`clean.rs`); its offsets map back through this.
+    clean: CleanMap,
     word: WordState,
     /// The learned tier's features and windows (when the engine has one).
     learned: Option<Box<LearnedState>>,
@@ -67,6 +71,11 @@ pub struct ScanSession {
     /// The last chunk was fed: no more may come.
     fed_last: bool,
     finished: bool,
+}
+
+thread_local! {
+    /// Scratch room for a chunk's cleaned copy (`clean.rs`).
+    static CLEAN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The hit floors of one step (see `ScanSession::hit_floors`).
@@ -116,6 +125,7 @@ impl ScanSession {
         };
         let mut s = ScanSession {
             raw: RawState::new(&sc.raw),
+            clean: CleanMap::default(),
             word: WordState::new(&sc.word),
             learned: learned.map(|_| Box::new(LearnedState::new())),
             lang,
@@ -134,7 +144,7 @@ impl ScanSession {
 
     /// Bytes fed so far.
     pub fn bytes_seen(&self) -> u64 {
-        self.raw.pos
+        self.clean.orig_pos
     }
 
     pub fn is_finished(&self) -> bool {
@@ -173,6 +183,7 @@ impl ScanSession {
         vec![
             ("struct", size_of::<Self>()),
             ("raw tail", self.raw.tail.bytes()),
+            ("raw clean map", self.clean.state_bytes()),
             ("word tail", self.word.tail.bytes()),
             (
                 "DFA states",
@@ -229,7 +240,7 @@ impl ScanSession {
         self.fed_last = last;
         assert!(!self.finished, "feed after finish");
         assert!(
-            self.raw.pos + chunk.len() as u64 <= u32::MAX as u64,
+            self.clean.orig_pos + chunk.len() as u64 <= u32::MAX as u64,
             "a stream is limited to 4 GiB"
         );
         let mut found = Vec::new();
@@ -245,12 +256,21 @@ impl ScanSession {
         // The language depends on the first PROBE_BYTES only: decide it before scanning the
         // chunk that completes them, so the scan already skips what cannot apply.
         if matches!(self.lang, LangState::Probing(_))
-            && (last || self.raw.pos + chunk.len() as u64 >= PROBE_BYTES as u64)
+            && (last || self.clean.orig_pos + chunk.len() as u64 >= PROBE_BYTES as u64)
         {
             found = self.decide_language(sc);
         }
-        self.raw
-            .scan(&sc.raw, &rs.triggers, chunk.as_bytes(), &mut found);
+        CLEAN_BUF.with(|buf| {
+            let buf = &mut *buf.borrow_mut();
+            let bytes = if self.clean.clean(chunk, buf) {
+                &buf[..]
+            } else {
+                chunk.as_bytes()
+            };
+            let from = found.len();
+            self.raw.scan(&sc.raw, &rs.triggers, bytes, &mut found);
+            self.map_raw(&mut found[from..]);
+        });
         let learned = self.learned.as_deref_mut().zip(lt);
         match learned {
             Some((st, lt)) => {
@@ -288,7 +308,8 @@ impl ScanSession {
         }
         let mut found = Vec::new();
         self.raw.finish(&sc.raw, &rs.triggers, &mut found);
-        let end = self.raw.pos;
+        self.map_raw(&mut found);
+        let end = self.clean.orig_pos;
         match self.learned.as_deref_mut().zip(lt) {
             Some((st, lt)) => {
                 st.set_end(end);
@@ -424,7 +445,7 @@ impl ScanSession {
             self.action = self.action.max(rs.triggers[f.trigger as usize].action);
         }
         let release = if self.finished {
-            self.raw.pos
+            self.clean.orig_pos
         } else {
             self.release_bound(sc, rs, lt)
         };
@@ -441,7 +462,7 @@ impl ScanSession {
     /// hit of such a rule before it can still be reported. FLAG and WARN matches never hold a
     /// stream back: their hits may point into text already released, which they do not change.
     fn release_bound(&self, sc: &Scanner, rs: &CompiledRuleset, lt: Option<&Learned>) -> u64 {
-        let mut r = self.floor(self.raw.release_oldest(&sc.raw));
+        let mut r = self.floor(self.clean.start(self.raw.release_oldest(&sc.raw)));
         // In `hold` mode the release also waits for the learned tier's undecided windows.
         if let (Some(st), Some(lt)) = (&self.learned, lt) {
             if lt.holds_release(rs) {
@@ -470,12 +491,24 @@ impl ScanSession {
                 learned: u64::MAX,
             };
         }
-        let rules = self.floor(self.raw.oldest);
+        let rules = self.floor(self.clean.start(self.raw.oldest));
         let learned = match &self.learned {
             Some(st) => rules.min(st.undecided_from()),
             None => rules,
         };
         Floors { rules, learned }
+    }
+
+    /// Maps the raw view's matches from cleaned offsets to the caller's, and forgets the map
+    /// before what the raw view can still report.
+    fn map_raw(&mut self, found: &mut [Match]) {
+        for f in found.iter_mut() {
+            let (s, e) = (self.clean.start(f.start), self.clean.end(f.end));
+            f.start = s;
+            f.end = e;
+        }
+        self.clean
+            .forget_before(self.raw.oldest.min(self.raw.tail.from()));
     }
 
     /// The hit floor of the rules, with the raw view's oldest offset given (all of its partial

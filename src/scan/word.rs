@@ -113,11 +113,23 @@ struct AnchoredGroup {
     triggers: Vec<u32>,
     /// The state after the opening space (where a walker is spawned, see `spawn`).
     after_space: StateID,
+    /// The state after the text's framing space (offset 0), where `\A` holds: a regex may
+    /// match at the start of the text only (`\A i am going to`).
+    after_text_start: StateID,
     /// Languages of the group's triggers (a group of no applicable language is not walked).
     langs: Vec<crate::lang::LangId>,
 }
 
 impl AnchoredGroup {
+    /// The state of a walker spawned at the space at normalized offset `at`.
+    fn spawn_state(&self, at: u64) -> StateID {
+        if at == 0 {
+            self.after_text_start
+        } else {
+            self.after_space
+        }
+    }
+
     fn build(
         patterns: &[String],
         triggers: Vec<u32>,
@@ -143,10 +155,19 @@ impl AnchoredGroup {
             )
             .map_err(|e| e.to_string())?;
         let after_space = dfa.next_state(start, b' ');
+        let text_start = dfa
+            .start_state(
+                &regex_automata::util::start::Config::new()
+                    .anchored(Anchored::Yes)
+                    .look_behind(None),
+            )
+            .map_err(|e| e.to_string())?;
+        let after_text_start = dfa.next_state(text_start, b' ');
         Ok(AnchoredGroup {
             dfa,
             triggers,
             after_space,
+            after_text_start,
             langs: Vec::new(),
         })
     }
@@ -247,7 +268,9 @@ impl WordAutomata {
             .iter()
             .filter(|r| spaced(r.1))
             .map(|r| {
-                let p = if r.2.starts_with(' ') {
+                // `(?: a|\A b)`: a group of alternatives that start with a space or at the
+                // text's start (`\A `) stays as written.
+                let p = if r.2.starts_with(' ') || r.2.starts_with("(?: ") {
                     r.2.clone()
                 } else {
                     format!(" (?:{})", r.2)
@@ -670,7 +693,7 @@ impl WordState {
                     small_room(&mut self.walkers);
                     self.walkers.push(Walker {
                         group: g as u16,
-                        sid: group.after_space,
+                        sid: group.spawn_state(at),
                         start: at,
                     });
                 }
@@ -786,14 +809,26 @@ impl WordState {
                         spawn_next = spawns.get(next_spawn).map_or(u64::MAX, |s| s.0);
                     }
                     if let Some(at) = take_space(&mut self.pending_space) {
-                        let mut m = sc.spawn[byte as usize] & active;
+                        // At the text's framing space every group walks (`\A` may match there,
+                        // spawn literals or not); elsewhere the groups spawned at word starts.
+                        let mut m = if at == 0 {
+                            active
+                        } else {
+                            sc.spawn[byte as usize] & active
+                        };
                         while m != 0 {
                             let g = m.trailing_zeros() as usize;
                             m &= m - 1;
+                            if g >= sc.anchored.len() {
+                                break;
+                            }
+                            if walkers.iter().any(|w| w.group == g as u16 && w.start == at) {
+                                continue;
+                            }
                             small_room(walkers);
                             walkers.push(Walker {
                                 group: g as u16,
-                                sid: sc.anchored[g].after_space,
+                                sid: sc.anchored[g].spawn_state(at),
                                 start: at,
                             });
                         }
