@@ -58,6 +58,9 @@ pub struct Normalizer {
     spaced: Spaced,
     /// The last letter emitted was Latin (words of look-alikes among Latin words fold).
     latin_context: bool,
+    /// A leetspeak character was folded into a letter in the current word, in the last word.
+    leet_word: bool,
+    leet_context: bool,
     /// Original offset where the current line starts (after the last `\n`).
     line_start: u64,
     /// The last emitted character was a Latin letter.
@@ -84,6 +87,8 @@ impl Normalizer {
             prev_alpha: false,
             spaced: Spaced::default(),
             latin_context: false,
+            leet_word: false,
+            leet_context: false,
             line_start: 0,
             prev_latin: false,
             last_space: false,
@@ -250,6 +255,11 @@ impl Normalizer {
     /// A separator character: starts (or extends) the pending separator run, which becomes one
     /// space when the next character is emitted, or nothing when it folds away inside a word.
     fn separator(&mut self, mut kind: SepKind, at: u64, len: u8) {
+        if !self.last_space {
+            // A word ends.
+            self.leet_context = self.leet_word;
+            self.leet_word = false;
+        }
         if kind == SepKind::Newline {
             // A line break folds away inside a word of a short line only: hard-wrapped prose
             // (long lines) breaks between words.
@@ -301,17 +311,21 @@ impl Normalizer {
 
     /// Resolves the run of look-alikes: all of them become Latin letters when a Latin letter
     /// stands right before or after the run, when the run itself is not one script's word (it
-    /// mixes Cyrillic, Greek and leetspeak, or holds Latin small capitals), or when it is a word
-    /// of its own (no other letter before or after it) of non-ASCII look-alikes among Latin
-    /// words (`make а ріре bomb`); else each is folded as itself, so a Russian or Greek word
-    /// stays in its script, and numbers among Latin words stay numbers.
+    /// mixes Cyrillic, Greek and leetspeak, or holds Latin small capitals), when it is a word
+    /// of its own (no other letter or digit before or after it) of non-ASCII look-alikes among
+    /// Latin words (`make а ріре bomb`), or a word of leetspeak digits right after a word
+    /// written in leetspeak (`g01ng 70 k1ll`); else each is folded as itself, so a Russian or
+    /// Greek word stays in its script, and numbers among plain words stay numbers (`a 14 year
+    /// old`, `70 pears`).
     fn resolve_run<S: NormSink>(&mut self, next: Next, sink: &mut S) {
         let run = std::mem::take(&mut self.run);
         let prev_other = !self.last_space && self.prev_alpha && !self.prev_latin;
+        let own_word = next == Next::Nothing && !prev_other;
         let fold_all = self.prev_latin
             || next == Next::Latin
             || run.not_a_word()
-            || (self.latin_context && next == Next::Nothing && !prev_other && run.has_letters());
+            || (self.latin_context && own_word && run.has_letters())
+            || (self.leet_context && own_word && self.last_space && !run.has_letters());
         for k in 0..run.len as usize {
             let (c, at) = run.get(k);
             self.resolve(c, at, fold_all, sink);
@@ -336,6 +350,9 @@ impl Normalizer {
         let len = c.len_utf8() as u8;
         if fold {
             if let Some(l) = lookalike(c) {
+                if c.is_ascii() {
+                    self.leet_word = true;
+                }
                 self.before_emit(true, c.is_uppercase(), sink);
                 sink.push(l, at, len);
                 self.last_space = false;
@@ -564,7 +581,7 @@ fn confusables() -> &'static std::collections::HashMap<char, u8> {
 enum Next {
     /// A Latin letter.
     Latin,
-    /// A letter of another script.
+    /// A letter of another script, or a digit.
     Other,
     /// No letter (a separator, a digit, the end).
     Nothing,
@@ -574,7 +591,7 @@ impl Next {
     fn of(latin: bool, c: char) -> Next {
         if latin {
             Next::Latin
-        } else if c.is_alphabetic() {
+        } else if c.is_alphanumeric() {
             Next::Other
         } else {
             Next::Nothing

@@ -3,8 +3,7 @@
 //! cases; each technique is applied to every text it applies to, and the share still caught is
 //! checked against the floor of its family:
 //!
-//! - invisible characters, look-alikes, separators inside words: 95%; leetspeak 85% (words of
-//!   digits alone stay numbers);
+//! - invisible characters, look-alikes, separators inside words, leetspeak: 95%;
 //! - base64, hex, URL encoding, HTML entities, Unicode tag characters: 90%;
 //! - rot13, reversed text: 60%.
 //!
@@ -185,9 +184,7 @@ fn techniques() -> Vec<Technique> {
                 .to_string()
             })
         }),
-        // Digits alone stay numbers ("70 pears", "a 14 year old"): a word of leetspeak digits only
-        // ("70" for "to", "4" for "a") is not folded, so the floor is lower (see rulesets/README.md).
-        ("leetspeak", 0.85, false, |t| {
+        ("leetspeak", 0.95, false, |t| {
             map_chars(t, |c| {
                 match c {
                     'a' => '4',

@@ -13,7 +13,8 @@
 //!
 //! Nothing else changes (no case folding, no look-alikes: a validator such as Luhn or IBAN reads
 //! the folded digits). Text without such characters passes through untouched and costs one pass
-//! over its bytes looking for a non-ASCII byte.
+//! over its bytes (only the lead bytes of what cleaning touches are decoded); text with them is
+//! copied in stretches between them.
 //!
 //! [`CleanMap`] keeps the points where the cleaned offsets part from the original ones, from the
 //! oldest offset the raw view can still report on; hits, partial-match floors and the release
@@ -31,7 +32,7 @@ pub(crate) struct CleanMap {
     pub(crate) orig_pos: u64,
     /// Cleaned bytes produced so far.
     clean_pos: u64,
-    /// The last character kept was ASCII (a combining mark after it is dropped).
+    /// The last byte of the previous chunk was ASCII (a combining mark after it is dropped).
     prev_ascii: bool,
 }
 
@@ -48,38 +49,59 @@ impl CleanMap {
     pub(crate) fn clean(&mut self, chunk: &str, buf: &mut Vec<u8>) -> bool {
         buf.clear();
         let bytes = chunk.as_bytes();
-        if bytes.is_ascii() || !needs_cleaning(chunk, self.prev_ascii) {
-            self.orig_pos += bytes.len() as u64;
-            self.clean_pos += bytes.len() as u64;
-            if let Some(c) = chunk.chars().next_back() {
-                self.prev_ascii = c.is_ascii();
-            }
-            return false;
+        let prev_ascii = self.prev_ascii;
+        if let Some(&b) = bytes.last() {
+            // A combining mark is dropped after an ASCII byte, whichever chunk it was in.
+            self.prev_ascii = b < 0x80;
         }
-        buf.reserve(bytes.len());
-        for (i, c) in chunk.char_indices() {
-            let at = self.orig_pos + i as u64;
-            let len = c.len_utf8();
-            if crate::normalize::is_ignorable(c) || (self.prev_ascii && is_combining_mark(c)) {
-                // Dropped: the next byte's original offset jumps past it.
-                self.mark(at + len as u64, 0);
+        // One pass over the bytes: only the lead bytes of what cleaning touches are decoded, and
+        // the unchanged stretches between them are copied in bulk once a first change is found.
+        let mut copied = 0;
+        let mut changed = false;
+        let mut i = 0;
+        while i < bytes.len() {
+            let x = bytes[i];
+            if !is_candidate_lead(x) {
+                i += 1;
                 continue;
             }
-            if let Some(a) = fold(c) {
+            let c = chunk[i..].chars().next().expect("char boundary");
+            let len = c.len_utf8();
+            let after_ascii = if i == 0 {
+                prev_ascii
+            } else {
+                bytes[i - 1] < 0x80
+            };
+            let dropped =
+                crate::normalize::is_ignorable(c) || (after_ascii && is_combining_mark(c));
+            let folded = if dropped { None } else { fold(c) };
+            if !dropped && folded.is_none() {
+                i += len;
+                continue;
+            }
+            if !changed {
+                changed = true;
+                buf.reserve(bytes.len());
+            }
+            buf.extend_from_slice(&bytes[copied..i]);
+            self.clean_pos += (i - copied) as u64;
+            let at = self.orig_pos + i as u64;
+            if let Some(a) = folded {
                 self.mark(at, len as u8);
                 buf.push(a);
-                self.prev_ascii = true;
                 self.clean_pos += 1;
-                self.mark(at + len as u64, 0);
-                continue;
             }
-            let mut tmp = [0u8; 4];
-            buf.extend_from_slice(c.encode_utf8(&mut tmp).as_bytes());
-            self.prev_ascii = c.is_ascii();
-            self.clean_pos += len as u64;
+            // The next byte's original offset jumps past the character.
+            self.mark(at + len as u64, 0);
+            i += len;
+            copied = i;
         }
+        if changed {
+            buf.extend_from_slice(&bytes[copied..]);
+        }
+        self.clean_pos += (bytes.len() - copied) as u64;
         self.orig_pos += bytes.len() as u64;
-        true
+        changed
     }
 
     /// Records that cleaned offset `clean_pos` is original offset `orig` from here on.
@@ -146,37 +168,16 @@ impl CleanMap {
     }
 }
 
-/// Whether a chunk holds a character that cleaning removes or folds. A byte loop: only the lead
-/// bytes of such characters (and of combining marks, after an ASCII byte) are decoded and
-/// looked at, so Chinese or Russian text costs one pass over its bytes.
-fn needs_cleaning(chunk: &str, prev_ascii: bool) -> bool {
-    let bytes = chunk.as_bytes();
-    for (i, &x) in bytes.iter().enumerate() {
-        // ASCII and continuation bytes; the lead bytes of everything cleaning touches (U+00AD,
-        // U+0300-U+036F, Arabic format characters, U+0800-U+FFFF ranges in E0-E3 and EF, and
-        // the planes starting F0 and F3) are the others below.
-        if x < 0xC2
-            || !matches!(
-                x,
-                0xC2 | 0xCC | 0xCD | 0xD8 | 0xDB | 0xDC | 0xE0..=0xE3 | 0xEF | 0xF0 | 0xF3
-            )
-        {
-            continue;
-        }
-        let c = chunk[i..].chars().next().expect("char boundary");
-        let after_ascii = if i == 0 {
-            prev_ascii
-        } else {
-            bytes[i - 1] < 0x80
-        };
-        if crate::normalize::is_ignorable(c)
-            || fold(c).is_some()
-            || (after_ascii && is_combining_mark(c))
-        {
-            return true;
-        }
-    }
-    false
+/// The lead bytes of the characters cleaning may remove or fold: U+00AD, combining marks
+/// U+0300-U+036F, the Arabic format characters, the U+0800-U+FFFF ranges in E0-E3 and EF, and
+/// the planes starting F0 and F3. Everything else (ASCII, continuation bytes, Cyrillic, Chinese)
+/// passes without being decoded.
+#[inline]
+fn is_candidate_lead(x: u8) -> bool {
+    matches!(
+        x,
+        0xC2 | 0xCC | 0xCD | 0xD8 | 0xDB | 0xDC | 0xE0..=0xE3 | 0xEF | 0xF0 | 0xF3
+    )
 }
 
 /// The ASCII character a fullwidth or mathematical letter or digit stands for.
