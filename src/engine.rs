@@ -407,9 +407,7 @@ impl StreamSession {
                 }
                 hits.push(decoded_hit_of(&self.engine, m, *codec));
             }
-            hits.sort_by(|a, b| {
-                (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id))
-            });
+            sort_hits(&mut hits);
         }
         let language = self.scan.language();
         // The message depends only on the action, the language and the distinct triggers: rebuild
@@ -449,7 +447,7 @@ impl StreamSession {
                 .iter()
                 .map(|(m, codec)| decoded_hit_of(&self.engine, m, *codec)),
         );
-        hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
+        sort_hits(&mut hits);
         hits.dedup();
         let action = self.action();
         let language = self.scan.language();
@@ -513,6 +511,11 @@ fn message_language(engine: &Engine, scan: &ScanSession, triggers: &[u32]) -> Op
         }
     }
     of_hits.or(set.fallback()).map(crate::lang::code)
+}
+
+/// Hits in the order they are reported: by span, then trigger id.
+fn sort_hits(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| (a.start, a.end, &a.trigger_id).cmp(&(b.start, b.end, &b.trigger_id)));
 }
 
 /// The hit a trigger's match in a decoded segment reports: trigger id

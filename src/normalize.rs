@@ -761,21 +761,13 @@ impl<S: NormSink> NormSink for SpacedSink<'_, S> {
 
     fn push_ascii_run(&mut self, run: &[u8], orig_start: u64) {
         // A run of two letters or digits or more is a word of its own (or the rest of one):
-        // whatever was held passes, then the run in bulk.
-        if run.len() >= 2 {
-            self.flush();
-            self.inner.push_ascii_run(run, orig_start);
-            return;
-        }
-        // Byte by byte while something is held (at most two bytes: a second letter decides),
-        // then in bulk.
-        let mut k = 0;
-        while k < run.len() && self.st.n > 0 {
-            self.push(run[k].to_ascii_lowercase(), orig_start + k as u64, 1);
-            k += 1;
-        }
-        if k < run.len() {
-            self.inner.push_ascii_run(&run[k..], orig_start + k as u64);
+        // whatever was held passes, then the run in bulk. One byte may be a word of one letter.
+        match run {
+            [b] => self.push(b.to_ascii_lowercase(), orig_start, 1),
+            _ => {
+                self.flush();
+                self.inner.push_ascii_run(run, orig_start);
+            }
         }
     }
 }

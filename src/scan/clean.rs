@@ -129,7 +129,7 @@ impl CleanMap {
     /// The original offset of the character at cleaned offset `x` (or of the end of input).
     pub(crate) fn start(&self, x: u64) -> u64 {
         if x >= self.clean_pos {
-            return self.orig_pos - (self.clean_pos - x.min(self.clean_pos));
+            return self.orig_pos;
         }
         match self.point(x) {
             Some(p) if p.folded > 0 => p.orig,

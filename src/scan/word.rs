@@ -811,20 +811,19 @@ impl WordState {
                     if let Some(at) = take_space(&mut self.pending_space) {
                         // At the text's framing space every group walks (`\A` may match there,
                         // spawn literals or not); elsewhere the groups spawned at word starts.
+                        // (A group spawned by literals gets its walker at offset 0 here; the
+                        // literal's own spawn, later, finds it and adds none.)
                         let mut m = if at == 0 {
                             active
+                                & u64::MAX
+                                    .checked_shr(64 - sc.anchored.len() as u32)
+                                    .unwrap_or(0)
                         } else {
                             sc.spawn[byte as usize] & active
                         };
                         while m != 0 {
                             let g = m.trailing_zeros() as usize;
                             m &= m - 1;
-                            if g >= sc.anchored.len() {
-                                break;
-                            }
-                            if walkers.iter().any(|w| w.group == g as u16 && w.start == at) {
-                                continue;
-                            }
                             small_room(walkers);
                             walkers.push(Walker {
                                 group: g as u16,
