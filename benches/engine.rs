@@ -297,6 +297,47 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // A completion as the daemon streams it (issue 16): the output-only triggers apply, every
+    // step composes its `released_text`, and canaries are looked for; then with a protected
+    // system prompt too. Ratios to `engine/stream/16` in the same run are their cost.
+    let parts = chunks(&text, 16);
+    let key = mistguard::leak::LeakKey::new([7; 32]);
+    let output = |protected: bool| mistguard::ClassifyOptions {
+        direction: mistguard::Direction::Output,
+        leak: Some(mistguard::engine::LeakOptions {
+            key: key.clone(),
+            protected: if protected {
+                vec![std::sync::Arc::new(
+                    mistguard::leak::Protected::new(
+                        &key,
+                        &mistguard::daemon::bench::sample_text(2048),
+                    )
+                    .unwrap(),
+                )]
+            } else {
+                Vec::new()
+            },
+            canaries: true,
+        }),
+        ..opts.clone()
+    };
+    for (name, o) in [
+        ("engine/stream-output", output(false)),
+        ("engine/stream-output-protected", output(true)),
+    ] {
+        g.bench_with_input(BenchmarkId::new(name, 16), &parts, |b, parts| {
+            b.iter(|| {
+                let mut s = engine.session(&o);
+                s.compose_released_text();
+                let mut out = 0;
+                for p in parts {
+                    out += s.feed(p).released_text.map_or(0, |t| t.len());
+                }
+                out += s.finish().released_text.map_or(0, |t| t.len());
+                black_box(out)
+            })
+        });
+    }
     g.finish();
 }
 

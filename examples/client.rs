@@ -6,8 +6,9 @@
 //! ```
 //!
 //! `classify` sends one text (`Classify`); `stream` sends each argument as one chunk of a
-//! `ClassifyStream` and prints, for each response, the verdict and the text the client may now
-//! forward (up to `released_bytes`). The daemon is `MISTGUARD_ADDR` (default
+//! completion (`ClassifyStream`, `DIRECTION_OUTPUT`) and prints, for each response, the verdict
+//! and `released_text`: what the client shows its user now, already sanitized. A real client
+//! prints `released_text` and nothing else. The daemon is `MISTGUARD_ADDR` (default
 //! `http://127.0.0.1:50051`); `MISTGUARD_TOKEN` is sent as the bearer token when set.
 
 use mistguard::daemon::pb::{
@@ -86,27 +87,17 @@ async fn run(args: Vec<String>) -> Result<(), Error> {
                     ..Default::default()
                 })
                 .collect();
-            let text: String = args[1..].concat();
             let mut responses = client
                 .classify_stream(with_token(tokio_stream::iter(chunks))?)
                 .await?
                 .into_inner();
-            // What a client forwards: the released bytes, with the span of every SANITIZE hit
-            // replaced (the daemon reports a hit before it releases its span).
-            let mut spans: Vec<(usize, usize)> = Vec::new();
-            let mut shown = 0usize;
+            // What the user sees: the concatenation of `released_text`, nothing else.
+            let mut shown = String::new();
             while let Some(r) = responses.message().await? {
-                for h in &r.hits {
-                    if h.action == pb::Action::Sanitize as i32 {
-                        spans.push((h.start as usize, h.end as usize));
-                    }
-                }
-                let upto = (r.released_bytes as usize).min(text.len());
-                let forwarded = sanitized(&text[..upto], &spans);
-                let new = forwarded.get(shown..).unwrap_or("").to_string();
-                shown = shown.max(forwarded.len());
+                shown.push_str(&r.released_text);
+                let new = &r.released_text;
                 println!(
-                    "{}action {:<9} released {:>4} bytes  forward now: {:?}  hits: {}{}",
+                    "{}action {:<9} released {:>4} bytes  released_text: {:?}  hits: {}{}",
                     if r.r#final { "final " } else { "chunk " },
                     action(r.action),
                     r.released_bytes,
@@ -122,36 +113,13 @@ async fn run(args: Vec<String>) -> Result<(), Error> {
                     println!("      message: {}", r.message);
                 }
             }
+            println!("shown to the user: {shown:?}");
         }
         _ => {
             return Err("usage: client classify TEXT | client stream CHUNK [CHUNK ...]".into());
         }
     }
     Ok(())
-}
-
-/// `text` with each span (merged where they overlap) replaced by `[FILTERED]`.
-fn sanitized(text: &str, spans: &[(usize, usize)]) -> String {
-    let mut spans: Vec<(usize, usize)> = spans
-        .iter()
-        .map(|&(s, e)| (s.min(text.len()), e.min(text.len())))
-        .filter(|(s, e)| s < e)
-        .collect();
-    spans.sort_unstable();
-    let mut out = String::new();
-    let mut at = 0;
-    for (s, e) in spans {
-        if e <= at {
-            continue;
-        }
-        if s >= at {
-            out.push_str(text.get(at..s).unwrap_or(""));
-            out.push_str("[FILTERED]");
-        }
-        at = e;
-    }
-    out.push_str(text.get(at..).unwrap_or(""));
-    out
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -6,6 +6,7 @@
 
 use crate::action::Action;
 use crate::decode::{Codec, DecodeTracker, Segment};
+use crate::leak::LeakTracker;
 use crate::learned::{Learned, Model};
 use crate::rules::{CompiledRuleset, LoadError};
 use crate::scan::{ScanSession, ScanStep, Scanner};
@@ -13,7 +14,7 @@ use crate::score::Match;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::verdict::{ClassifyOptions, Hit, StepResult, Verdict};
+pub use crate::verdict::{ClassifyOptions, Direction, Hit, LeakOptions, StepResult, Verdict};
 
 /// A compiled ruleset, shareable across threads (`Arc<Engine>`).
 pub struct Engine {
@@ -24,6 +25,12 @@ pub struct Engine {
     /// Messages already composed, by (language, distinct triggers in the order reported): a
     /// stream points to its message here instead of holding a copy (see [`Engine::message`]).
     messages: dashmap::DashMap<MessageKey, Arc<str>>,
+    /// The closing regex of each region trigger, by trigger index.
+    regions: Vec<Option<regex_automata::meta::Regex>>,
+    /// The triggers that stand for leaks of protected texts and canaries (rule LEAK).
+    leak_triggers: [Option<u32>; 2],
+    /// Key of the hashed placeholders (random per engine unless set).
+    placeholder_key: [u8; 32],
 }
 
 /// What a message is made of: the language and the distinct triggers, in the order reported.
@@ -59,12 +66,69 @@ impl Engine {
     pub fn new(mut rules: CompiledRuleset, model: Option<Arc<Model>>) -> Result<Engine, LoadError> {
         let learned = model.and_then(|m| crate::learned::attach(&mut rules, m));
         let scanner = Scanner::build(&rules)?;
+        Engine::assemble(rules, scanner, learned)
+    }
+
+    fn assemble(
+        rules: CompiledRuleset,
+        scanner: Scanner,
+        learned: Option<Learned>,
+    ) -> Result<Engine, LoadError> {
+        let mut regions = Vec::with_capacity(rules.triggers.len());
+        for t in &rules.triggers {
+            regions.push(match &t.region {
+                None => None,
+                Some(r) => Some(
+                    regex_automata::meta::Regex::builder()
+                        .syntax(crate::rules::syntax_config(crate::rules::View::Raw))
+                        .build(&r.until)
+                        .map_err(|e| LoadError {
+                            file: t.file.to_string(),
+                            line: Some(t.line),
+                            message: format!("until `{}`: {e}", r.until),
+                        })?,
+                ),
+            });
+        }
+        let leak_of = |k| {
+            rules
+                .triggers
+                .iter()
+                .position(|t| matches!(t.kind, crate::rules::TriggerKind::Leak(x) if x == k))
+                .map(|i| i as u32)
+        };
+        let leak_triggers = [
+            leak_of(crate::leak::LeakKind::Shingles),
+            leak_of(crate::leak::LeakKind::Canary),
+        ];
+        let mut placeholder_key = [0u8; 32];
+        // Without the system's random source the hashes are still keyed, by the clock's nanos.
+        if getrandom::fill(&mut placeholder_key).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            placeholder_key = *blake3::hash(&t.to_le_bytes()).as_bytes();
+        }
         Ok(Engine {
             rules,
             scanner,
             learned,
             messages: dashmap::DashMap::new(),
+            regions,
+            leak_triggers,
+            placeholder_key,
         })
+    }
+
+    /// Sets the key of hashed placeholders (`[EMAIL:1f2e3d4c5b6a]`), so that hashes agree
+    /// across restarts and replicas (the daemon derives it from `subject_key_file`).
+    pub fn set_placeholder_key(&mut self, key: [u8; 32]) {
+        self.placeholder_key = key;
+    }
+
+    /// Whether the rulesets have the LEAK rule's triggers (protected texts, canaries).
+    pub fn finds_leaks(&self) -> bool {
+        self.leak_triggers.iter().any(Option::is_some)
     }
 
     /// [`Engine::from_ruleset`] with the scanner's build choices (which change its speed, not
@@ -74,12 +138,7 @@ impl Engine {
         config: &crate::scan::ScanConfig,
     ) -> Result<Engine, LoadError> {
         let scanner = Scanner::build_with(&rules, config)?;
-        Ok(Engine {
-            rules,
-            scanner,
-            learned: None,
-            messages: dashmap::DashMap::new(),
-        })
+        Engine::assemble(rules, scanner, None)
     }
 
     /// The learned tier, if the engine has one.
@@ -163,10 +222,41 @@ pub struct StreamSession {
     decode: Option<Box<DecodeTracker>>,
     /// How many decodings lie between the caller's text and this one (0: the caller's text).
     depth: u8,
-    /// The most severe action of the decoded segments scanned so far.
-    decoded_action: Action,
+    direction: Direction,
+    /// The most severe action of what the scan does not see: decoded segments and leaks.
+    side_action: Action,
     /// Segments scratch space.
     segments: Vec<Segment>,
+    /// The text not released yet, and its redactions.
+    pending: Pending,
+    /// Leaks of protected texts and canaries, when asked for and the rulesets have rule LEAK.
+    leak: Option<Box<LeakTracker>>,
+    /// Key of hashed placeholders, when the caller gives one (else the engine's).
+    placeholder_key: Option<Box<[u8; 32]>>,
+}
+
+/// The text of a stream from its release offset on, the regions still open in it, and (when
+/// the caller wants the released text) the sanitized spans not yet released past.
+#[derive(Default)]
+struct Pending {
+    /// The stream's text from offset `from` to what was fed.
+    buf: String,
+    from: u64,
+    /// Compose [`StepResult::released_text`].
+    text: bool,
+    /// Regions and spans, from the first one on (most streams never have any).
+    marks: Option<Box<Marks>>,
+}
+
+#[derive(Default)]
+struct Marks {
+    /// Region matches still open, with the offset from which their closing regex is still to be
+    /// searched.
+    regions: Vec<(Match, u64)>,
+    /// Spans to sanitize (start, end, trigger) that start at or after `from`.
+    spans: Vec<(u64, u64, u32)>,
+    /// The end of the last placeholder released (its span may reach past `from`).
+    skip_to: Option<u64>,
 }
 
 /// What a stream keeps of the hits it reported.
@@ -198,7 +288,22 @@ impl StreamSession {
             &engine.scanner,
             engine.learned.as_ref(),
             opts.lang_hint.as_deref(),
+            opts.direction,
         );
+        let leak = match &opts.leak {
+            Some(l) if engine.finds_leaks() && depth == 0 => {
+                let canaries = l.canaries && engine.leak_triggers[1].is_some();
+                let protected = if engine.leak_triggers[0].is_some() {
+                    l.protected.clone()
+                } else {
+                    Vec::new()
+                };
+                (canaries || !protected.is_empty())
+                    .then(|| Box::new(LeakTracker::new(l.key.clone(), protected, canaries)))
+            }
+            _ => None,
+        };
+        let placeholder_key = opts.placeholder_key.as_ref().map(|k| Box::new(*k.bytes()));
         StreamSession {
             engine,
             scan,
@@ -206,8 +311,12 @@ impl StreamSession {
             keep_hits: true,
             decode: (depth < MAX_DECODE_DEPTH).then(Box::default),
             depth,
-            decoded_action: Action::Allow,
+            direction: opts.direction,
+            side_action: Action::Allow,
             segments: Vec::new(),
+            pending: Pending::default(),
+            leak,
+            placeholder_key,
         }
     }
 
@@ -223,6 +332,12 @@ impl StreamSession {
         }
     }
 
+    /// Makes every step carry [`StepResult::released_text`]: the text it releases, with the
+    /// sanitized spans replaced (call before the first chunk).
+    pub fn compose_released_text(&mut self) {
+        self.pending.text = true;
+    }
+
     /// Bytes fed so far.
     pub fn bytes_seen(&self) -> u64 {
         self.scan.bytes_seen()
@@ -234,7 +349,7 @@ impl StreamSession {
 
     /// The verdict so far.
     pub fn action(&self) -> Action {
-        self.scan.action().max(self.decoded_action)
+        self.scan.action().max(self.side_action)
     }
 
     /// Bytes of state this stream holds (the struct, its tails and its vectors), for the budget
@@ -274,6 +389,21 @@ impl StreamSession {
                         .map_or(0, |(m, shared)| if *shared { 0 } else { m.len() })
             }),
         ));
+        parts.push((
+            "unreleased text",
+            self.pending.buf.capacity()
+                + self.pending.marks.as_ref().map_or(0, |m| {
+                    size_of::<Marks>()
+                        + m.regions.capacity() * size_of::<(Match, u64)>()
+                        + m.spans.capacity() * size_of::<(u64, u64, u32)>()
+                }),
+        ));
+        parts.push((
+            "leaks",
+            self.leak
+                .as_ref()
+                .map_or(0, |l| size_of::<LeakTracker>() + l.state_bytes()),
+        ));
         parts
     }
 
@@ -283,14 +413,7 @@ impl StreamSession {
     /// If the stream grows past 4 GiB (offsets are kept in 32 bits; the daemon caps streams far
     /// lower).
     pub fn feed(&mut self, chunk: &str) -> StepResult {
-        let e = &*self.engine;
-        let step = self
-            .scan
-            .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, false);
-        if let Some(d) = &mut self.decode {
-            d.feed(chunk, &mut self.segments);
-        }
-        self.report(step)
+        self.feed_inner(chunk, false)
     }
 
     /// Scans the last chunk of the input (call [`finish`](Self::finish) after it). The answer is
@@ -299,14 +422,23 @@ impl StreamSession {
     /// input either way), so the walker groups of languages that cannot apply are not walked.
     /// Short prompts are most of what a daemon sees.
     pub fn feed_last(&mut self, chunk: &str) -> StepResult {
+        self.feed_inner(chunk, true)
+    }
+
+    fn feed_inner(&mut self, chunk: &str, last: bool) -> StepResult {
         let e = &*self.engine;
         let step = self
             .scan
-            .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, true);
+            .feed(&e.scanner, &e.rules, e.learned.as_ref(), chunk, last);
         if let Some(d) = &mut self.decode {
             d.feed(chunk, &mut self.segments);
         }
-        self.report(step)
+        self.pending.buf.push_str(chunk);
+        let mut leaks = Vec::new();
+        if let Some(l) = &mut self.leak {
+            l.feed(chunk, &mut leaks);
+        }
+        self.report(step, leaks)
     }
 
     /// Applies the end of input: pending look-ahead, anchors and the DFAs' end-of-input
@@ -317,26 +449,31 @@ impl StreamSession {
         if let Some(d) = &mut self.decode {
             d.finish(&mut self.segments);
         }
-        self.report(step)
+        let mut leaks = Vec::new();
+        if let Some(l) = &mut self.leak {
+            l.finish(&mut leaks);
+        }
+        self.report(step, leaks)
     }
 
     /// Scans each decoded segment found by this step as a text of its own (one level deeper),
     /// and returns its hits with the span of the encoded run in this text.
     fn scan_segments(&mut self) -> Vec<(Match, Codec)> {
         let mut found = Vec::new();
+        let opts = ClassifyOptions {
+            direction: self.direction,
+            placeholder_key: Some(crate::leak::LeakKey::new(self.key())),
+            ..ClassifyOptions::default()
+        };
         for seg in std::mem::take(&mut self.segments) {
-            let mut inner = StreamSession::at_depth(
-                self.engine.clone(),
-                &ClassifyOptions::default(),
-                self.depth + 1,
-            );
+            let mut inner = StreamSession::at_depth(self.engine.clone(), &opts, self.depth + 1);
             inner.feed_last(&seg.text);
             inner.finish();
             let action = inner.action();
             if action == Action::Allow {
                 continue;
             }
-            self.decoded_action = self.decoded_action.max(action);
+            self.side_action = self.side_action.max(action);
             let Some(rep) = inner.reported else { continue };
             let scores = inner.scan.fired_rules().collect::<Vec<_>>();
             let own = self.reported.get_or_insert_with(Box::default);
@@ -358,23 +495,105 @@ impl StreamSession {
         found
     }
 
+    /// Takes the matches of region triggers out of `found` (they wait for their end), and puts
+    /// back the regions that closed: each runs from its match's start to the end of the first
+    /// match of its closing regex after it, else to `until_max` bytes from its start (or the
+    /// end of the text, when it comes first).
+    fn close_regions(&mut self, found: &mut Vec<Match>) {
+        let e = &*self.engine;
+        let p = &mut self.pending;
+        found.retain(|m| {
+            if e.rules.triggers[m.trigger as usize].region.is_some() {
+                let marks = p.marks.get_or_insert_with(Box::default);
+                marks.regions.push((*m, m.end));
+                false
+            } else {
+                true
+            }
+        });
+        let Some(marks) = p.marks.as_mut().filter(|m| !m.regions.is_empty()) else {
+            return;
+        };
+        let end = p.from + p.buf.len() as u64;
+        let finished = self.scan.is_finished();
+        let (buf, from) = (&p.buf, p.from);
+        marks.regions.retain_mut(|(m, searched)| {
+            let t = &e.rules.triggers[m.trigger as usize];
+            let (Some(r), Some(re)) = (&t.region, &e.regions[m.trigger as usize]) else {
+                return false;
+            };
+            let limit = m.start + u64::from(r.max);
+            let hi = end.min(limit);
+            let lo = (*searched).max(m.end).min(hi);
+            let bytes = buf.as_bytes();
+            let input =
+                regex_automata::Input::new(bytes).range((lo - from) as usize..(hi - from) as usize);
+            let close = match re.find(input) {
+                // A match that reaches the end of what was fed may grow with the next chunk.
+                Some(c) if finished || hi == limit || (c.end() as u64 + from) < end => {
+                    Some(c.end() as u64 + from)
+                }
+                Some(_) => None,
+                None if finished || end >= limit => Some(hi),
+                None => None,
+            };
+            match close {
+                Some(close) => {
+                    found.push(Match {
+                        trigger: m.trigger,
+                        start: m.start,
+                        end: close.max(m.end),
+                    });
+                    false
+                }
+                None => {
+                    *searched = end.saturating_sub(u64::from(r.until_len));
+                    true
+                }
+            }
+        });
+    }
+
     /// Turns a scan step into the caller's answer: the hits in order of span, what is kept for
-    /// the verdict, and the message.
-    fn report(&mut self, step: ScanStep) -> StepResult {
+    /// the verdict, the message, and the text released.
+    fn report(&mut self, step: ScanStep, leaks: Vec<crate::leak::LeakHit>) -> StepResult {
         let ScanStep {
             action,
             mut found,
             mut release_offset,
         } = step;
+        self.close_regions(&mut found);
+        for l in &leaks {
+            let kind = match l.kind {
+                crate::leak::LeakKind::Shingles => 0,
+                crate::leak::LeakKind::Canary => 1,
+            };
+            if let Some(t) = self.engine.leak_triggers[kind] {
+                let a = self.engine.rules.triggers[t as usize].actions[self.direction.index()];
+                self.side_action = self.side_action.max(a);
+                found.push(Match {
+                    trigger: t,
+                    start: l.start,
+                    end: l.end,
+                });
+            }
+        }
         let decoded = if self.segments.is_empty() {
             Vec::new()
         } else {
             self.scan_segments()
         };
-        let action = action.max(self.decoded_action);
+        let action = action.max(self.side_action);
         if let Some(hold) = self.decode.as_ref().and_then(|d| d.hold_offset()) {
             release_offset = release_offset.min(hold);
         }
+        if let Some(hold) = self.leak.as_ref().and_then(|l| l.hold_offset()) {
+            release_offset = release_offset.min(hold);
+        }
+        for (m, _) in self.pending.marks.iter().flat_map(|m| m.regions.iter()) {
+            release_offset = release_offset.min(m.start);
+        }
+        let dir = self.direction.index();
         let mut hits = Vec::new();
         if !found.is_empty() {
             let triggers = &self.engine.rules.triggers;
@@ -394,7 +613,7 @@ impl StreamSession {
                     rep.hits.push(*f);
                 }
             }
-            hits = found.iter().map(|f| hit_of(&self.engine, f)).collect();
+            hits = found.iter().map(|f| hit_of(&self.engine, f, dir)).collect();
         }
         if !decoded.is_empty() {
             let rep = self.reported.get_or_insert_with(Box::default);
@@ -405,10 +624,22 @@ impl StreamSession {
                 if self.keep_hits && rep.decoded.len() < MAX_KEPT_HITS {
                     rep.decoded.push((*m, *codec));
                 }
-                hits.push(decoded_hit_of(&self.engine, m, *codec));
+                hits.push(decoded_hit_of(&self.engine, m, *codec, dir));
             }
             sort_hits(&mut hits);
         }
+        if self.pending.text {
+            let triggers = &self.engine.rules.triggers;
+            let sanitized = found
+                .iter()
+                .chain(decoded.iter().map(|d| &d.0))
+                .filter(|m| triggers[m.trigger as usize].actions[dir] == Action::Sanitize);
+            for m in sanitized {
+                let marks = self.pending.marks.get_or_insert_with(Box::default);
+                marks.spans.push((m.start, m.end, m.trigger));
+            }
+        }
+        let released_text = self.release(&mut release_offset);
         let language = self.scan.language();
         // The message depends only on the action, the language and the distinct triggers: rebuild
         // it when one of them changes, not on every chunk.
@@ -431,21 +662,102 @@ impl StreamSession {
             release_offset,
             language,
             message,
+            released_text,
         }
+    }
+
+    /// Releases the text up to `release` (moved back to a character boundary): composes it with
+    /// the sanitized spans replaced when asked to, and forgets it.
+    fn release(&mut self, release: &mut u64) -> Option<String> {
+        let key = self.key();
+        let p = &mut self.pending;
+        // Never before what an earlier step released (offsets never decrease).
+        let mut cut = release.saturating_sub(p.from).min(p.buf.len() as u64) as usize;
+        while !p.buf.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        *release = p.from + cut as u64;
+        let out = p.text.then(|| {
+            let mut out = String::new();
+            let triggers = &self.engine.rules.triggers;
+            let dir = self.direction.index();
+            let (buf, from) = (&p.buf, p.from);
+            let mut at = from;
+            if let Some(marks) = &mut p.marks {
+                marks.spans.sort_unstable();
+                at = at.max(marks.skip_to.unwrap_or(0));
+                let mut used = 0;
+                for &(s, e, t) in marks.spans.iter() {
+                    if s >= *release {
+                        break;
+                    }
+                    used += 1;
+                    let (lo, hi) = crate::decide::widen(
+                        buf,
+                        s.saturating_sub(from) as usize,
+                        e.saturating_sub(from) as usize,
+                    );
+                    let (s, e) = (from + lo as u64, from + hi as u64);
+                    match marks.skip_to {
+                        // Overlapping or touching the last placeholder: one placeholder for both.
+                        Some(k) if s <= k => {
+                            marks.skip_to = Some(k.max(e));
+                            at = at.max(k.max(e));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    if s > at {
+                        out.push_str(&buf[(at - from) as usize..lo]);
+                    }
+                    crate::decide::render(
+                        &triggers[t as usize].placeholders[dir],
+                        &buf[lo..hi],
+                        &key,
+                        &mut out,
+                    );
+                    marks.skip_to = Some(e);
+                    at = e;
+                }
+                marks.spans.drain(..used);
+            }
+            if at < *release {
+                out.push_str(&buf[(at - from) as usize..cut]);
+            }
+            out
+        });
+        // Forget the released text (a placeholder's value was rendered when it went out; only
+        // its end still matters).
+        p.buf.drain(..cut);
+        p.from += cut as u64;
+        // Room grown while a region or a long hold kept text is given back.
+        if p.buf.capacity() >= 4096 && p.buf.len() < p.buf.capacity() / 4 {
+            p.buf.shrink_to(p.buf.len() * 2);
+        }
+        out
+    }
+
+    /// The key of hashed placeholders: the caller's, else the engine's.
+    fn key(&self) -> [u8; 32] {
+        self.placeholder_key
+            .as_deref()
+            .copied()
+            .unwrap_or(self.engine.placeholder_key)
     }
 
     /// The verdict for everything seen so far (call after [`finish`](Self::finish) for the final
     /// one). With the original `text`, a SANITIZE verdict carries the sanitized text.
     pub fn verdict(&self, text: Option<&str>) -> Verdict {
+        let dir = self.direction.index();
         let (kept, distinct, decoded) = match &self.reported {
             Some(r) => (&r.hits[..], &r.distinct[..], &r.decoded[..]),
             None => (&[][..], &[][..], &[][..]),
         };
-        let mut hits: Vec<Hit> = kept.iter().map(|f| hit_of(&self.engine, f)).collect();
+        let mut hits: Vec<Hit> = kept.iter().map(|f| hit_of(&self.engine, f, dir)).collect();
         hits.extend(
             decoded
                 .iter()
-                .map(|(m, codec)| decoded_hit_of(&self.engine, m, *codec)),
+                .map(|(m, codec)| decoded_hit_of(&self.engine, m, *codec, dir)),
         );
         sort_hits(&mut hits);
         hits.dedup();
@@ -459,7 +771,22 @@ impl StreamSession {
             message_language(&self.engine, &self.scan, distinct),
         );
         let sanitized_text = match text {
-            Some(t) if action == Action::Sanitize => Some(crate::decide::sanitize(t, &hits)),
+            Some(t) if action == Action::Sanitize => {
+                let triggers = &self.engine.rules.triggers;
+                let spans = kept
+                    .iter()
+                    .chain(decoded.iter().map(|d| &d.0))
+                    .filter(|m| triggers[m.trigger as usize].actions[dir] == Action::Sanitize)
+                    .map(|m| {
+                        (
+                            m.start,
+                            m.end,
+                            &triggers[m.trigger as usize].placeholders[dir],
+                        )
+                    })
+                    .collect();
+                Some(crate::decide::sanitize_spans(t, spans, &self.key()))
+            }
             _ => None,
         };
         let mut scores: Vec<(usize, f32)> = self.scan.fired_rules().collect();
@@ -520,14 +847,14 @@ fn sort_hits(hits: &mut [Hit]) {
 
 /// The hit a trigger's match in a decoded segment reports: trigger id
 /// `<trigger>+decoded.<codec>`, the span of the encoded run.
-fn decoded_hit_of(engine: &Engine, m: &Match, codec: Codec) -> Hit {
-    let mut h = hit_of(engine, m);
+fn decoded_hit_of(engine: &Engine, m: &Match, codec: Codec, dir: usize) -> Hit {
+    let mut h = hit_of(engine, m, dir);
     h.trigger_id = format!("{}+decoded.{}", h.trigger_id, codec.name()).into();
     h
 }
 
-/// The hit a trigger's match reports.
-fn hit_of(engine: &Engine, f: &Match) -> Hit {
+/// The hit a trigger's match reports (`dir`: the direction's index).
+fn hit_of(engine: &Engine, f: &Match, dir: usize) -> Hit {
     let t = &engine.rules.triggers[f.trigger as usize];
     let rule = &engine.rules.rules[t.rule];
     Hit {
@@ -537,6 +864,6 @@ fn hit_of(engine: &Engine, f: &Match) -> Hit {
         start: f.start,
         end: f.end,
         score: t.weight,
-        action: t.action,
+        action: t.actions[dir],
     }
 }

@@ -127,6 +127,7 @@ pub fn run(engine: &Arc<Engine>, items: &[Item], use_lang_hint: bool) -> Vec<Out
                             let opts = ClassifyOptions {
                                 lang_hint: (use_lang_hint && !it.lang.is_empty())
                                     .then(|| it.lang.clone()),
+                                ..Default::default()
                             };
                             let v = engine.classify(&it.text, &opts);
                             Outcome {

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod engine;
 pub mod eval;
 pub mod lang;
+pub mod leak;
 pub mod learned;
 pub mod load;
 pub mod normalize;
@@ -25,5 +26,5 @@ pub mod validate;
 pub mod verdict;
 
 pub use action::Action;
-pub use engine::{ClassifyOptions, Engine, Hit, StepResult, StreamSession, Verdict};
+pub use engine::{ClassifyOptions, Direction, Engine, Hit, StepResult, StreamSession, Verdict};
 pub use rules::LoadError;

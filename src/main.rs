@@ -61,9 +61,15 @@ enum Command {
         /// or `off` (the rules alone).
         #[arg(long, env = "MISTGUARD_MODELS", value_name = "DIR")]
         models: Option<String>,
-        /// Feed the text as a stream in chunks of N bytes and print each step (at char boundaries).
+        /// Feed the text as a stream in chunks of N bytes and print each step (at char
+        /// boundaries), with the text each step releases (`released_text`).
         #[arg(long, value_name = "N")]
         chunk: Option<usize>,
+        /// Which way the text travels: `input` (a prompt), `output` (a completion: active
+        /// markup is scanned for, PII and secrets get typed placeholders) or `unspecified`
+        /// (treated as a prompt).
+        #[arg(long, default_value = "unspecified", value_parser = ["input", "output", "unspecified"])]
+        direction: String,
     },
     /// Run a labelled JSONL corpus through the engine: per-rule precision and recall, benign
     /// false-positive rates overall, per language and on hard negatives.
@@ -177,7 +183,8 @@ fn main() -> ExitCode {
             rulesets,
             models,
             chunk,
-        } => classify(text, lang, rulesets, models, chunk),
+            direction,
+        } => classify(text, lang, rulesets, models, chunk, &direction),
         Command::Eval {
             corpus,
             rulesets,
@@ -343,6 +350,7 @@ fn classify(
     rulesets: Option<PathBuf>,
     models: Option<String>,
     chunk: Option<usize>,
+    direction: &str,
 ) -> ExitCode {
     let engine = match load(rulesets.as_ref(), models.as_deref()) {
         Ok(e) => e,
@@ -368,10 +376,20 @@ fn classify(
             buf
         }
     };
-    let opts = ClassifyOptions { lang_hint: lang };
+    let direction = match direction {
+        "input" => mistguard::Direction::Input,
+        "output" => mistguard::Direction::Output,
+        _ => mistguard::Direction::Unspecified,
+    };
+    let opts = ClassifyOptions {
+        lang_hint: lang,
+        direction,
+        ..Default::default()
+    };
     if let Some(n) = chunk {
         let n = n.max(1);
         let mut session = engine.session(&opts);
+        session.compose_released_text();
         let mut at = 0;
         while at < text.len() {
             let mut end = (at + n).min(text.len());

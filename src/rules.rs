@@ -68,6 +68,9 @@ pub enum Boundary {
 pub enum TriggerKind {
     /// A learned-tier head's hit (`learned::attach`): no pattern, the scanner skips it.
     Model,
+    /// A leak of a protected text or a canary (`leak = "shingles"` / `"canary"` in the rule
+    /// file): found by [`crate::leak::LeakTracker`], not by the scanner.
+    Leak(crate::leak::LeakKind),
     /// Literal phrases, normalized (word view) or as written (raw view).
     Phrases(Vec<String>),
     /// A bounded regex compiled into the view's DFA.
@@ -96,6 +99,19 @@ pub struct TriggerInfo {
     /// What a hit of this trigger asks for: its rule's action, or a lower one the trigger sets
     /// (`action` in the rule file). The verdict is the most severe action of the hits reported.
     pub action: Action,
+    /// The action of a hit in a prompt (`[0]`: input or unspecified) and in a completion
+    /// (`[1]`): `input_action` / `output_action` in the rule file, else `action`. Never above
+    /// `action`.
+    pub actions: [Action; 2],
+    /// Which directions the trigger applies to, by [`crate::verdict::Direction::index`]
+    /// (`direction` in the rule file: both by default).
+    pub directions: [bool; 2],
+    /// What replaces a sanitized span of this trigger in a prompt (`[0]`) and a completion
+    /// (`[1]`) (policy.toml `[placeholders]`).
+    pub placeholders: [Placeholder; 2],
+    /// A match opens a region that runs to the end of the first `until` after it (at most
+    /// `until_max` bytes from the match's start, else to there): a PEM key's body and END line.
+    pub region: Option<Region>,
     /// A hit is reported at once, outside its rule's score (the learned tier's FLAG hits: they
     /// neither need nor make the rule fire).
     pub standalone: bool,
@@ -105,6 +121,56 @@ pub struct TriggerInfo {
     pub file: Arc<str>,
     pub line: usize,
 }
+
+/// What replaces a sanitized span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placeholder {
+    pub mode: PlaceholderMode,
+    /// The type named by a typed or hashed placeholder (`EMAIL`, `SECRET`): the trigger's
+    /// `placeholder` in its rule file, else taken from its id (see rulesets/README.md).
+    pub label: Arc<str>,
+}
+
+/// How a sanitized span is replaced (policy.toml `[placeholders]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlaceholderMode {
+    /// `[FILTERED]`.
+    #[default]
+    Filtered,
+    /// `[EMAIL]`, `[SSN]`, `[CARD]`, `[SECRET]`: the trigger's label.
+    Typed,
+    /// `[EMAIL:1f2e3d4c5b6a]`: the label and a keyed hash of the value (the same value gives
+    /// the same hash under one key, so records and logs can be correlated without the value).
+    Hash,
+    /// Nothing: the span is removed (active markup).
+    Remove,
+}
+
+impl PlaceholderMode {
+    pub fn parse(s: &str) -> Option<PlaceholderMode> {
+        match s {
+            "filtered" => Some(PlaceholderMode::Filtered),
+            "typed" => Some(PlaceholderMode::Typed),
+            "hash" => Some(PlaceholderMode::Hash),
+            "remove" => Some(PlaceholderMode::Remove),
+            _ => None,
+        }
+    }
+}
+
+/// A trigger whose hit covers everything up to a closing marker (see [`TriggerInfo::region`]).
+#[derive(Clone, Debug)]
+pub struct Region {
+    /// The closing marker: a regex over the caller's bytes (raw-view syntax), whose matches
+    /// are at most `until_len` bytes long.
+    pub until: String,
+    pub until_len: u32,
+    /// Most bytes from the match's start to the region's end.
+    pub max: u32,
+}
+
+/// Most bytes a region may span (`until_max`).
+pub const MAX_REGION: usize = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct RuleInfo {
@@ -139,6 +205,9 @@ pub struct CompiledRuleset {
     pub model_flag_hits: bool,
     pub rules: Vec<RuleInfo>,
     pub triggers: Vec<TriggerInfo>,
+    /// policy.toml `[output] image_hosts`: when set, a markdown image or link in a completion
+    /// whose host is not listed is sanitized (`markup.md-image.unlisted`), not only flagged.
+    pub image_hosts: Option<Vec<String>>,
     /// Where it came from (a directory, or `<bundled>`).
     pub source: String,
 }
@@ -147,7 +216,7 @@ pub struct CompiledRuleset {
 /// [`crate::score`]).
 pub const DEFAULT_SCORE_WINDOW: u64 = 2048;
 
-const RULE_IDS: [&str; 12] = [
+const RULE_IDS: [&str; 14] = [
     "RULE-MIST-001",
     "RULE-MIST-002",
     "RULE-MIST-003",
@@ -160,6 +229,8 @@ const RULE_IDS: [&str; 12] = [
     "RULE-MIST-010",
     "PII",
     "SECRET",
+    "MARKUP",
+    "LEAK",
 ];
 
 #[derive(Deserialize)]
@@ -172,6 +243,27 @@ struct PolicyFile {
     model: Option<ModelPolicy>,
     #[serde(default)]
     rules: BTreeMap<String, Spanned<RulePolicy>>,
+    #[serde(default)]
+    placeholders: Option<PlaceholderPolicy>,
+    #[serde(default)]
+    output: Option<OutputPolicy>,
+}
+
+/// `[placeholders]`: mode by trigger family (a trigger id, a dot-prefix of ids, or a rule id),
+/// per direction.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PlaceholderPolicy {
+    #[serde(default)]
+    input: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    output: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputPolicy {
+    image_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +327,18 @@ struct TriggerSpec {
     /// A lower action than the rule's for this trigger's hits (`flag` for a first-person
     /// statement of despair under RULE-MIST-004, whose requests for methods block).
     action: Option<Spanned<String>>,
+    /// The action in a prompt / in a completion, when lower than `action`.
+    input_action: Option<Spanned<String>>,
+    output_action: Option<Spanned<String>>,
+    /// `input` or `output`: the only direction the trigger applies to.
+    direction: Option<Spanned<String>>,
+    /// The type a typed placeholder names (`EMAIL`).
+    placeholder: Option<Spanned<String>>,
+    /// A match runs on to the end of the first `until` after it.
+    until: Option<Spanned<String>>,
+    until_max: Option<Spanned<usize>>,
+    /// `shingles` or `canary`: the trigger stands for the leak search's hits (no pattern).
+    leak: Option<Spanned<String>>,
 }
 
 /// The rulesets embedded at build time.
@@ -478,7 +582,35 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
             message: "no rule files (mist-001.toml … secrets.toml) next to policy.toml".into(),
         });
     }
+    if let Some(p) = &policy.placeholders {
+        apply_placeholders(&pctx, p, &rules, &mut triggers)?;
+    }
+    let image_hosts = match policy.output.as_ref().and_then(|o| o.image_hosts.as_ref()) {
+        None => None,
+        Some(hosts) => {
+            let mut out = Vec::new();
+            for h in hosts {
+                let host = h.get_ref().trim().to_ascii_lowercase();
+                if host.is_empty()
+                    || !host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':')
+                {
+                    return pctx.err(
+                        Some(h.span()),
+                        format!(
+                            "image host `{}` is not a host name (like cdn.example.com)",
+                            h.get_ref()
+                        ),
+                    );
+                }
+                out.push(host);
+            }
+            Some(out)
+        }
+    };
     Ok(CompiledRuleset {
+        image_hosts,
         version: policy.version,
         model_mode,
         model_flag_hits: policy
@@ -490,6 +622,86 @@ pub fn load_files(files: &[(String, String)], source: &str) -> Result<CompiledRu
         triggers,
         source: source.to_string(),
     })
+}
+
+/// The label of a typed placeholder when the trigger names none: `SECRET` for secrets, `LEAK`
+/// for leaks, else the second part of the id in capitals (`pii.email` → `EMAIL`), else the rule.
+pub fn default_label(rule: &str, trigger: &str) -> String {
+    match rule {
+        "SECRET" => "SECRET".into(),
+        "LEAK" => "LEAK".into(),
+        _ => match trigger.split('.').nth(1) {
+            Some(part) if !part.is_empty() => part
+                .chars()
+                .map(|c| match c {
+                    'a'..='z' => c.to_ascii_uppercase(),
+                    'A'..='Z' | '0'..='9' => c,
+                    _ => '_',
+                })
+                .collect(),
+            _ => rule.replace('-', "_"),
+        },
+    }
+}
+
+/// Applies policy.toml `[placeholders]` to the triggers: for each direction, a trigger takes the
+/// mode of the longest key that is its id or a dot-prefix of it, else of its rule's id, else
+/// `filtered`. A key that names no trigger and no rule is refused.
+fn apply_placeholders(
+    pctx: &FileCtx,
+    policy: &PlaceholderPolicy,
+    rules: &[RuleInfo],
+    triggers: &mut [TriggerInfo],
+) -> Result<(), LoadError> {
+    for (dir, table) in [(0usize, &policy.input), (1, &policy.output)] {
+        let mut modes = Vec::new();
+        for (key, mode) in table {
+            let Some(m) = PlaceholderMode::parse(mode.get_ref()) else {
+                return pctx.err(
+                    Some(mode.span()),
+                    format!(
+                        "unknown placeholder mode `{}` for `{key}` (expected filtered, typed, hash or remove)",
+                        mode.get_ref()
+                    ),
+                );
+            };
+            let names_rule = RULE_IDS.contains(&key.as_str());
+            let names_trigger = triggers.iter().any(|t| family_of(&t.id, key));
+            // The families of the bundled rule files, which a directory may leave out.
+            let bundled_family = BUNDLED_FAMILIES.contains(&key.split('.').next().unwrap_or(""));
+            if !names_rule && !names_trigger && !bundled_family {
+                return pctx.err(
+                    Some(mode.span()),
+                    format!("[placeholders] `{key}` names no trigger family and no rule"),
+                );
+            }
+            modes.push((key.as_str(), m));
+        }
+        for t in triggers.iter_mut() {
+            let by_family = modes
+                .iter()
+                .filter(|(k, _)| family_of(&t.id, k))
+                .max_by_key(|(k, _)| k.len())
+                .map(|m| m.1);
+            let by_rule = modes
+                .iter()
+                .find(|(k, _)| *k == &*rules[t.rule].id)
+                .map(|m| m.1);
+            t.placeholders[dir].mode = by_family.or(by_rule).unwrap_or_default();
+        }
+    }
+    Ok(())
+}
+
+/// The id prefixes of the bundled rule files' neutral families.
+const BUNDLED_FAMILIES: [&str; 4] = ["pii", "secret", "markup", "leak"];
+
+/// Whether trigger `id` is in family `key`: the id itself, or the id starts with `key.`.
+fn family_of(id: &str, key: &str) -> bool {
+    id == key
+        || id
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with('.'))
 }
 
 fn toml_error(ctx: &FileCtx, e: toml::de::Error) -> LoadError {
@@ -543,6 +755,91 @@ fn compile_trigger(
     if id.is_empty() {
         return ctx.err(Some(t.id.span()), "trigger id is empty");
     }
+    let lower = |a: &Option<Spanned<String>>| -> Result<Action, LoadError> {
+        let Some(a) = a else { return Ok(action) };
+        match Action::parse(a.get_ref()) {
+            None => ctx.err(
+                Some(a.span()),
+                format!(
+                    "unknown action `{}` (expected one of {})",
+                    a.get_ref(),
+                    Action::ALL.map(Action::as_str).join(", ")
+                ),
+            ),
+            Some(d) if d > action => ctx.err(
+                Some(a.span()),
+                format!("a direction's action may lower the trigger's ({action}), not raise it"),
+            ),
+            Some(d) if d < action && matches!(&*info.id, "RULE-MIST-005" | "RULE-MIST-006") => ctx
+                .err(
+                    Some(a.span()),
+                    format!("{} cannot be lowered, not even by a trigger", info.id),
+                ),
+            Some(d) => Ok(d),
+        }
+    };
+    let actions = [lower(&t.input_action)?, lower(&t.output_action)?];
+    let directions = match t
+        .direction
+        .as_ref()
+        .map(|d| (d.get_ref().as_str(), d.span()))
+    {
+        None => [true, true],
+        Some(("input", _)) => [true, false],
+        Some(("output", _)) => [false, true],
+        Some((other, span)) => {
+            return ctx.err(
+                Some(span),
+                format!(
+                    "unknown direction `{other}` (expected input or output; leave it out for both)"
+                ),
+            )
+        }
+    };
+    let label: Arc<str> = match &t.placeholder {
+        Some(p) => {
+            let l = p.get_ref();
+            if l.is_empty()
+                || l.len() > 32
+                || !l
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return ctx.err(
+                    Some(p.span()),
+                    "placeholder must be 1 to 32 characters of A-Z, 0-9 and _ (it is shown as [LABEL])",
+                );
+            }
+            l.as_str().into()
+        }
+        None => default_label(&info.id, id).into(),
+    };
+    let placeholder = Placeholder {
+        mode: PlaceholderMode::Filtered,
+        label,
+    };
+    let region = match (&t.until, &t.until_max) {
+        (None, None) => None,
+        (None, Some(m)) => return ctx.err(Some(m.span()), "until_max without until"),
+        (Some(u), m) => {
+            let until_len = check_regex(ctx, u, View::Raw, 256, false)?;
+            let max = match m {
+                Some(m) if *m.get_ref() == 0 || *m.get_ref() > MAX_REGION => {
+                    return ctx.err(
+                        Some(m.span()),
+                        format!("until_max must be between 1 and {MAX_REGION}"),
+                    )
+                }
+                Some(m) => *m.get_ref(),
+                None => 4096,
+            };
+            Some(Region {
+                until: u.get_ref().clone(),
+                until_len: until_len as u32,
+                max: max as u32,
+            })
+        }
+    };
     let lang_code = t.lang.get_ref().as_str();
     let lang = if lang_code == "neutral" {
         NEUTRAL
@@ -600,7 +897,7 @@ fn compile_trigger(
             file: ctx.name.to_string(),
             line: Some(line_of(ctx.text, v.span().start)),
             message: format!(
-                "unknown validator `{}` (expected luhn, iban or ssn)",
+                "unknown validator `{}` (expected luhn, iban, ssn, exfil_url, aws_secret or unlisted_host)",
                 v.get_ref()
             ),
         })?),
@@ -612,7 +909,32 @@ fn compile_trigger(
         Some(m) => *m.get_ref(),
         None => ceiling,
     };
+    let leak = match &t.leak {
+        None => None,
+        Some(l) => {
+            if t.phrases.is_some() || t.regex.is_some() || t.anchors.is_some() {
+                return ctx.err(
+                    Some(l.span()),
+                    "a leak trigger has no phrases, regex or anchors",
+                );
+            }
+            if &*info.id != "LEAK" {
+                return ctx.err(Some(l.span()), "leak triggers belong to rule LEAK");
+            }
+            match l.get_ref().as_str() {
+                "shingles" => Some(crate::leak::LeakKind::Shingles),
+                "canary" => Some(crate::leak::LeakKind::Canary),
+                other => {
+                    return ctx.err(
+                        Some(l.span()),
+                        format!("unknown leak `{other}` (expected shingles or canary)"),
+                    )
+                }
+            }
+        }
+    };
     let kind = match (&t.phrases, &t.regex, &t.anchors) {
+        _ if leak.is_some() => TriggerKind::Leak(leak.expect("checked")),
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return ctx.err(
                 Some(tspan),
@@ -705,7 +1027,11 @@ fn compile_trigger(
         validate,
         message: t.message.clone(),
         action,
-        standalone: false,
+        actions,
+        directions,
+        placeholders: [placeholder.clone(), placeholder],
+        region,
+        standalone: leak.is_some(),
         rule_message: true,
         file: ctx.name.clone(),
         line: line_of(ctx.text, tspan.start),
@@ -837,7 +1163,7 @@ pub fn pattern_counts(rs: &CompiledRuleset) -> BTreeMap<String, BTreeMap<&'stati
     for t in &rs.triggers {
         let n = match &t.kind {
             TriggerKind::Phrases(p) => p.len(),
-            TriggerKind::Regex { .. } | TriggerKind::Anchored { .. } => 1,
+            TriggerKind::Regex { .. } | TriggerKind::Anchored { .. } | TriggerKind::Leak(_) => 1,
             TriggerKind::Model => continue,
         };
         *out.entry(rs.rules[t.rule].id.to_string())

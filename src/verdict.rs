@@ -13,6 +13,62 @@ use std::sync::Arc;
 pub struct ClassifyOptions {
     /// ISO 639-1 language hint (`"fr"`); `None` lets the engine detect the language.
     pub lang_hint: Option<String>,
+    /// Which way the text travels: some triggers apply to completions only (active markup,
+    /// exfiltration links), and a trigger may ask less of a prompt than of a completion (an
+    /// e-mail address: FLAG in a prompt, SANITIZE in a completion).
+    pub direction: Direction,
+    /// Leaks to look for: protected texts and canaries (see [`crate::leak`]).
+    pub leak: Option<LeakOptions>,
+    /// Key of hashed placeholders (`[EMAIL:1f2e3d4c5b6a]`); `None`: the engine's own (random
+    /// per engine).
+    pub placeholder_key: Option<crate::leak::LeakKey>,
+}
+
+/// What a text is searched for as a leak.
+#[derive(Clone)]
+pub struct LeakOptions {
+    pub key: crate::leak::LeakKey,
+    /// The protected texts' shingle hashes.
+    pub protected: Vec<Arc<crate::leak::Protected>>,
+    /// Canary tokens issued under `key`.
+    pub canaries: bool,
+}
+
+impl std::fmt::Debug for LeakOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeakOptions")
+            .field("protected", &self.protected.len())
+            .field("canaries", &self.canaries)
+            .finish()
+    }
+}
+
+/// Which way a text travels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Not said: treated as a prompt.
+    #[default]
+    Unspecified,
+    /// A prompt on its way to the model.
+    Input,
+    /// A completion on its way to the user.
+    Output,
+}
+
+impl Direction {
+    /// 0 for a prompt (input or unspecified), 1 for a completion: the index of a trigger's
+    /// per-direction settings.
+    pub fn index(self) -> usize {
+        usize::from(self == Direction::Output)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Unspecified => "unspecified",
+            Direction::Input => "input",
+            Direction::Output => "output",
+        }
+    }
 }
 
 /// One trigger that matched, with its span in the caller's text.
@@ -67,4 +123,10 @@ pub struct StepResult {
     /// Message for the verdict so far.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The text this step releases (from the previous `release_offset` to this one) with every
+    /// sanitized span replaced by its placeholder; set when the stream was asked to compose it
+    /// (`StreamSession::compose_released_text`). A placeholder is released whole as soon as its
+    /// span starts before `release_offset`, so the text after it resumes where the span ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_text: Option<String>,
 }

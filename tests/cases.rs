@@ -24,6 +24,10 @@ struct Case {
     action: Option<String>,
     #[serde(default)]
     spans: Vec<String>,
+    /// `input` or `output` (default: unspecified, treated as a prompt).
+    direction: Option<String>,
+    /// The exact `sanitized_text` of the whole text (and the released text of every stream).
+    sanitized: Option<String>,
 }
 
 fn load_cases() -> Vec<(String, Case)> {
@@ -76,8 +80,16 @@ fn every_case_holds_whole_and_streamed() {
     );
     let mut failures = Vec::new();
     for (file, case) in &cases {
+        let direction = match case.direction.as_deref() {
+            None => mistguard::Direction::Unspecified,
+            Some("input") => mistguard::Direction::Input,
+            Some("output") => mistguard::Direction::Output,
+            Some(other) => panic!("{file}: {}: direction {other:?}", case.name),
+        };
         let opts = ClassifyOptions {
             lang_hint: case.lang.clone(),
+            direction,
+            ..Default::default()
         };
         let whole = engine.classify(&case.text, &opts);
         let got: BTreeSet<String> = whole.hits.iter().map(|h| h.rule_id.to_string()).collect();
@@ -93,6 +105,14 @@ fn every_case_holds_whole_and_streamed() {
         if let Some(a) = &case.action {
             if whole.action.as_str() != a {
                 failures.push(format!("{where_}: action {}, expected {a}", whole.action));
+            }
+        }
+        if let Some(want) = &case.sanitized {
+            if whole.sanitized_text.as_deref().unwrap_or(&case.text) != want {
+                failures.push(format!(
+                    "{where_}: sanitized {:?}, expected {want:?}",
+                    whole.sanitized_text
+                ));
             }
         }
         for span in &case.spans {
@@ -135,8 +155,10 @@ fn every_case_holds_whole_and_streamed() {
                 ));
                 break;
             }
-            if let Err(e) = common::check_release(&st) {
-                failures.push(format!("{where_}: {e}"));
+            if let Err(e) = common::check_release(&st)
+                .and_then(|()| common::check_released_text(&st, &case.text, &whole))
+            {
+                failures.push(format!("{where_} ({} chunks): {e}", chunks.len()));
                 break;
             }
         }

@@ -849,8 +849,17 @@ async fn the_readme_example_client_classifies_and_streams() {
     ]);
     let forwarded: String = out
         .lines()
-        .filter_map(|l| l.split("forward now: \"").nth(1)?.split("\"  hits").next())
+        .filter_map(|l| {
+            l.split("released_text: \"")
+                .nth(1)?
+                .split("\"  hits")
+                .next()
+        })
         .collect();
     assert_eq!(forwarded, "Sure: [FILTERED], then go on.", "{out}");
+    assert!(
+        out.contains("shown to the user: \"Sure: [FILTERED], then go on.\""),
+        "{out}"
+    );
     assert!(out.contains("final action SANITIZE"), "{out}");
 }

@@ -164,6 +164,7 @@ fn a_trigger_may_lower_its_rules_action() {
     );
     let opts = mistguard::ClassifyOptions {
         lang_hint: Some("en".into()),
+        ..Default::default()
     };
     let v = engine.classify("I want to die.", &opts);
     assert_eq!(v.action, mistguard::Action::Flag);

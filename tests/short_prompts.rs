@@ -68,6 +68,7 @@ fn a_hint_decides_the_language_of_the_message() {
     let engine = engine();
     let opts = ClassifyOptions {
         lang_hint: Some("fr".into()),
+        ..Default::default()
     };
     let v = engine.classify("how can I kill myself", &opts);
     assert_eq!(v.language, Some("fr"));

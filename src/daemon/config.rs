@@ -138,6 +138,26 @@ pub const SETTINGS: &[Setting] = &[
         default: "100000",
         help: "subjects tracked at once (state is bounded; expired entries are swept)",
     },
+    Setting {
+        key: "protect.max_texts",
+        default: "10000",
+        help: "protected texts (ProtectText) held at once; RESOURCE_EXHAUSTED past it, once expired ones are swept",
+    },
+    Setting {
+        key: "protect.max_bytes",
+        default: "64MiB",
+        help: "bytes of shingle hashes the protected texts may hold together (8 per shingle)",
+    },
+    Setting {
+        key: "protect.ttl",
+        default: "24h",
+        help: "how long a protected text is kept when ProtectText names no ttl_seconds",
+    },
+    Setting {
+        key: "protect.max_ttl",
+        default: "168h",
+        help: "the longest ttl_seconds ProtectText accepts",
+    },
 ];
 
 /// Where a value came from, for error messages.
@@ -325,6 +345,15 @@ impl Default for EscalationConfig {
     }
 }
 
+/// Bounds of the protected set (ProtectText).
+#[derive(Clone, Debug)]
+pub struct ProtectConfig {
+    pub max_texts: usize,
+    pub max_bytes: usize,
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
 /// Paths of the TLS certificate chain and key (PEM).
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -350,6 +379,7 @@ pub struct Config {
     pub auth_tokens_file: Option<PathBuf>,
     pub subject_key_file: Option<PathBuf>,
     pub escalation: EscalationConfig,
+    pub protect: ProtectConfig,
     /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
     /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
     /// bench leave it off.
@@ -530,6 +560,27 @@ impl Config {
                 nonzero_u64(s).map(|n| n as usize)
             })?,
         };
+        let protect = ProtectConfig {
+            max_texts: src.parse("protect.max_texts", "a positive count", |s| {
+                nonzero_u64(s).map(|n| n as usize)
+            })?,
+            max_bytes: src.parse("protect.max_bytes", "a size like 64MiB", |s| {
+                parse_size(s).filter(|n| *n > 0).map(|n| n as usize)
+            })?,
+            ttl: src.parse("protect.ttl", "a duration like 24h", parse_nonzero_duration)?,
+            max_ttl: src.parse(
+                "protect.max_ttl",
+                "a duration like 168h",
+                parse_nonzero_duration,
+            )?,
+        };
+        if protect.ttl > protect.max_ttl {
+            return Err(ConfigError(format!(
+                "protect.ttl ({}s) is longer than protect.max_ttl ({}s)",
+                protect.ttl.as_secs(),
+                protect.max_ttl.as_secs()
+            )));
+        }
         Ok(Config {
             listen: src.parse(
                 "listen",
@@ -559,6 +610,7 @@ impl Config {
             auth_tokens_file,
             subject_key_file,
             escalation,
+            protect,
             notify_systemd: false,
         })
     }
@@ -655,6 +707,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "" | "s" => Some(Duration::from_secs(n)),
         "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86400).map(Duration::from_secs),
         _ => None,
     }
 }

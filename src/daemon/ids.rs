@@ -63,6 +63,12 @@ impl SubjectHasher {
         })
     }
 
+    /// A key for another keyed hash (`context` names it), derived from this one: stable across
+    /// restarts when the key comes from `subject_key_file`.
+    pub fn derive(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.key)
+    }
+
     pub fn hash(&self, subject: &str) -> SubjectKey {
         let h = blake3::keyed_hash(&self.key, subject.as_bytes());
         let mut out = [0u8; 16];

@@ -33,6 +33,11 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     ("mistguard_active_streams", "ClassifyStream calls open now"),
     (
+        "mistguard_protected_texts",
+        "protected texts held now (ProtectText; expired ones until swept)",
+    ),
+    ("mistguard_protected_total", "texts protected (ProtectText calls answered OK)"),
+    (
         "mistguard_bytes_scanned_total",
         "bytes of text scanned, by `rpc`",
     ),
@@ -77,7 +82,7 @@ pub const METRICS: &[(&str, &str)] = &[
 ];
 
 /// The RPCs of `mistguard.v1.Guard`, as metric labels.
-pub const RPCS: &[&str] = &["classify", "classify_stream", "ping"];
+pub const RPCS: &[&str] = &["classify", "classify_stream", "ping", "protect_text"];
 
 /// Every `reason` of `mistguard_rejected_total`.
 pub const REJECT_REASONS: &[&str] = &[
@@ -92,6 +97,8 @@ pub const REJECT_REASONS: &[&str] = &[
     "malformed",
     "suspended",
     "rate_limited",
+    "protected_id_unknown",
+    "protected_set_full",
 ];
 
 /// What `/metrics` renders: the recorder's handle, and the process collector that is read at
@@ -179,6 +186,8 @@ pub fn register(engine: &crate::engine::Engine) {
     metrics::gauge!("mistguard_escalation_subjects").increment(0.0);
     metrics::counter!("mistguard_escalation_untracked_total").increment(0);
     metrics::counter!("mistguard_log_write_errors_total").increment(0);
+    metrics::gauge!("mistguard_protected_texts").set(0.0);
+    metrics::counter!("mistguard_protected_total").increment(0);
     register_hits(engine);
 }
 

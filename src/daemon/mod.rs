@@ -22,6 +22,7 @@ pub mod front;
 pub mod ids;
 pub mod metrics;
 pub mod pb;
+pub mod protect;
 pub mod server;
 pub mod service;
 pub mod tls;
@@ -103,6 +104,14 @@ pub struct ServeArgs {
     pub escalation_level3_window: Option<String>,
     #[arg(long = "escalation-max-subjects", value_name = "VALUE")]
     pub escalation_max_subjects: Option<String>,
+    #[arg(long = "protect-max-texts", value_name = "VALUE")]
+    pub protect_max_texts: Option<String>,
+    #[arg(long = "protect-max-bytes", value_name = "VALUE")]
+    pub protect_max_bytes: Option<String>,
+    #[arg(long = "protect-ttl", value_name = "VALUE")]
+    pub protect_ttl: Option<String>,
+    #[arg(long = "protect-max-ttl", value_name = "VALUE")]
+    pub protect_max_ttl: Option<String>,
 }
 
 /// Gives each flag of `mistguard serve` its help line from [`config::SETTINGS`] (what it does, its
@@ -152,7 +161,7 @@ fn value_name(s: &config::Setting) -> &'static str {
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 28] = [
+        let pairs: [(&str, &Option<String>); 32] = [
             ("listen", &self.listen),
             ("metrics_listen", &self.metrics_listen),
             ("rulesets", &self.rulesets),
@@ -190,6 +199,10 @@ impl ServeArgs {
             ),
             ("escalation.level3_window", &self.escalation_level3_window),
             ("escalation.max_subjects", &self.escalation_max_subjects),
+            ("protect.max_texts", &self.protect_max_texts),
+            ("protect.max_bytes", &self.protect_max_bytes),
+            ("protect.ttl", &self.protect_ttl),
+            ("protect.max_ttl", &self.protect_max_ttl),
         ];
         pairs
             .into_iter()

@@ -166,6 +166,11 @@ pub async fn serve_with(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let limits = config.limits.clone();
     let version = prepared.engine.version().to_string();
+    // Derived from the subject key: stable across restarts when `subject_key_file` is set, so
+    // canaries and hashed placeholders stay recognisable.
+    let leak_key = crate::leak::LeakKey::new(prepared.subjects.derive("mistguard leak v1"));
+    let placeholder_key =
+        crate::leak::LeakKey::new(prepared.subjects.derive("mistguard placeholder v1"));
     let shared = Arc::new(Shared {
         engine: ArcSwap::new(prepared.engine),
         limits: limits.clone(),
@@ -176,6 +181,8 @@ pub async fn serve_with(
         streams: Arc::new(Semaphore::new(limits.max_streams)),
         draining: AtomicBool::new(false),
         shutdown: shutdown_rx,
+        protect: super::protect::ProtectStore::new(config.protect.clone(), leak_key),
+        placeholder_key,
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
     m::set_model_info(None, shared.engine.load().model_version());

@@ -45,6 +45,10 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Turns `true` when shutdown begins: open streams send a final response and end.
     pub shutdown: watch::Receiver<bool>,
+    /// Protected texts (ProtectText) and the key of their hashes and of canaries.
+    pub protect: super::protect::ProtectStore,
+    /// Key of hashed placeholders (`[EMAIL:1f2e3d4c5b6a]`).
+    pub placeholder_key: crate::leak::LeakKey,
 }
 
 #[derive(Clone)]
@@ -97,26 +101,65 @@ struct CallMeta {
     request_id: String,
 }
 
+/// The fields of a request that [`CallMeta::parse`] reads.
+struct MetaFields<'a> {
+    subject: &'a str,
+    language: &'a str,
+    direction: i32,
+    request_id: &'a str,
+    protected_id: &'a str,
+}
+
 impl CallMeta {
-    fn parse(
-        rpc: &'static str,
-        subject: &str,
-        language: &str,
-        direction: i32,
-        request_id: &str,
-        hasher: &SubjectHasher,
-    ) -> Result<CallMeta, Status> {
+    fn parse(rpc: &'static str, f: MetaFields<'_>, shared: &Shared) -> Result<CallMeta, Status> {
         let invalid = |m: String| reject(rpc, "invalid_argument", Status::invalid_argument(m));
-        if subject.len() > MAX_SUBJECT_BYTES {
+        if f.subject.len() > MAX_SUBJECT_BYTES {
             return Err(invalid("subject is longer than 1024 bytes".into()));
         }
-        let lang_hint = language_hint(language).map_err(invalid)?;
-        let direction = direction_name(direction).map_err(invalid)?;
+        let lang_hint = language_hint(f.language).map_err(invalid)?;
+        let direction = direction_name(f.direction).map_err(invalid)?;
+        let dir = match direction {
+            "input" => crate::engine::Direction::Input,
+            "output" => crate::engine::Direction::Output,
+            _ => crate::engine::Direction::Unspecified,
+        };
+        let protected = if f.protected_id.is_empty() {
+            None
+        } else {
+            // The id is not echoed: it is the caller's key to its protected text.
+            Some(
+                shared
+                    .protect
+                    .get(f.protected_id, Instant::now())
+                    .ok_or_else(|| {
+                        reject(
+                            rpc,
+                            "protected_id_unknown",
+                            Status::not_found(
+                                "protected_id is unknown or expired (or was issued before a restart): call ProtectText again",
+                            ),
+                        )
+                    })?,
+            )
+        };
+        // Canaries are looked for in every completion; a protected text where it is named.
+        let leak = (protected.is_some() || dir == crate::engine::Direction::Output).then(|| {
+            crate::engine::LeakOptions {
+                key: shared.protect.key().clone(),
+                protected: protected.into_iter().collect(),
+                canaries: dir == crate::engine::Direction::Output,
+            }
+        });
         Ok(CallMeta {
-            subject: (!subject.is_empty()).then(|| hasher.hash(subject)),
-            opts: ClassifyOptions { lang_hint },
+            subject: (!f.subject.is_empty()).then(|| shared.subjects.hash(f.subject)),
+            opts: ClassifyOptions {
+                lang_hint,
+                direction: dir,
+                leak,
+                placeholder_key: Some(shared.placeholder_key.clone()),
+            },
             direction,
-            request_id: loggable_request_id(request_id).to_string(),
+            request_id: loggable_request_id(f.request_id).to_string(),
         })
     }
 }
@@ -279,11 +322,14 @@ impl Shared {
         self.check_size(req.text.len())?;
         let meta = CallMeta::parse(
             "classify",
-            &req.subject,
-            &req.language,
-            req.direction,
-            &req.request_id,
-            &self.subjects,
+            MetaFields {
+                subject: &req.subject,
+                language: &req.language,
+                direction: req.direction,
+                request_id: &req.request_id,
+                protected_id: &req.protected_id,
+            },
+            self,
         )?;
         let decision_id = self.ids.next();
         let bytes = req.text.len() as u64;
@@ -407,6 +453,78 @@ impl pb::guard_server::Guard for GuardService {
             .admit("ping")
             .map(|()| Response::new(pb::PingResponse {}))
     }
+
+    async fn protect_text(
+        &self,
+        req: Request<pb::ProtectTextRequest>,
+    ) -> Result<Response<pb::ProtectTextResponse>, Status> {
+        const RPC: &str = "protect_text";
+        self.shared.admit(RPC)?;
+        let req = req.into_inner();
+        if req.text.len() > self.shared.limits.max_message_bytes {
+            return Err(reject(
+                RPC,
+                "message_too_large",
+                Status::resource_exhausted(format!(
+                    "text is {} bytes; the limit is {} bytes (max_message_bytes)",
+                    req.text.len(),
+                    self.shared.limits.max_message_bytes
+                )),
+            ));
+        }
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into()));
+        // Hashing a long text takes a while: off the async threads.
+        let shared = self.shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            shared
+                .protect
+                .protect(&req.text, ttl, req.canary, Instant::now())
+        })
+        .await
+        .map_err(|_| Status::internal("protect_text failed"))?;
+        use super::protect::ProtectError;
+        match result {
+            Ok(p) => {
+                metrics::counter!("mistguard_protected_total").increment(1);
+                // Metadata only: never the text, its id or its canary.
+                tracing::info!(
+                    target: "mistguard::protect",
+                    shingles = p.shingles,
+                    ttl_s = p.ttl.as_secs(),
+                    canary = p.canary.is_some(),
+                    "text protected"
+                );
+                Ok(Response::new(pb::ProtectTextResponse {
+                    protected_id: p.id,
+                    canary: p.canary.unwrap_or_default(),
+                    ttl_seconds: u32::try_from(p.ttl.as_secs()).unwrap_or(u32::MAX),
+                    shingles: u32::try_from(p.shingles).unwrap_or(u32::MAX),
+                }))
+            }
+            Err(ProtectError::Empty) => Err(reject(
+                RPC,
+                "invalid_argument",
+                Status::invalid_argument("text has no words to protect"),
+            )),
+            Err(ProtectError::TtlTooLong(t)) => Err(reject(
+                RPC,
+                "invalid_argument",
+                Status::invalid_argument(format!(
+                    "ttl_seconds {} is over the daemon's protect.max_ttl ({}s)",
+                    t.as_secs(),
+                    self.shared.protect.max_ttl().as_secs()
+                )),
+            )),
+            Err(ProtectError::Full) => Err(reject(
+                RPC,
+                "protected_set_full",
+                Status::resource_exhausted(
+                    "the protected set is full (protect.max_texts / protect.max_bytes); retry once older texts expire",
+                ),
+            )),
+            Err(ProtectError::Random) => Err(Status::internal("no random source for the id")),
+        }
+    }
 }
 
 /// Counts an open stream in the gauge for as long as it lives, whatever way it ends.
@@ -484,11 +602,14 @@ impl StreamTask {
         };
         let meta = match CallMeta::parse(
             "classify_stream",
-            &first.subject,
-            &first.language,
-            first.direction,
-            &first.request_id,
-            &shared.subjects,
+            MetaFields {
+                subject: &first.subject,
+                language: &first.language,
+                direction: first.direction,
+                request_id: &first.request_id,
+                protected_id: &first.protected_id,
+            },
+            &shared,
         ) {
             Ok(m) => m,
             Err(status) => {
@@ -532,6 +653,7 @@ impl StreamTask {
         let mut session = engine.session(&log.meta.opts);
         // Each step's hits go to the client as they come: the session need not keep them.
         session.discard_verdict_hits();
+        session.compose_released_text();
         let mut chunks: u64 = 0;
         let mut pending = Some(first);
         // What the client was last told it may forward.
@@ -630,6 +752,7 @@ impl StreamTask {
                 action: action_to_pb(step.action) as i32,
                 hits: step.hits.iter().map(hit_to_pb).collect(),
                 released_bytes: released,
+                released_text: step.released_text.unwrap_or_default(),
                 language: step.language.unwrap_or("").to_string(),
                 escalation_level: log.level,
                 message: step.message.unwrap_or_default(),
@@ -665,15 +788,16 @@ impl StreamTask {
         log.end(Some(action), reason);
         // The engine releases past a hit once it is reported (the client can act on its span);
         // after a block nothing more may be forwarded, so the release stays where it was.
-        let released_bytes = if action >= Action::Block {
-            released
+        let (released_bytes, released_text) = if action >= Action::Block {
+            (released, String::new())
         } else {
-            step.release_offset
+            (step.release_offset, step.released_text.unwrap_or_default())
         };
         let response = pb::ClassifyStreamResponse {
             action: action_to_pb(action) as i32,
             hits: step.hits.iter().map(hit_to_pb).collect(),
             released_bytes,
+            released_text,
             language: log.language.unwrap_or("").to_string(),
             escalation_level: outcome.level,
             message: step.message.unwrap_or_default(),

@@ -118,6 +118,13 @@ pub fn attach(rules: &mut CompiledRuleset, model: Arc<Model>) -> Option<Learned>
             validate: None,
             message: None,
             action,
+            actions: [action, action],
+            directions: [true, true],
+            placeholders: std::array::from_fn(|_| crate::rules::Placeholder {
+                mode: crate::rules::PlaceholderMode::Filtered,
+                label: crate::rules::default_label(&rule.id, "").into(),
+            }),
+            region: None,
             standalone,
             // A FLAG says nothing of the rule's action; self-harm's help resources always go.
             rule_message: !standalone || *id == "RULE-MIST-004",

@@ -55,7 +55,8 @@ pub struct ScannerStats {
     pub raw_dfa_groups: usize,
     pub word_window: usize,
     pub raw_window: usize,
-    /// Largest look-behind of a confirmed regex: the raw bytes every stream keeps.
+    /// Largest look-behind of a confirmed regex that withholds text: the raw bytes every stream
+    /// holds back.
     pub raw_look_behind: usize,
 }
 

@@ -66,8 +66,12 @@ pub(crate) struct RawAutomata {
     /// once per chunk.
     ac_depths: (Vec<u8>, u32),
     /// Largest `look_behind` of the confirmed regexes: a match can start this far before its
-    /// anchor, so a stream holds back that much more.
+    /// anchor, so the tail keeps that much more.
     pub(crate) look_behind: u64,
+    /// Largest `look_behind` of the confirmed regexes whose hits withhold text and can fire: a
+    /// stream's release holds back that much more. (A FLAG trigger's match may start before
+    /// what was released; a trigger whose validator can never pass holds nothing.)
+    pub(crate) release_look_behind: u64,
     ac_start: aho_corasick::automaton::StateID,
     /// Bytes that keep the phrase automaton in its start state.
     ac_stay: Box<[bool]>,
@@ -76,11 +80,15 @@ pub(crate) struct RawAutomata {
     /// Whether each trigger's rule withholds text (SANITIZE and above), by trigger index: only
     /// those hold a stream's release back (see [`RawState::release_oldest`]).
     withholds: Vec<bool>,
+    /// Whether a pattern of each DFA group withholds text (the group holds the release back).
+    dfa_withholds: Vec<bool>,
     /// The most bytes the tail may keep (a power of two): what the longest match, or a
     /// confirmation window, reaches back. A stream keeps less, see [`Tail`].
     pub(crate) window: usize,
     /// Longest match of the regex DFAs (plus the one-byte match delay).
     pub(crate) dfa_max: u64,
+    /// policy.toml `[output] image_hosts`, for the `unlisted_host` validator.
+    image_hosts: Option<Vec<String>>,
 }
 
 impl RawAutomata {
@@ -201,6 +209,20 @@ impl RawAutomata {
             })
             .max()
             .unwrap_or(0);
+        let release_look_behind = rs
+            .triggers
+            .iter()
+            .filter(|t| {
+                t.action.withholds()
+                    && (t.validate != Some(crate::validate::Validator::UnlistedHost)
+                        || rs.image_hosts.is_some())
+            })
+            .map(|t| match &t.kind {
+                TriggerKind::Anchored { look_behind, .. } => *look_behind as u64,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
         let ac_start = match &ac {
             Some(ac) => ac
                 .start_state(aho_corasick::Anchored::No)
@@ -256,25 +278,29 @@ impl RawAutomata {
             }
         }
         stats.raw_window = window;
-        stats.raw_look_behind = look_behind as usize;
-        let withholds = rs
-            .triggers
+        stats.raw_look_behind = release_look_behind as usize;
+        // A trigger's own action (the most of its directions'), which may be below its rule's.
+        let withholds: Vec<bool> = rs.triggers.iter().map(|t| t.action.withholds()).collect();
+        let dfa_withholds = dfas
             .iter()
-            .map(|t| rs.rules[t.rule].action.withholds())
+            .map(|(_, pats)| pats.iter().any(|p| withholds[p.trigger as usize]))
             .collect();
         Ok(RawAutomata {
             withholds,
+            dfa_withholds,
             dfas,
             ac,
             ac_patterns: raw_lits,
             ac_max,
             ac_depths,
             look_behind,
+            release_look_behind,
             ac_start,
             ac_stay,
             confirm,
             window,
             dfa_max: raw_dfa_max as u64 + 1,
+            image_hosts: rs.image_hosts.clone(),
         })
     }
 
@@ -559,17 +585,13 @@ impl RawState {
     /// anchor of the SQL-concatenation trigger, which waits for 256 bytes after it.)
     pub(crate) fn release_oldest(&self, a: &RawAutomata) -> u64 {
         let mut r = self.pos;
-        for (d, (_, patterns)) in self.dfas.iter().zip(&a.dfas) {
-            // A DFA holds the patterns of one rule.
-            if patterns
-                .first()
-                .is_some_and(|p| a.withholds[p.trigger as usize])
-            {
+        for (d, &withholds) in self.dfas.iter().zip(&a.dfa_withholds) {
+            if withholds {
                 r = r.min((d.1 as u64).max(self.pos.saturating_sub(a.dfa_max)));
             }
         }
         let partial = self.pos - a.ac_depth(self.ac_sid);
-        r = r.min(partial.saturating_sub(a.look_behind));
+        r = r.min(partial.saturating_sub(a.release_look_behind));
         for p in &self.anchors {
             if a.withholds[p.trigger as usize] {
                 r = r.min(p.first().saturating_sub(p.look_behind as u64));
@@ -704,7 +726,7 @@ fn raw_matches(
             continue;
         };
         if let Some(v) = t.validate {
-            if !v.check(&window[s..(end - lo) as usize]) {
+            if !v.check(&window[s..(end - lo) as usize], a.image_hosts.as_deref()) {
                 continue;
             }
         }
@@ -752,19 +774,66 @@ fn confirm_anchor(
     let span_hi = (a.last() + *max_len as u64).min(hi) - lo;
     let input = Input::new(&window).range(span_lo as usize..span_hi as usize);
     // Every match in which an anchor of the group starts.
-    for m in re.find_iter(input) {
-        let (s, e) = (lo + m.start() as u64, lo + m.end() as u64);
-        if a.starts_in(s, e) {
-            if let Some(v) = t.validate {
-                if !v.check(&window[m.start()..m.end()]) {
-                    continue;
-                }
+    let value = re
+        .group_info()
+        .to_index(regex_automata::PatternID::ZERO, VALUE_GROUP);
+    match value {
+        None => {
+            for m in re.find_iter(input) {
+                report_confirmed(
+                    automata.image_hosts.as_deref(),
+                    t,
+                    a,
+                    (lo, &window),
+                    (m.range(), m.range()),
+                    found,
+                );
             }
-            found.push(Match {
-                trigger: a.trigger,
-                start: s,
-                end: e,
-            });
+        }
+        // The hit is the value alone (the keyword and context around it stay).
+        Some(g) => {
+            for caps in re.captures_iter(input) {
+                let Some(m) = caps.get_match() else { continue };
+                let v = caps.get_group(g).map_or(m.range(), |v| v.range());
+                report_confirmed(
+                    automata.image_hosts.as_deref(),
+                    t,
+                    a,
+                    (lo, &window),
+                    (m.range(), v),
+                    found,
+                );
+            }
         }
     }
+}
+
+/// The capture group of a confirming regex that is the hit's span (see rulesets/README.md).
+pub const VALUE_GROUP: &str = "v";
+
+/// Reports a confirming regex's match `m` (the hit's span: `v`) when an anchor of the group
+/// starts in it and the validator takes the value.
+/// `(lo, window)`: the bytes the regex ran over, and the stream offset of the first.
+fn report_confirmed(
+    hosts: Option<&[String]>,
+    t: &TriggerInfo,
+    a: PendingAnchor,
+    (lo, window): (u64, &[u8]),
+    (m, v): (std::ops::Range<usize>, std::ops::Range<usize>),
+    found: &mut Vec<Match>,
+) {
+    let (s, e) = (lo + m.start as u64, lo + m.end as u64);
+    if !a.starts_in(s, e) || v.is_empty() {
+        return;
+    }
+    if let Some(check) = t.validate {
+        if !check.check(&window[v.clone()], hosts) {
+            return;
+        }
+    }
+    found.push(Match {
+        trigger: a.trigger,
+        start: lo + v.start as u64,
+        end: lo + v.end as u64,
+    });
 }

@@ -68,6 +68,9 @@ pub struct ScanSession {
     /// room of both lists is given back.
     lists_idle: u8,
     released: u64,
+    /// The direction's index ([`crate::verdict::Direction::index`]): which triggers apply, and
+    /// with which action.
+    dir: usize,
     /// The last chunk was fed: no more may come.
     fed_last: bool,
     finished: bool,
@@ -118,7 +121,12 @@ fn settle_rule(
 impl ScanSession {
     /// A fresh scan; `lang_hint` (a supported ISO 639-1 code) decides the language at once.
     /// `learned`: the engine's learned tier, if any (pass the same one to every call).
-    pub fn new(sc: &Scanner, learned: Option<&Learned>, lang_hint: Option<&str>) -> ScanSession {
+    pub fn new(
+        sc: &Scanner,
+        learned: Option<&Learned>,
+        lang_hint: Option<&str>,
+        direction: crate::verdict::Direction,
+    ) -> ScanSession {
         let lang = match lang_hint.and_then(LangSet::from_hint) {
             Some(set) => LangState::Decided(set),
             None => LangState::Probing(Box::default()),
@@ -133,6 +141,7 @@ impl ScanSession {
             action: Action::Allow,
             lists_idle: 0,
             released: 0,
+            dir: direction.index(),
             fed_last: false,
             finished: false,
         };
@@ -374,6 +383,9 @@ impl ScanSession {
         out: &mut Vec<Match>,
     ) {
         let t = &rs.triggers[f.trigger as usize];
+        if !t.directions[self.dir] {
+            return;
+        }
         // English triggers apply whatever the language turns out to be (like neutral ones), so
         // only the other languages' triggers wait for the decision.
         if t.lang != NEUTRAL && t.lang != lang::ENGLISH {
@@ -442,7 +454,9 @@ impl ScanSession {
         // The verdict is the most severe action of the hits reported: a rule's, or the lower
         // one a trigger of it sets.
         for f in &found {
-            self.action = self.action.max(rs.triggers[f.trigger as usize].action);
+            self.action = self
+                .action
+                .max(rs.triggers[f.trigger as usize].actions[self.dir]);
         }
         let release = if self.finished {
             self.clean.orig_pos

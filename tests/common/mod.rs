@@ -48,6 +48,8 @@ pub struct Streamed {
     pub hits: Vec<Hit>,
     pub action: mistguard::Action,
     pub sanitized: Option<String>,
+    /// Every step's `released_text`, concatenated.
+    pub released: String,
 }
 
 pub fn stream(
@@ -57,17 +59,23 @@ pub fn stream(
     opts: &ClassifyOptions,
 ) -> Streamed {
     let mut s = engine.session(opts);
+    s.compose_released_text();
     let mut steps = Vec::new();
     for c in chunks {
         steps.push(s.feed(c));
     }
     steps.push(s.finish());
     let v = s.verdict(Some(text));
+    let released = steps
+        .iter()
+        .map(|st| st.released_text.as_deref().expect("composed"))
+        .collect();
     Streamed {
         steps,
         hits: v.hits,
         action: v.action,
         sanitized: v.sanitized_text,
+        released,
     }
 }
 
@@ -91,6 +99,26 @@ pub fn check_release(st: &Streamed) -> Result<(), String> {
             ));
         }
         released = step.release_offset;
+    }
+    Ok(())
+}
+
+/// What a client that prints only `released_text` shows, when the whole text's verdict lets the
+/// text through (SANITIZE or less): the whole text's `sanitized_text`, or the text itself.
+pub fn check_released_text(
+    st: &Streamed,
+    text: &str,
+    whole: &mistguard::Verdict,
+) -> Result<(), String> {
+    if whole.action > mistguard::Action::Sanitize {
+        return Ok(());
+    }
+    let want = whole.sanitized_text.as_deref().unwrap_or(text);
+    if st.released != want {
+        return Err(format!(
+            "released text {:?} differs from the whole text's {want:?}",
+            st.released
+        ));
     }
     Ok(())
 }

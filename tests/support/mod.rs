@@ -100,6 +100,24 @@ impl TestRules {
         self.dir.path()
     }
 
+    /// Copies a bundled rule file (`pii.toml`, `secrets.toml`, `markup.toml`, `leak.toml`: the
+    /// neutral ones, quick to compile) into the directory.
+    pub fn add_bundled(&self, file: &str) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("rulesets")
+            .join(file);
+        std::fs::copy(&src, self.dir.path().join(file))
+            .unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    }
+
+    /// Appends `text` to the directory's policy.toml.
+    pub fn append_policy(&self, text: &str) {
+        let path = self.dir.path().join("policy.toml");
+        let mut policy = std::fs::read_to_string(&path).unwrap();
+        policy.push_str(text);
+        std::fs::write(path, policy).unwrap();
+    }
+
     /// Appends a trigger to `file` (created with its rule header if missing).
     pub fn add_trigger(&self, file: &str, rule: &str, id: &str, phrase: &str) {
         let path = self.dir.path().join(file);
