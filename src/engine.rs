@@ -11,6 +11,7 @@ use crate::learned::{Learned, Model};
 use crate::rules::{CompiledRuleset, LoadError};
 use crate::scan::{ScanSession, ScanStep, Scanner};
 use crate::score::Match;
+use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -201,6 +202,109 @@ impl Engine {
     pub fn session(self: &Arc<Self>, opts: &ClassifyOptions) -> StreamSession {
         StreamSession::new(self.clone(), opts)
     }
+
+    /// Scans every string value of a tool call's arguments (nested ones included) as a text of
+    /// its own, in the direction `opts` gives (the daemon: [`Direction::ToolArguments`]). Each
+    /// hit comes with the JSON path of its value (`$.statement`, `$.rows[2]["a b"]`); its span
+    /// counts from the start of that value. At most [`MAX_ARGUMENT_STRINGS`] values, nested at
+    /// most [`MAX_ARGUMENT_DEPTH`] deep, are scanned; what lies beyond is counted in
+    /// `unscanned`.
+    pub fn scan_arguments(
+        self: &Arc<Self>,
+        args: &serde_json::Value,
+        opts: &ClassifyOptions,
+    ) -> ArgumentScan {
+        let mut out = ArgumentScan::default();
+        let mut path = String::from("$");
+        self.scan_value(args, opts, &mut path, 0, &mut out);
+        out
+    }
+
+    fn scan_value(
+        self: &Arc<Self>,
+        v: &serde_json::Value,
+        opts: &ClassifyOptions,
+        path: &mut String,
+        depth: usize,
+        out: &mut ArgumentScan,
+    ) {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => {
+                if out.scanned >= MAX_ARGUMENT_STRINGS {
+                    out.unscanned += 1;
+                    return;
+                }
+                out.scanned += 1;
+                let verdict = self.classify(s, opts);
+                out.action = out.action.max(verdict.action);
+                for h in verdict.hits {
+                    if !out.rules.contains(&h.rule_id) {
+                        out.rules.push(h.rule_id.clone());
+                    }
+                    out.hits.push(ArgumentHit {
+                        json_path: path.clone(),
+                        hit: h,
+                    });
+                }
+            }
+            Value::Array(items) if depth < MAX_ARGUMENT_DEPTH => {
+                for (i, item) in items.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    self.scan_value(item, opts, path, depth + 1, out);
+                    path.truncate(len);
+                }
+            }
+            Value::Object(map) if depth < MAX_ARGUMENT_DEPTH => {
+                for (k, item) in map {
+                    let len = path.len();
+                    let plain = !k.is_empty()
+                        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                        && !k.as_bytes()[0].is_ascii_digit();
+                    if plain {
+                        path.push('.');
+                        path.push_str(k);
+                    } else {
+                        path.push('[');
+                        path.push_str(&serde_json::Value::String(k.clone()).to_string());
+                        path.push(']');
+                    }
+                    self.scan_value(item, opts, path, depth + 1, out);
+                    path.truncate(len);
+                }
+            }
+            Value::Array(_) | Value::Object(_) => out.unscanned += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Most string values of a tool call's arguments [`Engine::scan_arguments`] scans.
+pub const MAX_ARGUMENT_STRINGS: usize = 10_000;
+/// Deepest nesting of a tool call's arguments [`Engine::scan_arguments`] walks.
+pub const MAX_ARGUMENT_DEPTH: usize = 64;
+
+/// A hit in a tool call's arguments.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ArgumentHit {
+    /// The JSON path of the string value the hit is in.
+    pub json_path: String,
+    /// The hit; its span counts from the start of that value.
+    pub hit: Hit,
+}
+
+/// What the content scan of a tool call's arguments found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ArgumentScan {
+    pub hits: Vec<ArgumentHit>,
+    /// The most severe action of the hits (ALLOW when none).
+    pub action: Action,
+    /// The distinct rule ids hit, in the order found.
+    pub rules: Vec<Arc<str>>,
+    /// String values scanned, and values left out (past the bounds).
+    pub scanned: usize,
+    pub unscanned: usize,
 }
 
 /// Most hits a stream keeps for its final verdict.

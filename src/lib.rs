@@ -19,6 +19,7 @@ pub mod leak;
 pub mod learned;
 pub mod load;
 pub mod normalize;
+pub mod policy;
 pub mod rules;
 pub mod scan;
 pub mod score;

@@ -116,3 +116,31 @@ pub fn ruleset_dir(dir: &Path) -> Result<CompiledRuleset, LoadError> {
     }
     load_files(&files, &dir.display().to_string())
 }
+
+/// Loads every `*.yaml` / `*.yml` file in `dir` (not its subdirectories) as tool-call policies.
+///
+/// # Errors
+/// An unreadable directory or file, or the first file the policy loader refuses (file, line).
+pub fn policy_dir(dir: &Path) -> Result<crate::policy::PolicySet, crate::policy::PolicyError> {
+    let err = |m: String| crate::policy::PolicyError {
+        file: dir.display().to_string(),
+        line: None,
+        message: m,
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    paths.sort();
+    let mut files = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|e| crate::policy::PolicyError {
+            file: p.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        files.push((p.display().to_string(), text));
+    }
+    crate::policy::PolicySet::load(&files, &dir.display().to_string())
+}

@@ -45,7 +45,39 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Also validate a tool-call policies directory (else the one the configuration names,
+        /// if any).
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
     },
+    /// Decide one tool call as AuthorizeToolCall would (policies and the content scan of the
+    /// arguments; no approvals) and print the decision as JSON. Exit 0 for allow, 3 for deny, 4
+    /// for require_approval, 1 when the policies do not load, 64 for bad input.
+    Authorize {
+        /// Tool-call policies directory (YAML; see policies/README.md).
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// The function name the model chose.
+        #[arg(long)]
+        tool: String,
+        /// The arguments: a JSON object.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        args: String,
+        /// The caller's context: a JSON object (environment, user_role, ...).
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        context: String,
+        /// The answer when no rule matches: allow or deny.
+        #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+        default_decision: String,
+        /// Rulesets directory for the content scan (default: bundled).
+        #[arg(long, env = "MISTGUARD_RULESETS")]
+        rulesets: Option<PathBuf>,
+        /// Learned-tier model directory, `bundled` (the default) or `off`.
+        #[arg(long, env = "MISTGUARD_MODELS", value_name = "DIR")]
+        models: Option<String>,
+    },
+    /// List, approve or deny the tool-call approvals of a running daemon (its Admin service).
+    Approvals(mistguard::daemon::admin_cli::ApprovalsArgs),
     /// Classify one text (from --text or standard input) and print the verdict as JSON.
     Classify {
         /// The text; read from standard input when omitted.
@@ -146,7 +178,10 @@ fn main() -> ExitCode {
             e.exit()
         }
     };
-    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Bench(_) | Command::Approvals(_)
+    ) {
         // Printing commands end quietly when their reader goes away (`mistguard check | head`)
         // instead of panicking on a broken pipe. The daemon keeps Rust's ignored SIGPIPE.
         // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
@@ -161,16 +196,34 @@ fn main() -> ExitCode {
             models,
             config,
             json,
+            policies,
         } => {
             // The same resolution as `serve` (flag, environment, config file, default).
             let args = mistguard::daemon::ServeArgs {
                 config,
                 rulesets: dir.map(|d| d.display().to_string()).or(rulesets),
                 models,
+                policies: policies.map(|p| p.display().to_string()),
                 ..Default::default()
             };
             match args.load() {
-                Ok(c) => check(c.rulesets, &c.models, json),
+                Ok(c) => {
+                    if let Some(dir) = &c.tools.policies {
+                        match mistguard::load::policy_dir(dir) {
+                            Ok(p) => eprintln!(
+                                "policies: {} ({} rules, version {})",
+                                dir.display(),
+                                p.rules(),
+                                p.version()
+                            ),
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                    }
+                    check(c.rulesets, &c.models, json)
+                }
                 Err(e) => {
                     mistguard::daemon::say(&format!("mistguard: configuration: {e}"));
                     ExitCode::from(mistguard::daemon::EXIT_CONFIG)
@@ -198,6 +251,22 @@ fn main() -> ExitCode {
             corpus, rulesets, models, json, rule, show_fp, show_fn, lang_hint,
         ),
         Command::Normalize => normalize_lines(),
+        Command::Authorize {
+            policies,
+            tool,
+            args,
+            context,
+            default_decision,
+            rulesets,
+            models,
+        } => authorize(
+            policies.as_deref(),
+            &tool,
+            (&args, &context),
+            &default_decision,
+            (rulesets.as_ref(), models.as_deref()),
+        ),
+        Command::Approvals(a) => mistguard::daemon::admin_cli::main(a),
         Command::Serve(args) => mistguard::daemon::serve_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
@@ -409,6 +478,83 @@ fn classify(
     let v = engine.classify(&text, &opts);
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
     ExitCode::SUCCESS
+}
+
+/// `mistguard authorize`: see [`Command::Authorize`].
+fn authorize(
+    policies: Option<&std::path::Path>,
+    tool: &str,
+    (args, context): (&str, &str),
+    default_decision: &str,
+    (rulesets, models): (Option<&PathBuf>, Option<&str>),
+) -> ExitCode {
+    let parse = |text: &str, what: &str| match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err(format!("--{what} is not a JSON object")),
+        Err(e) => Err(format!("--{what} is not valid JSON: {e}")),
+    };
+    let (args, context) = match (parse(args, "args"), parse(context, "context")) {
+        (Ok(a), Ok(c)) => (a, c),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let set = match policies {
+        None => mistguard::policy::PolicySet::empty(),
+        Some(dir) => match mistguard::load::policy_dir(dir) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let engine = match load(rulesets, models) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let scan = engine.scan_arguments(
+        &args,
+        &ClassifyOptions {
+            direction: mistguard::Direction::ToolArguments,
+            ..Default::default()
+        },
+    );
+    let scan_rules: Vec<String> = scan.rules.iter().map(|r| r.to_string()).collect();
+    let verdict = set.decide(
+        &mistguard::policy::ToolCall {
+            tool,
+            args: &args,
+            context: &context,
+            scan_rules: &scan_rules,
+            scan_action: scan.action,
+        },
+        &mistguard::policy::DecideOptions {
+            default_decision: if default_decision == "deny" {
+                mistguard::policy::ToolAction::Deny
+            } else {
+                mistguard::policy::ToolAction::Allow
+            },
+            ..Default::default()
+        },
+    );
+    let out = serde_json::json!({
+        "decision": verdict.decision,
+        "policy": verdict.policy,
+        "reason": verdict.reason,
+        "approvers": verdict.approvers,
+        "matched": verdict.matched,
+        "eval_errors": verdict.eval_errors,
+        "policy_version": set.version(),
+        "scan": scan,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    match verdict.decision {
+        mistguard::policy::ToolAction::Allow => ExitCode::SUCCESS,
+        mistguard::policy::ToolAction::Deny => ExitCode::from(3),
+        mistguard::policy::ToolAction::RequireApproval => ExitCode::from(4),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -53,11 +53,13 @@ pub enum Direction {
     Input,
     /// A completion on its way to the user.
     Output,
+    /// The string values of a tool call's arguments: triggers apply as to a prompt.
+    ToolArguments,
 }
 
 impl Direction {
-    /// 0 for a prompt (input or unspecified), 1 for a completion: the index of a trigger's
-    /// per-direction settings.
+    /// 0 for a prompt (input, unspecified, tool arguments), 1 for a completion: the index of a
+    /// trigger's per-direction settings.
     pub fn index(self) -> usize {
         usize::from(self == Direction::Output)
     }
@@ -67,6 +69,7 @@ impl Direction {
             Direction::Unspecified => "unspecified",
             Direction::Input => "input",
             Direction::Output => "output",
+            Direction::ToolArguments => "tool_arguments",
         }
     }
 }

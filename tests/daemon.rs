@@ -735,7 +735,7 @@ async fn unsupported_language_and_unknown_direction_are_invalid_argument() {
         assert_eq!(e.code(), Code::InvalidArgument, "{language}");
         assert!(e.message().contains(&supported), "{language}: {e:?}");
     }
-    for direction in [3, 9, -1] {
+    for direction in [4, 9, -1] {
         let e = within(c.classify(pb::ClassifyRequest {
             text: "hello".into(),
             direction,

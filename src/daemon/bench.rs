@@ -6,7 +6,9 @@
 //! 2. `Classify` with 1 KiB and 16 KiB texts, closed loop at a fixed concurrency;
 //! 3. `Classify` 1 KiB open loop at half the rate phase 2 reached (latency under load that the
 //!    server can keep up with; measured from the scheduled send time, so a stall is not hidden);
-//! 4. `ClassifyStream` with many concurrent streams sending small chunks.
+//! 4. `AuthorizeToolCall` of a read-only SQL call, closed loop (`--policies` for the in-process
+//!    daemon's policies);
+//! 5. `ClassifyStream` with many concurrent streams sending small chunks.
 //!
 //! By default the daemon runs in this process on `127.0.0.1:0` with the bundled rulesets, so
 //! client and server share the machine's cores.
@@ -34,6 +36,10 @@ pub struct BenchArgs {
     /// Rulesets of the in-process daemon (default: bundled).
     #[arg(long, value_name = "DIR")]
     pub rulesets: Option<PathBuf>,
+    /// Tool-call policies of the in-process daemon, for the AuthorizeToolCall phase (default:
+    /// none: the content scan and the default decision).
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
     /// Seconds per phase (1..=60).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
@@ -154,6 +160,9 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             if let Some(dir) = &args.rulesets {
                 flags.insert("rulesets".to_string(), dir.display().to_string());
             }
+            if let Some(dir) = &args.policies {
+                flags.insert("policies".to_string(), dir.display().to_string());
+            }
             flags.insert("max_inflight".into(), "100000".into());
             flags.insert("max_streams".into(), (args.streams * 2).to_string());
             let config = Config::from_sources(&Sources {
@@ -249,6 +258,14 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         text_1k,
     )
     .await;
+    let authorize = closed_loop(
+        "AuthorizeToolCall",
+        unary_channels,
+        args.concurrency,
+        secs,
+        Some(Arc::new(AUTHORIZE.to_string())),
+    )
+    .await;
     let streams = streaming(&channels, args.streams, args.chunk_bytes, secs).await?;
     // The engine alone on one thread, without gRPC: separates its cost from the daemon's.
     let engine_only = match &args.target {
@@ -265,7 +282,7 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
         "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
     );
-    for r in [&ping, &c1k, &c16k, &open, &pacer, &streams]
+    for r in [&ping, &c1k, &c16k, &open, &pacer, &authorize, &streams]
         .into_iter()
         .chain(engine_only.as_ref())
     {
@@ -289,6 +306,11 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "Classify 1 KiB throughput: {ratio:.0}% of the empty RPC (target >= 70%): {}",
         if ratio >= 70.0 { "met" } else { "NOT met" }
     );
+    let tool_ratio = authorize.rate() / ping.rate() * 100.0;
+    println!(
+        "AuthorizeToolCall throughput: {tool_ratio:.0}% of the empty RPC (target >= 70%): {}",
+        if tool_ratio >= 70.0 { "met" } else { "NOT met" }
+    );
     let p99 = open.percentile(0.99).unwrap_or(f64::INFINITY);
     println!(
         "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
@@ -303,6 +325,20 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         let _ = tokio::time::timeout(Duration::from_secs(25), task).await;
     }
     Ok(())
+}
+
+/// The marker text of the AuthorizeToolCall phase.
+const AUTHORIZE: &str = "\u{0}authorize";
+
+/// The AuthorizeToolCall phase's call: a read-only query an agent makes all day.
+fn authorize_request() -> super::pb::AuthorizeToolCallRequest {
+    super::pb::AuthorizeToolCallRequest {
+        tool: "execute_sql".into(),
+        arguments_json: r#"{"statement":"SELECT count(*) FROM events WHERE day = '2026-12-06'","database":"analytics"}"#.into(),
+        context_json: r#"{"environment":"production","user_role":"analyst"}"#.into(),
+        subject: "bench-agent".into(),
+        ..Default::default()
+    }
 }
 
 async fn closed_loop(
@@ -329,6 +365,10 @@ async fn closed_loop(
                 let t = Instant::now();
                 let ok = match &text {
                     None => client.ping(PingRequest {}).await.is_ok(),
+                    Some(s) if s.as_str() == AUTHORIZE => client
+                        .authorize_tool_call(authorize_request())
+                        .await
+                        .is_ok(),
                     Some(s) => client
                         .classify(ClassifyRequest {
                             text: s.as_str().to_owned(),

@@ -109,7 +109,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "subject_key_file",
         default: "",
-        help: "file holding the key of the subject hash (>= 32 bytes); empty: a random key per process",
+        help: "file holding the key of the subject hash (>= 32 bytes); empty: the key in `data_dir` (created on first start), else a random key per process",
     },
     Setting {
         key: "escalation.level2_hits",
@@ -137,6 +137,31 @@ pub const SETTINGS: &[Setting] = &[
         key: "escalation.max_subjects",
         default: "100000",
         help: "subjects tracked at once (state is bounded; expired entries are swept)",
+    },
+    Setting {
+        key: "policies",
+        default: "",
+        help: "tool-call policies directory (YAML files; see policies/README.md); empty: no policies, every call gets `default_decision` after the content scan",
+    },
+    Setting {
+        key: "default_decision",
+        default: "allow",
+        help: "AuthorizeToolCall's answer when no policy rule matches and the content scan finds nothing that asks more (`allow` or `deny`)",
+    },
+    Setting {
+        key: "approval_ttl",
+        default: "15m",
+        help: "how long an approval of a tool call stays pending, and an approved one usable",
+    },
+    Setting {
+        key: "admin_tokens_file",
+        default: "",
+        help: "admin bearer tokens, one a line: `<token> <approver name> <group>[,<group>...]`; empty: the Admin service refuses every call",
+    },
+    Setting {
+        key: "data_dir",
+        default: "",
+        help: "directory of the daemon's durable state (pending approvals survive a restart); empty: kept in memory",
     },
     Setting {
         key: "protect.max_texts",
@@ -345,6 +370,17 @@ impl Default for EscalationConfig {
     }
 }
 
+/// Tool-call authorization (AuthorizeToolCall, the Admin service).
+#[derive(Clone, Debug)]
+pub struct ToolConfig {
+    pub policies: Option<PathBuf>,
+    /// `true`: deny when nothing matched.
+    pub default_deny: bool,
+    pub approval_ttl: Duration,
+    pub admin_tokens_file: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+}
+
 /// Bounds of the protected set (ProtectText).
 #[derive(Clone, Debug)]
 pub struct ProtectConfig {
@@ -380,6 +416,7 @@ pub struct Config {
     pub subject_key_file: Option<PathBuf>,
     pub escalation: EscalationConfig,
     pub protect: ProtectConfig,
+    pub tools: ToolConfig,
     /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
     /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
     /// bench leave it off.
@@ -560,6 +597,21 @@ impl Config {
                 nonzero_u64(s).map(|n| n as usize)
             })?,
         };
+        let tools = ToolConfig {
+            policies: src.parse("policies", "a directory", path)?,
+            default_deny: src.parse("default_decision", "`allow` or `deny`", |s| match s {
+                "allow" => Some(false),
+                "deny" => Some(true),
+                _ => None,
+            })?,
+            approval_ttl: src.parse(
+                "approval_ttl",
+                "a duration like 15m",
+                parse_nonzero_duration,
+            )?,
+            admin_tokens_file: src.parse("admin_tokens_file", "a path", path)?,
+            data_dir: src.parse("data_dir", "a directory", path)?,
+        };
         let protect = ProtectConfig {
             max_texts: src.parse("protect.max_texts", "a positive count", |s| {
                 nonzero_u64(s).map(|n| n as usize)
@@ -611,6 +663,7 @@ impl Config {
             subject_key_file,
             escalation,
             protect,
+            tools,
             notify_systemd: false,
         })
     }

@@ -42,6 +42,7 @@ pub fn hit_to_pb(h: &Hit) -> pb::Hit {
         end: h.end,
         score: h.score,
         action: action_to_pb(h.action) as i32,
+        json_path: String::new(),
     }
 }
 
@@ -52,8 +53,9 @@ pub fn direction_name(d: i32) -> Result<&'static str, String> {
         Ok(pb::Direction::Unspecified) => Ok("unspecified"),
         Ok(pb::Direction::Input) => Ok("input"),
         Ok(pb::Direction::Output) => Ok("output"),
+        Ok(pb::Direction::ToolArguments) => Ok("tool_arguments"),
         Err(_) => Err(format!(
-            "direction {d} is not a Direction (0 DIRECTION_UNSPECIFIED, 1 DIRECTION_INPUT, 2 DIRECTION_OUTPUT)"
+            "direction {d} is not a Direction (0 DIRECTION_UNSPECIFIED, 1 DIRECTION_INPUT, 2 DIRECTION_OUTPUT, 3 DIRECTION_TOOL_ARGUMENTS)"
         )),
     }
 }

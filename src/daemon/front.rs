@@ -46,6 +46,8 @@ pub fn rpc_name(path: &str) -> &'static str {
         Some("Classify") => "classify",
         Some("ClassifyStream") => "classify_stream",
         Some("Ping") => "ping",
+        Some("ProtectText") => "protect_text",
+        Some("AuthorizeToolCall") => "authorize_tool_call",
         _ => "unknown",
     }
 }

@@ -38,6 +38,15 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     ("mistguard_protected_total", "texts protected (ProtectText calls answered OK)"),
     (
+        "mistguard_tool_decisions_total",
+        "AuthorizeToolCall decisions, by `tool` (up to 100 names, then `other`) and `decision`",
+    ),
+    (
+        "mistguard_policy_errors_total",
+        "policy `when` expressions that failed on a call (the rule did not match)",
+    ),
+    ("mistguard_approvals_pending", "tool-call approvals waiting for a decision"),
+    (
         "mistguard_bytes_scanned_total",
         "bytes of text scanned, by `rpc`",
     ),
@@ -173,7 +182,7 @@ pub fn register(engine: &crate::engine::Engine) {
     metrics::gauge!("mistguard_active_streams").increment(0.0);
     for outcome in ["success", "failure"] {
         metrics::counter!("mistguard_ruleset_reloads_total", "outcome" => outcome).increment(0);
-        for what in ["auth_tokens", "tls"] {
+        for what in ["auth_tokens", "tls", "policies", "admin_tokens"] {
             metrics::counter!("mistguard_credentials_reloads_total", "what" => what, "outcome" => outcome)
                 .increment(0);
         }
@@ -188,6 +197,12 @@ pub fn register(engine: &crate::engine::Engine) {
     metrics::counter!("mistguard_log_write_errors_total").increment(0);
     metrics::gauge!("mistguard_protected_texts").set(0.0);
     metrics::counter!("mistguard_protected_total").increment(0);
+    metrics::counter!("mistguard_policy_errors_total").increment(0);
+    metrics::gauge!("mistguard_approvals_pending").set(0.0);
+    for decision in ["allow", "deny", "require_approval"] {
+        metrics::counter!("mistguard_tool_decisions_total", "tool" => "other", "decision" => decision)
+            .increment(0);
+    }
     register_hits(engine);
 }
 

@@ -14,6 +14,9 @@
 //! - `metrics`: Prometheus metrics and the `/metrics` endpoint;
 //! - `bench`: the load generator.
 
+pub mod admin;
+pub mod admin_cli;
+pub mod approvals;
 pub mod bench;
 pub mod config;
 pub mod convert;
@@ -26,6 +29,7 @@ pub mod protect;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod tools;
 
 pub use bench::{bench_main, BenchArgs};
 pub use config::{Config, ConfigError, Sources};
@@ -104,6 +108,16 @@ pub struct ServeArgs {
     pub escalation_level3_window: Option<String>,
     #[arg(long = "escalation-max-subjects", value_name = "VALUE")]
     pub escalation_max_subjects: Option<String>,
+    #[arg(long = "policies", value_name = "VALUE")]
+    pub policies: Option<String>,
+    #[arg(long = "default-decision", value_name = "VALUE")]
+    pub default_decision: Option<String>,
+    #[arg(long = "approval-ttl", value_name = "VALUE")]
+    pub approval_ttl: Option<String>,
+    #[arg(long = "admin-tokens-file", value_name = "VALUE")]
+    pub admin_tokens_file: Option<String>,
+    #[arg(long = "data-dir", value_name = "VALUE")]
+    pub data_dir: Option<String>,
     #[arg(long = "protect-max-texts", value_name = "VALUE")]
     pub protect_max_texts: Option<String>,
     #[arg(long = "protect-max-bytes", value_name = "VALUE")]
@@ -161,7 +175,7 @@ fn value_name(s: &config::Setting) -> &'static str {
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 32] = [
+        let pairs: [(&str, &Option<String>); 37] = [
             ("listen", &self.listen),
             ("metrics_listen", &self.metrics_listen),
             ("rulesets", &self.rulesets),
@@ -199,6 +213,11 @@ impl ServeArgs {
             ),
             ("escalation.level3_window", &self.escalation_level3_window),
             ("escalation.max_subjects", &self.escalation_max_subjects),
+            ("policies", &self.policies),
+            ("default_decision", &self.default_decision),
+            ("approval_ttl", &self.approval_ttl),
+            ("admin_tokens_file", &self.admin_tokens_file),
+            ("data_dir", &self.data_dir),
             ("protect.max_texts", &self.protect_max_texts),
             ("protect.max_bytes", &self.protect_max_bytes),
             ("protect.ttl", &self.protect_ttl),

@@ -43,6 +43,75 @@ pub struct Prepared {
     pub subjects: SubjectHasher,
     /// The certificate chain and key, checked (PEM, usable key, key matching the certificate).
     pub tls: Option<Arc<CertifiedKey>>,
+    /// The tool-call policies (empty without `policies`).
+    pub policies: crate::policy::PolicySet,
+    /// Where approvals live: `data_dir/approvals.redb`, else memory.
+    pub approvals: Box<dyn super::approvals::ApprovalStore>,
+    /// The admin tokens (`admin_tokens_file`).
+    pub admin_tokens: Option<Vec<(Vec<u8>, super::approvals::Approver)>>,
+}
+
+/// The file of the approvals store in `data_dir`.
+pub const APPROVALS_FILE: &str = "approvals.redb";
+/// The key of the keyed hashes (subjects, calls, canaries) in `data_dir` when no
+/// `subject_key_file` is set: created on first start (64 hex digits, mode 0600).
+pub const KEY_FILE: &str = "subject.key";
+
+/// The key kept in `data_dir`, created on first start.
+fn data_dir_key(dir: &Path) -> Result<Vec<u8>, PrepareError> {
+    let path = dir.join(KEY_FILE);
+    let err = |e: std::io::Error| PrepareError(format!("{}: {e}", path.display()));
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let b = trim_ascii(&b).to_vec();
+            if b.len() < 32 {
+                return Err(PrepareError(format!(
+                    "{}: the key must be at least 32 bytes",
+                    path.display()
+                )));
+            }
+            Ok(b)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !dir.is_dir() {
+                return Err(PrepareError(format!(
+                    "data_dir {}: not a directory (create it, writable by the daemon)",
+                    dir.display()
+                )));
+            }
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| PrepareError(format!("random source: {e}")))?;
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(hex.as_bytes()).map_err(err)?;
+            f.sync_all().map_err(err)?;
+            Ok(hex.into_bytes())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+fn load_policies(dir: Option<&Path>) -> Result<crate::policy::PolicySet, PrepareError> {
+    match dir {
+        None => Ok(crate::policy::PolicySet::empty()),
+        Some(d) => crate::load::policy_dir(d).map_err(|e| PrepareError(format!("policies: {e}"))),
+    }
+}
+
+fn read_admin_tokens(
+    path: &Path,
+) -> Result<Vec<(Vec<u8>, super::approvals::Approver)>, PrepareError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| PrepareError(format!("{}: {e}", path.display())))?;
+    super::approvals::parse_admin_tokens(&text)
+        .map_err(|e| PrepareError(format!("{}: {e}", path.display())))
 }
 
 /// Error of [`prepare`]: one line for the operator.
@@ -68,9 +137,15 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         None => None,
         Some(p) => Some(read_tokens(p)?),
     };
-    let subjects = match &config.subject_key_file {
-        None => SubjectHasher::random().map_err(|e| PrepareError(format!("random source: {e}")))?,
-        Some(p) => {
+    let subjects = match (&config.subject_key_file, &config.tools.data_dir) {
+        // With a data directory, the key lives there: subject hashes, approvals' bindings and
+        // canaries stay valid across restarts.
+        (None, Some(d)) => SubjectHasher::from_secret(&data_dir_key(d)?)
+            .ok_or_else(|| PrepareError("data_dir key: too short".into()))?,
+        (None, None) => {
+            SubjectHasher::random().map_err(|e| PrepareError(format!("random source: {e}")))?
+        }
+        (Some(p), _) => {
             let secret =
                 std::fs::read(p).map_err(|e| PrepareError(format!("{}: {e}", p.display())))?;
             SubjectHasher::from_secret(trim_ascii(&secret)).ok_or_else(|| {
@@ -85,11 +160,34 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         None => None,
         Some(files) => Some(tls::load(files).map_err(PrepareError)?),
     };
+    let policies = load_policies(config.tools.policies.as_deref())?;
+    let approvals: Box<dyn super::approvals::ApprovalStore> = match &config.tools.data_dir {
+        None => Box::new(super::approvals::MemoryStore::new()),
+        Some(d) => {
+            if !d.is_dir() {
+                return Err(PrepareError(format!(
+                    "data_dir {}: not a directory (create it, writable by the daemon)",
+                    d.display()
+                )));
+            }
+            Box::new(
+                super::approvals::RedbStore::open(&d.join(APPROVALS_FILE))
+                    .map_err(|e| PrepareError(format!("approvals: {e}")))?,
+            )
+        }
+    };
+    let admin_tokens = match &config.tools.admin_tokens_file {
+        None => None,
+        Some(p) => Some(read_admin_tokens(p)?),
+    };
     Ok(Prepared {
         engine,
         tokens,
         subjects,
         tls,
+        policies,
+        approvals,
+        admin_tokens,
     })
 }
 
@@ -171,6 +269,18 @@ pub async fn serve_with(
     let leak_key = crate::leak::LeakKey::new(prepared.subjects.derive("mistguard leak v1"));
     let placeholder_key =
         crate::leak::LeakKey::new(prepared.subjects.derive("mistguard placeholder v1"));
+    let tools = super::tools::Tools::new(
+        prepared.policies,
+        prepared.approvals,
+        if config.tools.default_deny {
+            crate::policy::ToolAction::Deny
+        } else {
+            crate::policy::ToolAction::Allow
+        },
+        config.tools.approval_ttl,
+        prepared.subjects.derive("mistguard call hash v1"),
+    );
+    tools.observe_pending();
     let shared = Arc::new(Shared {
         engine: ArcSwap::new(prepared.engine),
         limits: limits.clone(),
@@ -183,6 +293,7 @@ pub async fn serve_with(
         shutdown: shutdown_rx,
         protect: super::protect::ProtectStore::new(config.protect.clone(), leak_key),
         placeholder_key,
+        tools,
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
     m::set_model_info(None, shared.engine.load().model_version());
@@ -195,6 +306,13 @@ pub async fn serve_with(
         limit: limits.max_message_bytes,
         tokens: tokens.clone(),
     };
+    let admin_tokens: Option<super::admin::AdminTokens> = prepared
+        .admin_tokens
+        .map(|t| Arc::new(ArcSwap::from_pointee(t)));
+    let admin = pb::admin_server::AdminServer::new(super::admin::AdminService::new(
+        shared.clone(),
+        admin_tokens.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -218,7 +336,8 @@ pub async fn serve_with(
         .http2_max_header_list_size(16 * 1024)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(guard);
+        .add_service(guard)
+        .add_service(admin);
     // The rulesets are loaded (`prepare`): SERVING before the first connection is accepted, so a
     // client never sees NOT_SERVING from a daemon that is ready.
     health.set_serving::<GuardServer<GuardService>>().await;
@@ -242,6 +361,15 @@ pub async fn serve_with(
             loop {
                 tick.tick().await;
                 shared.escalation.sweep(std::time::Instant::now());
+                // Approvals that ended a day ago go; pending ones past their expiry turn expired.
+                let tools = &shared.tools;
+                if let Err(e) = tools
+                    .approvals
+                    .sweep(Duration::from_secs(24 * 3600), std::time::SystemTime::now())
+                {
+                    tracing::error!(target: "mistguard::approvals", error = %e, "approval sweep failed");
+                }
+                tools.observe_pending();
             }
         })
     };
@@ -267,6 +395,9 @@ pub async fn serve_with(
         tokens,
         auth_tokens_file: config.auth_tokens_file.clone(),
         tls: resolver.zip(config.tls.clone()),
+        policies: config.tools.policies.clone(),
+        admin_tokens,
+        admin_tokens_file: config.tools.admin_tokens_file.clone(),
     };
     let mut current_version = version;
     let early_exit = loop {
@@ -347,6 +478,9 @@ struct Reloadable {
     tokens: Option<Tokens>,
     auth_tokens_file: Option<std::path::PathBuf>,
     tls: Option<(Arc<CertResolver>, super::config::TlsFiles)>,
+    policies: Option<std::path::PathBuf>,
+    admin_tokens: Option<super::admin::AdminTokens>,
+    admin_tokens_file: Option<std::path::PathBuf>,
 }
 
 fn count_reload(what: &'static str, ok: bool) {
@@ -402,6 +536,39 @@ async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut Strin
             Err(e) => {
                 count_reload("auth_tokens", false);
                 tracing::error!(error = %e, "auth tokens reload failed; the previous tokens stay valid");
+            }
+        }
+    }
+    if let Some(dir) = &parts.policies {
+        let dir = dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_policies(Some(&dir)))
+            .await
+            .unwrap_or_else(|e| Err(PrepareError(format!("policies: {e}"))));
+        match loaded {
+            Ok(p) => {
+                let rules = p.rules();
+                let version = p.version().to_string();
+                shared.tools.policies.store(Arc::new(p));
+                count_reload("policies", true);
+                tracing::info!(rules, policy_version = %version, "policies reloaded");
+            }
+            Err(e) => {
+                count_reload("policies", false);
+                tracing::error!(error = %e, "policies reload failed; the previous policies keep serving");
+            }
+        }
+    }
+    if let (Some(tokens), Some(path)) = (&parts.admin_tokens, &parts.admin_tokens_file) {
+        match read_admin_tokens(path) {
+            Ok(new) => {
+                let count = new.len();
+                tokens.store(Arc::new(new));
+                count_reload("admin_tokens", true);
+                tracing::info!(tokens = count, "admin tokens reloaded");
+            }
+            Err(e) => {
+                count_reload("admin_tokens", false);
+                tracing::error!(error = %e, "admin tokens reload failed; the previous tokens stay valid");
             }
         }
     }

@@ -49,6 +49,8 @@ pub struct Shared {
     pub protect: super::protect::ProtectStore,
     /// Key of hashed placeholders (`[EMAIL:1f2e3d4c5b6a]`).
     pub placeholder_key: crate::leak::LeakKey,
+    /// Tool-call authorization: policies, approvals, settings.
+    pub tools: super::tools::Tools,
 }
 
 #[derive(Clone)]
@@ -81,7 +83,7 @@ fn observe_hits(hits: &[Hit]) {
 }
 
 /// A request id is logged only if it looks like one (it is caller data).
-fn loggable_request_id(id: &str) -> &str {
+pub(super) fn loggable_request_id(id: &str) -> &str {
     let ok = id.len() <= 64
         && id
             .bytes()
@@ -121,6 +123,7 @@ impl CallMeta {
         let dir = match direction {
             "input" => crate::engine::Direction::Input,
             "output" => crate::engine::Direction::Output,
+            "tool_arguments" => crate::engine::Direction::ToolArguments,
             _ => crate::engine::Direction::Unspecified,
         };
         let protected = if f.protected_id.is_empty() {
@@ -262,7 +265,7 @@ fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
 }
 
 impl Shared {
-    fn admit(&self, rpc: &'static str) -> Result<(), Status> {
+    pub(super) fn admit(&self, rpc: &'static str) -> Result<(), Status> {
         if self.draining.load(Ordering::Acquire) {
             return Err(reject(
                 rpc,
@@ -452,6 +455,18 @@ impl pb::guard_server::Guard for GuardService {
         self.shared
             .admit("ping")
             .map(|()| Response::new(pb::PingResponse {}))
+    }
+
+    async fn authorize_tool_call(
+        &self,
+        req: Request<pb::AuthorizeToolCallRequest>,
+    ) -> Result<Response<pb::AuthorizeToolCallResponse>, Status> {
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        // Policies and the content scan are CPU work of tens of microseconds: inline.
+        shared
+            .authorize_tool_call(req.into_inner(), started)
+            .map(Response::new)
     }
 
     async fn protect_text(
