@@ -140,7 +140,12 @@ pub fn policy_dir(dir: &Path) -> Result<crate::policy::PolicySet, crate::policy:
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        files.push((p.display().to_string(), text));
+        // The loader names a file `<dir>/<name>` in its errors.
+        let name = p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().to_string(),
+        );
+        files.push((name, text));
     }
     crate::policy::PolicySet::load(&files, &dir.display().to_string())
 }
