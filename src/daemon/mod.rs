@@ -378,7 +378,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 fn check_summary(config: &Config, prepared: &Prepared) -> String {
     let rules = prepared.engine.ruleset();
     format!(
-        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}",
+        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}, policies {}, admin tokens {}, approvals {}",
         rules.source,
         rules.version,
         rules.rules.len(),
@@ -391,7 +391,24 @@ fn check_summary(config: &Config, prepared: &Prepared) -> String {
             .tokens
             .as_ref()
             .map_or_else(|| "off".to_string(), |t| t.len().to_string()),
-        config.log_level
+        config.log_level,
+        match &config.tools.policies {
+            Some(d) => format!(
+                "{} ({} rules, version {})",
+                d.display(),
+                prepared.policies.rules(),
+                prepared.policies.version()
+            ),
+            None => "none".to_string(),
+        },
+        prepared
+            .admin_tokens
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |t| t.len().to_string()),
+        match &config.tools.data_dir {
+            Some(d) => format!("{}/{}", d.display(), server::APPROVALS_FILE),
+            None => "in memory".to_string(),
+        }
     )
 }
 
