@@ -94,27 +94,46 @@ pub fn engine(rulesets: Option<&Path>, models: &Models) -> Result<Engine, LoadEr
 /// # Errors
 /// The first problem found, with file and line.
 pub fn ruleset_dir(dir: &Path) -> Result<CompiledRuleset, LoadError> {
-    let err = |m: String| LoadError {
-        file: dir.display().to_string(),
-        line: None,
-        message: m,
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
+    let files =
+        files_in(dir, &["toml"], |p| p.display().to_string()).map_err(|(file, message)| {
+            LoadError {
+                file,
+                line: None,
+                message,
+            }
+        })?;
+    load_files(&files, &dir.display().to_string())
+}
+
+/// The files of `dir` (not its subdirectories) with one of `extensions`, in path order, as
+/// (`name(path)`, text); an error names the directory or the file, and why.
+fn files_in(
+    dir: &Path,
+    extensions: &[&str],
+    name: impl Fn(&Path) -> String,
+) -> Result<Vec<(String, String)>, (String, String)> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        (
+            dir.display().to_string(),
+            format!("cannot read directory: {e}"),
+        )
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| extensions.iter().any(|e| x == *e))
+        })
         .collect();
     paths.sort();
     let mut files = Vec::new();
     for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|e| LoadError {
-            file: p.display().to_string(),
-            line: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        files.push((p.display().to_string(), text));
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| (p.display().to_string(), format!("cannot read: {e}")))?;
+        files.push((name(&p), text));
     }
-    load_files(&files, &dir.display().to_string())
+    Ok(files)
 }
 
 /// Loads every `*.yaml` / `*.yml` file in `dir` (not its subdirectories) as tool-call policies.
@@ -122,30 +141,17 @@ pub fn ruleset_dir(dir: &Path) -> Result<CompiledRuleset, LoadError> {
 /// # Errors
 /// An unreadable directory or file, or the first file the policy loader refuses (file, line).
 pub fn policy_dir(dir: &Path) -> Result<crate::policy::PolicySet, crate::policy::PolicyError> {
-    let err = |m: String| crate::policy::PolicyError {
-        file: dir.display().to_string(),
-        line: None,
-        message: m,
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    paths.sort();
-    let mut files = Vec::new();
-    for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|e| crate::policy::PolicyError {
-            file: p.display().to_string(),
-            line: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        // The loader names a file `<dir>/<name>` in its errors.
-        let name = p.file_name().map_or_else(
+    // The loader names a file `<dir>/<name>` in its errors.
+    let files = files_in(dir, &["yaml", "yml"], |p| {
+        p.file_name().map_or_else(
             || p.display().to_string(),
             |n| n.to_string_lossy().to_string(),
-        );
-        files.push((name, text));
-    }
+        )
+    })
+    .map_err(|(file, message)| crate::policy::PolicyError {
+        file,
+        line: None,
+        message,
+    })?;
     crate::policy::PolicySet::load(&files, &dir.display().to_string())
 }

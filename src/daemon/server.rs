@@ -493,6 +493,28 @@ fn count_reload(what: &'static str, ok: bool) {
     }
 }
 
+/// Swaps in a token list read again (`what`: the metric label; `name`: what the log calls it),
+/// or keeps the previous one when the new file is bad.
+fn reload_tokens<T>(
+    what: &'static str,
+    name: &str,
+    tokens: &ArcSwap<Vec<T>>,
+    read: Result<Vec<T>, PrepareError>,
+) {
+    match read {
+        Ok(new) => {
+            let count = new.len();
+            tokens.store(Arc::new(new));
+            count_reload(what, true);
+            tracing::info!(tokens = count, "{name} reloaded");
+        }
+        Err(e) => {
+            count_reload(what, false);
+            tracing::error!(error = %e, "{name} reload failed; the previous tokens stay valid");
+        }
+    }
+}
+
 /// Reloads each part aside and swaps it in whole; a part that fails keeps serving its old
 /// version (and the others still reload). The rulesets compile off the async threads.
 async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut String) {
@@ -526,18 +548,7 @@ async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut Strin
         }
     }
     if let (Some(tokens), Some(path)) = (&parts.tokens, &parts.auth_tokens_file) {
-        match read_tokens(path) {
-            Ok(new) => {
-                let count = new.len();
-                tokens.store(Arc::new(new));
-                count_reload("auth_tokens", true);
-                tracing::info!(tokens = count, "auth tokens reloaded");
-            }
-            Err(e) => {
-                count_reload("auth_tokens", false);
-                tracing::error!(error = %e, "auth tokens reload failed; the previous tokens stay valid");
-            }
-        }
+        reload_tokens("auth_tokens", "auth tokens", tokens, read_tokens(path));
     }
     if let Some(dir) = &parts.policies {
         let dir = dir.clone();
@@ -559,18 +570,12 @@ async fn reload(shared: &Shared, parts: &Reloadable, current_version: &mut Strin
         }
     }
     if let (Some(tokens), Some(path)) = (&parts.admin_tokens, &parts.admin_tokens_file) {
-        match read_admin_tokens(path) {
-            Ok(new) => {
-                let count = new.len();
-                tokens.store(Arc::new(new));
-                count_reload("admin_tokens", true);
-                tracing::info!(tokens = count, "admin tokens reloaded");
-            }
-            Err(e) => {
-                count_reload("admin_tokens", false);
-                tracing::error!(error = %e, "admin tokens reload failed; the previous tokens stay valid");
-            }
-        }
+        reload_tokens(
+            "admin_tokens",
+            "admin tokens",
+            tokens,
+            read_admin_tokens(path),
+        );
     }
     if let Some((resolver, files)) = &parts.tls {
         match tls::load(files) {

@@ -60,7 +60,9 @@ impl Tools {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if ok && (self.labels.contains(tool) || self.labels.len() < MAX_TOOL_LABELS) {
-            self.labels.insert(tool.to_string());
+            if !self.labels.contains(tool) {
+                self.labels.insert(tool.to_string());
+            }
             tool.to_string()
         } else {
             "other".to_string()
@@ -232,9 +234,10 @@ impl Shared {
             ToolAction::Deny => "deny",
             ToolAction::RequireApproval => "require_approval",
         };
+        let label = tools.label(&req.tool);
         metrics::counter!(
             "mistguard_tool_decisions_total",
-            "tool" => tools.label(&req.tool),
+            "tool" => label.clone(),
             "decision" => name
         )
         .increment(1);
@@ -253,7 +256,7 @@ impl Shared {
                     decision_id = %decision_id,
                     rpc = RPC,
                     request_id = %super::service::loggable_request_id(&req.request_id),
-                    tool = %tools.label(&req.tool),
+                    tool = %label,
                     decision = name,
                     policy = %policy,
                     scan_rules = %scan_list,
