@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod pb;
 pub mod protect;
 pub mod server;
+pub mod state;
 pub mod service;
 pub mod tls;
 pub mod tools;
