@@ -14,6 +14,7 @@ pub mod decide;
 pub mod decode;
 pub mod engine;
 pub mod eval;
+pub mod io;
 pub mod lang;
 pub mod leak;
 pub mod learned;

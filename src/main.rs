@@ -78,6 +78,9 @@ enum Command {
     },
     /// List, approve or deny the tool-call approvals of a running daemon (its Admin service).
     Approvals(mistguard::daemon::admin_cli::ApprovalsArgs),
+    /// List the Level-2 review queue of a running daemon, or lift a suspension (its Admin
+    /// service).
+    Reviews(mistguard::daemon::admin_cli::ReviewsArgs),
     /// Classify one text (from --text or standard input) and print the verdict as JSON.
     Classify {
         /// The text; read from standard input when omitted.
@@ -136,6 +139,11 @@ enum Command {
     /// line (what the word view and the learned tier's trainer see).
     #[command(hide = true)]
     Normalize,
+    /// Verify the hash chain of the decision records, or query them.
+    ///
+    /// The daemon writes its decisions (and RULE-MIST-005 reports, and opt-in samples) as
+    /// hash-chained JSON lines in segments named <stream>-<seq>.jsonl; these commands read them.
+    Records(mistguard::io::records::cli::RecordsArgs),
     /// Run the gRPC daemon (see docs/DAEMON.md).
     Serve(Box<mistguard::daemon::ServeArgs>),
     /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
@@ -180,7 +188,7 @@ fn main() -> ExitCode {
     };
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Bench(_) | Command::Approvals(_)
+        Command::Serve(_) | Command::Bench(_) | Command::Approvals(_) | Command::Reviews(_)
     ) {
         // Printing commands end quietly when their reader goes away (`mistguard check | head`)
         // instead of panicking on a broken pipe. The daemon keeps Rust's ignored SIGPIPE.
@@ -267,6 +275,8 @@ fn main() -> ExitCode {
             (rulesets.as_ref(), models.as_deref()),
         ),
         Command::Approvals(a) => mistguard::daemon::admin_cli::main(a),
+        Command::Reviews(a) => mistguard::daemon::admin_cli::reviews_main(a),
+        Command::Records(a) => mistguard::io::records::cli::main(a),
         Command::Serve(args) => mistguard::daemon::serve_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }

@@ -22,9 +22,9 @@ const RESTRICTED: &[(&str, &[&str])] = &[
     ("std::net", &["daemon", "io"]),
     ("reqwest", &["io"]),
     ("hyper", &["daemon", "io"]),
-    ("redis", &["io"]),
+    ("redis", &["daemon", "io"]),
     ("std::fs", EDGES),
-    ("std::process", &["daemon", "main"]),
+    ("std::process", &["daemon", "io", "main"]),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -56,6 +56,75 @@ fn store_error(e: String) -> Status {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn list_reviews(
+        &self,
+        req: Request<pb::ListReviewsRequest>,
+    ) -> Result<Response<pb::ListReviewsResponse>, Status> {
+        self.approver(&req)?;
+        let limit = match req.get_ref().limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let list = self
+            .shared
+            .state
+            .reviews(limit, super::state::now_ms())
+            .await;
+        Ok(Response::new(pb::ListReviewsResponse {
+            reviews: list
+                .into_iter()
+                .map(|e| pb::Review {
+                    subject_hash: e.subject,
+                    rules: e
+                        .rules
+                        .into_iter()
+                        .map(|(rule_id, count)| pb::RuleCount { rule_id, count })
+                        .collect(),
+                    suspended_unix_ms: e.suspended_unix_ms,
+                    until_unix_ms: e.until_unix_ms,
+                    record_ids: e.record_ids,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn lift_suspension(
+        &self,
+        req: Request<pb::LiftSuspensionRequest>,
+    ) -> Result<Response<pb::LiftSuspensionResponse>, Status> {
+        let approver = self.approver(&req)?;
+        let r = req.into_inner();
+        if super::ids::SubjectKey::from_hex(&r.subject_hash).is_none() {
+            return Err(Status::invalid_argument(
+                "subject_hash must be the 32 hex digits ListReviews shows",
+            ));
+        }
+        let lifted = self
+            .shared
+            .state
+            .lift(&r.subject_hash, super::state::now_ms())
+            .await
+            .map_err(|e| {
+                tracing::error!(target: "mistguard::state", error = %e, "lift did not reach Redis");
+                Status::unavailable(
+                    "lifted on this replica, but shared state did not answer; retry so every replica sees it",
+                )
+            })?;
+        if !lifted {
+            return Err(Status::not_found("that subject is not suspended"));
+        }
+        let note: String = r.note.chars().take(256).collect();
+        tracing::info!(
+            target: "mistguard::escalation",
+            subject_hash = %&r.subject_hash[..16],
+            by = %approver.name,
+            note = %note,
+            "suspension lifted"
+        );
+        metrics::counter!("mistguard_suspensions_lifted_total").increment(1);
+        Ok(Response::new(pb::LiftSuspensionResponse { lifted }))
+    }
+
     async fn list_approvals(
         &self,
         req: Request<pb::ListApprovalsRequest>,

@@ -1,5 +1,5 @@
-//! `mistguard approvals list|get|approve|deny`: the Admin service of a running daemon, from the
-//! command line.
+//! `mistguard approvals list|get|approve|deny` and `mistguard reviews list|lift`: the Admin
+//! service of a running daemon, from the command line.
 
 use super::pb::{self, admin_client::AdminClient};
 use std::process::ExitCode;
@@ -42,6 +42,109 @@ pub enum ApprovalsCommand {
     },
 }
 
+/// `mistguard reviews`: the Level-2 review queue of a running daemon.
+#[derive(clap::Args, Debug)]
+pub struct ReviewsArgs {
+    /// The daemon's gRPC address.
+    #[arg(long, env = "MISTGUARD_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// An admin token (a line of the daemon's admin_tokens_file); better given in the
+    /// environment than on the command line.
+    #[arg(long, env = "MISTGUARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    #[command(subcommand)]
+    pub command: ReviewsCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ReviewsCommand {
+    /// Subjects suspended now (escalation level 2), oldest first, as JSON lines: the subject's
+    /// hash, the rules and counts that put it there, and the decision ids to look up with
+    /// `mistguard records query`.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Lift a subject's suspension (exit 1 when it is not suspended).
+    Lift {
+        /// The subject's hash as `reviews list` shows it (32 hex digits).
+        subject_hash: String,
+        /// Why (logged with your name).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+/// A review entry as JSON.
+pub fn review_json(r: &pb::Review) -> serde_json::Value {
+    serde_json::json!({
+        "subject_hash": r.subject_hash,
+        "rules": r.rules.iter().map(|c| serde_json::json!({"rule": c.rule_id, "count": c.count})).collect::<Vec<_>>(),
+        "suspended_unix_ms": r.suspended_unix_ms,
+        "until_unix_ms": r.until_unix_ms,
+        "record_ids": r.record_ids,
+    })
+}
+
+/// Runs `mistguard reviews`; exit codes as for `approvals`.
+pub fn reviews_main(args: ReviewsArgs) -> ExitCode {
+    block_on(run_reviews(args))
+}
+
+async fn run_reviews(args: ReviewsArgs) -> ExitCode {
+    let mut client = match connect(&args.addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let auth = format!("Bearer {}", args.token);
+    let result = match args.command {
+        ReviewsCommand::List { limit } => match authed(pb::ListReviewsRequest { limit }, &auth) {
+            Ok(r) => client.list_reviews(r).await.map(|list| {
+                for e in &list.get_ref().reviews {
+                    println!("{}", review_json(e));
+                }
+            }),
+            Err(c) => return c,
+        },
+        ReviewsCommand::Lift { subject_hash, note } => {
+            match authed(pb::LiftSuspensionRequest { subject_hash, note }, &auth) {
+                Ok(r) => client.lift_suspension(r).await.map(|r| {
+                    println!("{}", serde_json::json!({"lifted": r.get_ref().lifted}));
+                }),
+                Err(c) => return c,
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(s) => {
+            eprintln!("error: {:?}: {}", s.code(), s.message());
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
+    AdminClient::connect(addr.to_string()).await.map_err(|e| {
+        eprintln!("error: cannot reach the daemon at {addr}: {e}");
+        ExitCode::from(69)
+    })
+}
+
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// An approval as JSON (the state by name).
 pub fn approval_json(a: &pb::Approval) -> serde_json::Value {
     let state = pb::ApprovalState::try_from(a.state)
@@ -72,26 +175,13 @@ pub fn approval_json(a: &pb::Approval) -> serde_json::Value {
 /// Runs the command; exit 0, 1 for an error from the daemon (printed in one line), 69 when the
 /// daemon cannot be reached.
 pub fn main(args: ApprovalsArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    rt.block_on(run(args))
+    block_on(run(args))
 }
 
 async fn run(args: ApprovalsArgs) -> ExitCode {
-    let mut client = match AdminClient::connect(args.addr.clone()).await {
+    let mut client = match connect(&args.addr).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot reach the daemon at {}: {e}", args.addr);
-            return ExitCode::from(69);
-        }
+        Err(code) => return code,
     };
     let auth = format!("Bearer {}", args.token);
     let request = |msg| authed(msg, &auth);

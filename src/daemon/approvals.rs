@@ -8,15 +8,20 @@
 //!
 //! Owned here: the approval state machine, the [`ApprovalStore`] trait with an in-memory
 //! ([`MemoryStore`]) and a durable ([`RedbStore`], an embedded redb file) implementation, and the
-//! admin tokens file ([`parse_admin_tokens`], [`find_admin`]). The gRPC side lives elsewhere.
+//! admin tokens file ([`parse_admin_tokens`], [`find_admin`]). A third store, shared by
+//! replicas, keeps the same records in Redis
+//! ([`RedisApprovalStore`](super::approvals_redis::RedisApprovalStore), in `approvals_redis`)
+//! and changes them only through the state machine here. The same test suite runs against all
+//! three. The gRPC side lives elsewhere.
 //!
 //! Invariants:
 //! - **Bound to the exact call.** An approval holds a [`Binding`] (tool, hash of the canonical
 //!   arguments and context, subject hash, policy version); a resume whose binding differs in any
 //!   of the four is denied and leaves the approval as it was.
 //! - **Used once.** Resuming an approved approval consumes it in the same step (under the
-//!   store's lock, or in one redb write transaction): of any number of concurrent resumes exactly
-//!   one gets [`Resume::Allow`]; the others get "already used".
+//!   store's lock, in one redb write transaction, or with a compare-and-set in Redis): of any
+//!   number of concurrent resumes (through any number of Redis stores) exactly one gets
+//!   [`Resume::Allow`]; the others get "already used".
 //! - **Durable before answering.** [`RedbStore`] commits every change with
 //!   `Durability::Immediate` before the method returns, so an answer given (an id, a decision,
 //!   an allow) survives a crash or restart of the daemon.
@@ -234,36 +239,36 @@ pub trait ApprovalStore: Send + Sync {
 /// What a store keeps per id: the approval and when it ended (denied, consumed or expired; 0
 /// while it can still be used), which `list` and `sweep` order and age by.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Record {
-    approval: Approval,
+pub(crate) struct Record {
+    pub(crate) approval: Approval,
     #[serde(default)]
-    ended_unix_ms: u64,
+    pub(crate) ended_unix_ms: u64,
 }
 
 /// Milliseconds since the Unix epoch (0 before it).
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-fn duration_ms(d: Duration) -> u64 {
+pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Ids are 32 lower-case hex digits; anything else is unknown without a lookup.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn new_id() -> Result<String, String> {
+pub(crate) fn new_id() -> Result<String, String> {
     let mut raw = [0u8; 16];
     getrandom::fill(&mut raw).map_err(|e| format!("random source: {e}"))?;
     Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The new record `create` stores, after checking its arguments (not the bound).
-fn new_record(
+pub(crate) fn new_record(
     id: String,
     binding: Binding,
     policy: &str,
@@ -331,7 +336,7 @@ fn cut(s: &str, max: usize) -> &str {
 
 impl Record {
     /// Marks a pending or approved (unused) approval past its expiry as expired; whether it did.
-    fn expire(&mut self, now_ms: u64) -> bool {
+    pub(crate) fn expire(&mut self, now_ms: u64) -> bool {
         let a = &mut self.approval;
         if matches!(a.state, ApprovalState::Pending | ApprovalState::Approved)
             && now_ms >= a.expires_unix_ms
@@ -345,7 +350,7 @@ impl Record {
     }
 
     /// A copy as it reads at `now_ms` (expiry applied).
-    fn at(&self, now_ms: u64) -> Record {
+    pub(crate) fn at(&self, now_ms: u64) -> Record {
         let mut r = self.clone();
         r.expire(now_ms);
         r
@@ -375,14 +380,26 @@ impl Record {
         self.approval.state == ApprovalState::Pending && now_ms < self.approval.expires_unix_ms
     }
 
+    /// When it ends at the latest: when it ended, or (pending or approved) when it expires.
+    /// `sweep` with `keep` drops it once more than `keep` has passed since.
+    pub(crate) fn ends_by(&self) -> u64 {
+        self.ended().unwrap_or(self.approval.expires_unix_ms)
+    }
+
+    /// Whether it is pending (whatever its expiry): the stores that keep an index of the
+    /// pending ones keep it in there, keyed by its expiry.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.approval.state == ApprovalState::Pending
+    }
+
     /// Whether `sweep` drops it.
-    fn sweepable(&self, keep_ms: u64, now_ms: u64) -> bool {
+    pub(crate) fn sweepable(&self, keep_ms: u64, now_ms: u64) -> bool {
         self.at(now_ms)
             .ended()
             .is_some_and(|ended| ended.saturating_add(keep_ms) < now_ms)
     }
 
-    fn decide(
+    pub(crate) fn decide(
         &mut self,
         approve: bool,
         approver: &Approver,
@@ -413,7 +430,7 @@ impl Record {
         Ok(self.approval.clone())
     }
 
-    fn resume(&mut self, binding: &Binding, now_ms: u64) -> Resume {
+    pub(crate) fn resume(&mut self, binding: &Binding, now_ms: u64) -> Resume {
         if self.approval.binding != *binding {
             return Resume::Deny("the call does not match the approval".into());
         }
@@ -434,7 +451,7 @@ impl Record {
     }
 }
 
-fn unknown() -> Resume {
+pub(crate) fn unknown() -> Resume {
     Resume::Deny("unknown approval id".into())
 }
 
@@ -463,7 +480,7 @@ impl Ord for Ranked {
 }
 
 /// Picks `list`'s answer from a stream of records, keeping at most `limit` in memory.
-struct Selector {
+pub(crate) struct Selector {
     heap: BinaryHeap<Ranked>,
     limit: usize,
     since_ms: u64,
@@ -471,7 +488,7 @@ struct Selector {
 }
 
 impl Selector {
-    fn new(recent: Duration, limit: usize, now_ms: u64) -> Selector {
+    pub(crate) fn new(recent: Duration, limit: usize, now_ms: u64) -> Selector {
         Selector {
             heap: BinaryHeap::new(),
             limit,
@@ -480,7 +497,7 @@ impl Selector {
         }
     }
 
-    fn offer(&mut self, rec: &Record) {
+    pub(crate) fn offer(&mut self, rec: &Record) {
         if self.limit == 0 {
             return;
         }
@@ -504,7 +521,7 @@ impl Selector {
         self.heap.push(Ranked(rank, r.approval));
     }
 
-    fn finish(self) -> Vec<Approval> {
+    pub(crate) fn finish(self) -> Vec<Approval> {
         self.heap
             .into_sorted_vec()
             .into_iter()
@@ -760,7 +777,7 @@ impl RedbStore {
         approvals
             .insert(id, bytes.as_slice())
             .map_err(|e| self.err(e))?;
-        if rec.approval.state == ApprovalState::Pending {
+        if rec.is_pending() {
             pending
                 .insert(id, rec.approval.expires_unix_ms)
                 .map_err(|e| self.err(e))?;
@@ -1043,17 +1060,17 @@ pub fn find_admin<'a>(tokens: &'a [(Vec<u8>, Approver)], presented: &[u8]) -> Op
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Barrier;
 
     const T0: u64 = 1_700_000_000_000;
 
-    fn at(ms: u64) -> SystemTime {
+    pub(crate) fn at(ms: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(T0 + ms)
     }
 
-    fn binding(call: &str) -> Binding {
+    pub(crate) fn binding(call: &str) -> Binding {
         Binding {
             tool: "send_email".into(),
             call_hash: call.into(),
@@ -1069,13 +1086,13 @@ mod tests {
         }
     }
 
-    fn sec() -> Approver {
+    pub(crate) fn sec() -> Approver {
         approver("alice", &["ops", "security"])
     }
 
     const TTL: Duration = Duration::from_secs(600);
 
-    fn create<S: ApprovalStore>(s: &S, call: &str, t: u64) -> Approval {
+    pub(crate) fn create<S: ApprovalStore>(s: &S, call: &str, t: u64) -> Approval {
         s.create(
             binding(call),
             "email-outside",
@@ -1087,7 +1104,7 @@ mod tests {
         .unwrap()
     }
 
-    fn approve<S: ApprovalStore>(s: &S, id: &str, t: u64) -> Approval {
+    pub(crate) fn approve<S: ApprovalStore>(s: &S, id: &str, t: u64) -> Approval {
         s.decide(id, true, &sec(), "ffffffffffffffff", "ok", at(t))
             .unwrap()
     }
@@ -1426,6 +1443,27 @@ mod tests {
                     fn $name() {
                         let dir = tempfile::tempdir().unwrap();
                         let mut s = super::RedbStore::open(&dir.path().join("a.redb")).unwrap();
+                        if stringify!($name) == "bound" {
+                            s.max_pending = 3;
+                        }
+                        super::$name(&s);
+                    }
+                )*
+            }
+            // Against a real redis-server per test (the test fails when none is installed).
+            mod redis_store {
+                use crate::daemon::approvals_redis::{RedisApprovalStore, DEFAULT_PREFIX};
+                use crate::daemon::redis_test_server::RedisServer;
+                $(
+                    #[test]
+                    fn $name() {
+                        let server = RedisServer::start();
+                        let mut s = RedisApprovalStore::new(
+                            &server.url(),
+                            std::time::Duration::from_secs(2),
+                            DEFAULT_PREFIX,
+                        )
+                        .unwrap();
                         if stringify!($name) == "bound" {
                             s.max_pending = 3;
                         }

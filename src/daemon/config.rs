@@ -183,6 +183,106 @@ pub const SETTINGS: &[Setting] = &[
         default: "168h",
         help: "the longest ttl_seconds ProtectText accepts",
     },
+    Setting {
+        key: "records.dir",
+        default: "",
+        help: "directory of the decision records (append-only, hash-chained JSONL segments; see docs/RECORDS.md); empty: records are only log lines",
+    },
+    Setting {
+        key: "records.durability",
+        default: "sync",
+        help: "`sync`: an RPC answers once its record is on disk (group commit); `async`: records wait in a bounded queue, dropped and counted when it is full",
+    },
+    Setting {
+        key: "records.on_error",
+        default: "fail_closed",
+        help: "when a record cannot be written in `sync` mode (disk full, read-only): `fail_closed` answers UNAVAILABLE; `continue` answers and counts the loss",
+    },
+    Setting {
+        key: "records.queue",
+        default: "65536",
+        help: "records waiting to be written, at most (per sink)",
+    },
+    Setting {
+        key: "records.segment_bytes",
+        default: "64MiB",
+        help: "a segment is closed and a new one started at this size",
+    },
+    Setting {
+        key: "records.retain",
+        default: "30d",
+        help: "decision record segments older than this are deleted",
+    },
+    Setting {
+        key: "records.max_bytes",
+        default: "8GiB",
+        help: "the oldest decision record segments are deleted past this total size",
+    },
+    Setting {
+        key: "records.reports_retain",
+        default: "365d",
+        help: "retention of the RULE-MIST-005 report sink (records/reports), kept apart",
+    },
+    Setting {
+        key: "records.samples",
+        default: "off",
+        help: "`on` keeps RULE-MIST-007 retraining samples WITH THEIR TEXT in records/samples (opt-in; see README)",
+    },
+    Setting {
+        key: "records.samples_retain",
+        default: "30d",
+        help: "retention of the retraining samples",
+    },
+    Setting {
+        key: "redis.url",
+        default: "",
+        help: "Redis for per-subject state shared across replicas (`redis://HOST:PORT/DB`); empty: state is local",
+    },
+    Setting {
+        key: "redis.timeout",
+        default: "50ms",
+        help: "the longest a request waits for Redis; past it, local state answers",
+    },
+    Setting {
+        key: "redis.required",
+        default: "false",
+        help: "`true`: an unreachable Redis at start-up stops the start; `false`: start degraded and reconnect",
+    },
+    Setting {
+        key: "redis.prefix",
+        default: "mistguard:",
+        help: "prefix of every Redis key (replicas that share state share it)",
+    },
+    Setting {
+        key: "limits.input_requests",
+        default: "off",
+        help: "requests per subject for prompts (DIRECTION_INPUT or unspecified), like `600/1m`; `off`: none",
+    },
+    Setting {
+        key: "limits.input_bytes",
+        default: "off",
+        help: "budget of text bytes per subject for prompts, like `10MiB/1h`; `off`: none",
+    },
+    Setting {
+        key: "limits.output_requests",
+        default: "off",
+        help: "requests per subject for completions (DIRECTION_OUTPUT), like `600/1m`",
+    },
+    Setting {
+        key: "limits.output_bytes",
+        default: "off",
+        help: "budget of text bytes per subject for completions, like `50MiB/1h`",
+    },
+    Setting {
+        key: "limits.scope",
+        default: "shared",
+        help: "`shared`: limits are counted in Redis when `redis.url` is set (exact across replicas); `local`: per replica",
+    },
+    Setting {
+        key: "limits.when_redis_down",
+        default: "local",
+        help: "while Redis is unreachable, `local` enforces the limits per replica (fail open to local counts); `closed` answers RATE_LIMIT",
+    },
 ];
 
 /// Where a value came from, for error messages.
@@ -370,6 +470,76 @@ impl Default for EscalationConfig {
     }
 }
 
+/// Decision records (`records.*`).
+#[derive(Clone, Debug)]
+pub struct RecordsConfig {
+    /// `None`: records are only log lines.
+    pub dir: Option<PathBuf>,
+    pub sync: bool,
+    pub fail_closed: bool,
+    pub queue: usize,
+    pub segment_bytes: u64,
+    pub retain: Duration,
+    pub max_bytes: u64,
+    pub reports_retain: Duration,
+    pub samples: bool,
+    pub samples_retain: Duration,
+}
+
+/// Shared state in Redis (`redis.*`).
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `None`: state is local.
+    pub url: Option<String>,
+    pub timeout: Duration,
+    pub required: bool,
+    pub prefix: String,
+}
+
+/// A per-subject quota: `amount` per `period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub amount: u32,
+    pub period: Duration,
+}
+
+/// Per-subject limits and budgets (`limits.*`).
+#[derive(Clone, Debug, Default)]
+pub struct SubjectLimits {
+    pub input_requests: Option<QuotaConfig>,
+    pub input_bytes: Option<QuotaConfig>,
+    pub output_requests: Option<QuotaConfig>,
+    pub output_bytes: Option<QuotaConfig>,
+    /// Counted in Redis when it is configured.
+    pub shared: bool,
+    /// While Redis is unreachable: answer RATE_LIMIT (`true`) or count locally.
+    pub closed_when_down: bool,
+}
+
+/// `N/PERIOD` (`600/1m`; N may be a size, `10MiB/1h`, when `size` is set) or `off`.
+fn parse_quota(s: &str, size: bool) -> Option<Option<QuotaConfig>> {
+    if s == "off" || s.is_empty() {
+        return Some(None);
+    }
+    let (n, p) = s.split_once('/')?;
+    let amount = if size {
+        parse_size(n.trim())?
+    } else {
+        n.trim().parse::<u64>().ok()?
+    };
+    let amount = u32::try_from(amount).ok().filter(|a| *a > 0)?;
+    let period = parse_nonzero_duration(p.trim())?;
+    Some(Some(QuotaConfig { amount, period }))
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "true" | "on" | "yes" | "1" => Some(true),
+        "false" | "off" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// Tool-call authorization (AuthorizeToolCall, the Admin service).
 #[derive(Clone, Debug)]
 pub struct ToolConfig {
@@ -417,6 +587,9 @@ pub struct Config {
     pub escalation: EscalationConfig,
     pub protect: ProtectConfig,
     pub tools: ToolConfig,
+    pub records: RecordsConfig,
+    pub redis: RedisConfig,
+    pub subject_limits: SubjectLimits,
     /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
     /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
     /// bench leave it off.
@@ -626,6 +799,106 @@ impl Config {
                 parse_nonzero_duration,
             )?,
         };
+        let records =
+            RecordsConfig {
+                dir: src.parse("records.dir", "a directory", path)?,
+                sync: src.parse("records.durability", "`sync` or `async`", |s| match s {
+                    "sync" => Some(true),
+                    "async" => Some(false),
+                    _ => None,
+                })?,
+                fail_closed: src.parse("records.on_error", "`fail_closed` or `continue`", |s| {
+                    match s {
+                        "fail_closed" => Some(true),
+                        "continue" => Some(false),
+                        _ => None,
+                    }
+                })?,
+                queue: src.parse("records.queue", "a positive count", |s| {
+                    nonzero_u64(s).map(|n| n as usize)
+                })?,
+                segment_bytes: src.parse("records.segment_bytes", "a size like 64MiB", |s| {
+                    parse_size(s).filter(|n| *n >= 4096)
+                })?,
+                retain: src.parse(
+                    "records.retain",
+                    "a duration like 30d",
+                    parse_nonzero_duration,
+                )?,
+                max_bytes: src.parse("records.max_bytes", "a size like 8GiB", |s| {
+                    parse_size(s).filter(|n| *n > 0)
+                })?,
+                reports_retain: src.parse(
+                    "records.reports_retain",
+                    "a duration like 365d",
+                    parse_nonzero_duration,
+                )?,
+                samples: src.parse("records.samples", "`on` or `off`", parse_bool)?,
+                samples_retain: src.parse(
+                    "records.samples_retain",
+                    "a duration like 30d",
+                    parse_nonzero_duration,
+                )?,
+            };
+        let redis = RedisConfig {
+            url: src.parse("redis.url", "a URL like redis://127.0.0.1:6379/0", |s| {
+                if s.is_empty() {
+                    Some(None)
+                } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+                    Some(Some(s.to_string()))
+                } else {
+                    None
+                }
+            })?,
+            timeout: src.parse(
+                "redis.timeout",
+                "a duration like 50ms",
+                parse_nonzero_duration,
+            )?,
+            required: src.parse("redis.required", "`true` or `false`", parse_bool)?,
+            prefix: src.parse("redis.prefix", "a key prefix", |s| {
+                (s.len() <= 64 && !s.contains(char::is_whitespace)).then(|| s.to_string())
+            })?,
+        };
+        let subject_limits = SubjectLimits {
+            input_requests: src.parse(
+                "limits.input_requests",
+                "`off` or N/PERIOD like 600/1m",
+                |s| parse_quota(s, false),
+            )?,
+            input_bytes: src.parse(
+                "limits.input_bytes",
+                "`off` or SIZE/PERIOD like 10MiB/1h",
+                |s| parse_quota(s, true),
+            )?,
+            output_requests: src.parse(
+                "limits.output_requests",
+                "`off` or N/PERIOD like 600/1m",
+                |s| parse_quota(s, false),
+            )?,
+            output_bytes: src.parse(
+                "limits.output_bytes",
+                "`off` or SIZE/PERIOD like 50MiB/1h",
+                |s| parse_quota(s, true),
+            )?,
+            shared: src.parse("limits.scope", "`shared` or `local`", |s| match s {
+                "shared" => Some(true),
+                "local" => Some(false),
+                _ => None,
+            })?,
+            closed_when_down: src.parse("limits.when_redis_down", "`local` or `closed`", |s| {
+                match s {
+                    "local" => Some(false),
+                    "closed" => Some(true),
+                    _ => None,
+                }
+            })?,
+        };
+        if redis.url.is_some() && subject_key_file.is_none() {
+            return Err(ConfigError(
+                "redis.url needs subject_key_file: replicas that share state must hash subjects with the same key (give each the same file of 32 or more random bytes)".into(),
+            ));
+        }
         if protect.ttl > protect.max_ttl {
             return Err(ConfigError(format!(
                 "protect.ttl ({}s) is longer than protect.max_ttl ({}s)",
@@ -664,6 +937,9 @@ impl Config {
             escalation,
             protect,
             tools,
+            records,
+            redis,
+            subject_limits,
             notify_systemd: false,
         })
     }

@@ -39,6 +39,23 @@ impl SubjectKey {
     pub fn short(&self) -> String {
         hex(&self.0[..8])
     }
+
+    /// All 32 hex digits: the form kept in decision records, Redis and the review queue.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Parses [`SubjectKey::hex`]'s form.
+    pub fn from_hex(s: &str) -> Option<SubjectKey> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(SubjectKey(out))
+    }
 }
 
 /// Keyed BLAKE3 of subjects. With a random key (the default) hashes cannot be linked across

@@ -88,6 +88,44 @@ pub const METRICS: &[(&str, &str)] = &[
         "mistguard_build_info",
         "1, with the daemon's `version`",
     ),
+    (
+        "mistguard_state_degraded",
+        "1 while shared state (Redis) is configured but unreachable and local state answers; else 0",
+    ),
+    (
+        "mistguard_state_redis_errors_total",
+        "Redis calls that failed or timed out, by `op`",
+    ),
+    (
+        "mistguard_state_errors_total",
+        "local state that could not be kept (the suspensions file), by `op`",
+    ),
+    (
+        "mistguard_state_merge_dropped_total",
+        "changes made during a Redis outage that were too many to merge back (the oldest go; local state keeps them)",
+    ),
+    ("mistguard_review_queue", "subjects in the Level-2 review queue (local view)"),
+    ("mistguard_suspensions_lifted_total", "suspensions lifted through the Admin service"),
+    (
+        "mistguard_limited_total",
+        "requests refused by a per-subject limit or budget, by `reason` (`rate_limited`, `limits_unavailable`)",
+    ),
+    (
+        "mistguard_records_written_total",
+        "decision records written and synced, by `stream` (`decisions`, `reports`, `samples`)",
+    ),
+    (
+        "mistguard_records_dropped_total",
+        "records dropped because the queue was full (`records.durability = async`), by `stream`",
+    ),
+    (
+        "mistguard_records_errors_total",
+        "records that could not be written (disk full, read-only, I/O error), by `stream`",
+    ),
+    (
+        "mistguard_records_fsync_seconds",
+        "time of each group commit's fsync, by `stream`",
+    ),
 ];
 
 /// The RPCs of `mistguard.v1.Guard`, as metric labels.
@@ -108,6 +146,8 @@ pub const REJECT_REASONS: &[&str] = &[
     "rate_limited",
     "protected_id_unknown",
     "protected_set_full",
+    "limits_unavailable",
+    "records_unavailable",
 ];
 
 /// What `/metrics` renders: the recorder's handle, and the process collector that is read at
@@ -199,6 +239,18 @@ pub fn register(engine: &crate::engine::Engine) {
     metrics::counter!("mistguard_protected_total").increment(0);
     metrics::counter!("mistguard_policy_errors_total").increment(0);
     metrics::gauge!("mistguard_approvals_pending").set(0.0);
+    metrics::gauge!("mistguard_state_degraded").set(0.0);
+    metrics::gauge!("mistguard_review_queue").set(0.0);
+    metrics::counter!("mistguard_suspensions_lifted_total").increment(0);
+    metrics::counter!("mistguard_state_merge_dropped_total").increment(0);
+    for reason in ["rate_limited", "limits_unavailable"] {
+        metrics::counter!("mistguard_limited_total", "reason" => reason).increment(0);
+    }
+    for stream in ["decisions", "reports", "samples"] {
+        metrics::counter!("mistguard_records_written_total", "stream" => stream).increment(0);
+        metrics::counter!("mistguard_records_dropped_total", "stream" => stream).increment(0);
+        metrics::counter!("mistguard_records_errors_total", "stream" => stream).increment(0);
+    }
     for decision in ["allow", "deny", "require_approval"] {
         metrics::counter!("mistguard_tool_decisions_total", "tool" => "other", "decision" => decision)
             .increment(0);

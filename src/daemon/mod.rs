@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod admin_cli;
 pub mod approvals;
+pub mod approvals_redis;
 pub mod bench;
 pub mod config;
 pub mod convert;
@@ -26,9 +27,12 @@ pub mod ids;
 pub mod metrics;
 pub mod pb;
 pub mod protect;
+pub mod recorder;
+#[cfg(test)]
+pub(crate) mod redis_test_server;
 pub mod server;
-pub mod state;
 pub mod service;
+pub mod state;
 pub mod tls;
 pub mod tools;
 
@@ -127,6 +131,46 @@ pub struct ServeArgs {
     pub protect_ttl: Option<String>,
     #[arg(long = "protect-max-ttl", value_name = "VALUE")]
     pub protect_max_ttl: Option<String>,
+    #[arg(long = "records-dir", value_name = "VALUE")]
+    pub records_dir: Option<String>,
+    #[arg(long = "records-durability", value_name = "VALUE")]
+    pub records_durability: Option<String>,
+    #[arg(long = "records-on-error", value_name = "VALUE")]
+    pub records_on_error: Option<String>,
+    #[arg(long = "records-queue", value_name = "VALUE")]
+    pub records_queue: Option<String>,
+    #[arg(long = "records-segment-bytes", value_name = "VALUE")]
+    pub records_segment_bytes: Option<String>,
+    #[arg(long = "records-retain", value_name = "VALUE")]
+    pub records_retain: Option<String>,
+    #[arg(long = "records-max-bytes", value_name = "VALUE")]
+    pub records_max_bytes: Option<String>,
+    #[arg(long = "records-reports-retain", value_name = "VALUE")]
+    pub records_reports_retain: Option<String>,
+    #[arg(long = "records-samples", value_name = "VALUE")]
+    pub records_samples: Option<String>,
+    #[arg(long = "records-samples-retain", value_name = "VALUE")]
+    pub records_samples_retain: Option<String>,
+    #[arg(long = "redis-url", value_name = "VALUE")]
+    pub redis_url: Option<String>,
+    #[arg(long = "redis-timeout", value_name = "VALUE")]
+    pub redis_timeout: Option<String>,
+    #[arg(long = "redis-required", value_name = "VALUE")]
+    pub redis_required: Option<String>,
+    #[arg(long = "redis-prefix", value_name = "VALUE")]
+    pub redis_prefix: Option<String>,
+    #[arg(long = "limits-input-requests", value_name = "VALUE")]
+    pub limits_input_requests: Option<String>,
+    #[arg(long = "limits-input-bytes", value_name = "VALUE")]
+    pub limits_input_bytes: Option<String>,
+    #[arg(long = "limits-output-requests", value_name = "VALUE")]
+    pub limits_output_requests: Option<String>,
+    #[arg(long = "limits-output-bytes", value_name = "VALUE")]
+    pub limits_output_bytes: Option<String>,
+    #[arg(long = "limits-scope", value_name = "VALUE")]
+    pub limits_scope: Option<String>,
+    #[arg(long = "limits-when-redis-down", value_name = "VALUE")]
+    pub limits_when_redis_down: Option<String>,
 }
 
 /// Gives each flag of `mistguard serve` its help line from [`config::SETTINGS`] (what it does, its
@@ -176,7 +220,7 @@ fn value_name(s: &config::Setting) -> &'static str {
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 37] = [
+        let pairs: [(&str, &Option<String>); 57] = [
             ("listen", &self.listen),
             ("metrics_listen", &self.metrics_listen),
             ("rulesets", &self.rulesets),
@@ -223,6 +267,26 @@ impl ServeArgs {
             ("protect.max_bytes", &self.protect_max_bytes),
             ("protect.ttl", &self.protect_ttl),
             ("protect.max_ttl", &self.protect_max_ttl),
+            ("records.dir", &self.records_dir),
+            ("records.durability", &self.records_durability),
+            ("records.on_error", &self.records_on_error),
+            ("records.queue", &self.records_queue),
+            ("records.segment_bytes", &self.records_segment_bytes),
+            ("records.retain", &self.records_retain),
+            ("records.max_bytes", &self.records_max_bytes),
+            ("records.reports_retain", &self.records_reports_retain),
+            ("records.samples", &self.records_samples),
+            ("records.samples_retain", &self.records_samples_retain),
+            ("redis.url", &self.redis_url),
+            ("redis.timeout", &self.redis_timeout),
+            ("redis.required", &self.redis_required),
+            ("redis.prefix", &self.redis_prefix),
+            ("limits.input_requests", &self.limits_input_requests),
+            ("limits.input_bytes", &self.limits_input_bytes),
+            ("limits.output_requests", &self.limits_output_requests),
+            ("limits.output_bytes", &self.limits_output_bytes),
+            ("limits.scope", &self.limits_scope),
+            ("limits.when_redis_down", &self.limits_when_redis_down),
         ];
         pairs
             .into_iter()
@@ -379,7 +443,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 fn check_summary(config: &Config, prepared: &Prepared) -> String {
     let rules = prepared.engine.ruleset();
     format!(
-        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}, policies {}, admin tokens {}, approvals {}",
+        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}, policies {}, admin tokens {}, approvals {}, state {}, records {}",
         rules.source,
         rules.version,
         rules.rules.len(),
@@ -406,9 +470,32 @@ fn check_summary(config: &Config, prepared: &Prepared) -> String {
             .admin_tokens
             .as_ref()
             .map_or_else(|| "off".to_string(), |t| t.len().to_string()),
-        match &config.tools.data_dir {
-            Some(d) => format!("{}/{}", d.display(), server::APPROVALS_FILE),
-            None => "in memory".to_string(),
+        match (&config.redis.url, &config.tools.data_dir) {
+            (Some(_), _) => "in Redis".to_string(),
+            (None, Some(d)) => format!("{}/{}", d.display(), server::APPROVALS_FILE),
+            (None, None) => "in memory".to_string(),
+        },
+        match (&config.redis.url, &config.tools.data_dir) {
+            // The URL may hold a password: not printed.
+            (Some(_), _) => format!(
+                "shared in Redis (timeout {} ms, {})",
+                config.redis.timeout.as_millis(),
+                if config.redis.required {
+                    "required at start"
+                } else {
+                    "degraded start allowed"
+                }
+            ),
+            (None, Some(d)) => format!("local, suspensions kept in {}/{}", d.display(), state::disk::STATE_FILE),
+            (None, None) => "local, in memory".to_string(),
+        },
+        match &config.records.dir {
+            Some(d) => format!(
+                "{} ({})",
+                d.display(),
+                if config.records.sync { "sync" } else { "async" }
+            ),
+            None => "log lines only".to_string(),
         }
     )
 }

@@ -2,7 +2,6 @@
 //! health, reflection, the metrics endpoint, reload and the draining shutdown.
 
 use super::config::Config;
-use super::escalation::Escalation;
 use super::front::{Front, Tokens};
 use super::ids::{DecisionIds, SubjectHasher};
 use super::pb::guard_server::GuardServer;
@@ -45,7 +44,7 @@ pub struct Prepared {
     pub tls: Option<Arc<CertifiedKey>>,
     /// The tool-call policies (empty without `policies`).
     pub policies: crate::policy::PolicySet,
-    /// Where approvals live: `data_dir/approvals.redb`, else memory.
+    /// Where approvals live: Redis (`redis.url`), else `data_dir/approvals.redb`, else memory.
     pub approvals: Box<dyn super::approvals::ApprovalStore>,
     /// The admin tokens (`admin_tokens_file`).
     pub admin_tokens: Option<Vec<(Vec<u8>, super::approvals::Approver)>>,
@@ -161,21 +160,31 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         Some(files) => Some(tls::load(files).map_err(PrepareError)?),
     };
     let policies = load_policies(config.tools.policies.as_deref())?;
-    let approvals: Box<dyn super::approvals::ApprovalStore> = match &config.tools.data_dir {
-        None => Box::new(super::approvals::MemoryStore::new()),
-        Some(d) => {
-            if !d.is_dir() {
-                return Err(PrepareError(format!(
-                    "data_dir {}: not a directory (create it, writable by the daemon)",
-                    d.display()
-                )));
+    let approvals: Box<dyn super::approvals::ApprovalStore> =
+        match (&config.redis.url, &config.tools.data_dir) {
+            // Shared by the replicas: an approval given on one is usable (once) on any.
+            (Some(url), _) => Box::new(
+                super::approvals_redis::RedisApprovalStore::new(
+                    url,
+                    config.redis.timeout,
+                    &config.redis.prefix,
+                )
+                .map_err(|e| PrepareError(format!("approvals: {e}")))?,
+            ),
+            (None, None) => Box::new(super::approvals::MemoryStore::new()),
+            (None, Some(d)) => {
+                if !d.is_dir() {
+                    return Err(PrepareError(format!(
+                        "data_dir {}: not a directory (create it, writable by the daemon)",
+                        d.display()
+                    )));
+                }
+                Box::new(
+                    super::approvals::RedbStore::open(&d.join(APPROVALS_FILE))
+                        .map_err(|e| PrepareError(format!("approvals: {e}")))?,
+                )
             }
-            Box::new(
-                super::approvals::RedbStore::open(&d.join(APPROVALS_FILE))
-                    .map_err(|e| PrepareError(format!("approvals: {e}")))?,
-            )
-        }
-    };
+        };
     let admin_tokens = match &config.tools.admin_tokens_file {
         None => None,
         Some(p) => Some(read_admin_tokens(p)?),
@@ -281,10 +290,42 @@ pub async fn serve_with(
         prepared.subjects.derive("mistguard call hash v1"),
     );
     tools.observe_pending();
+    let state = super::state::State::new(
+        config.escalation.clone(),
+        config.tools.data_dir.as_deref(),
+        &config.redis,
+        &config.subject_limits,
+    )
+    .map_err(PrepareError)?;
+    if state.has_redis() {
+        match state.probe(config.redis.required).await {
+            Ok(()) => tracing::info!(target: "mistguard::state", "shared state: Redis answers"),
+            Err(e) if config.redis.required => {
+                return Err(PrepareError(format!(
+                    "redis.url: Redis did not answer ({e}); redis.required = true stops the start"
+                ))
+                .into());
+            }
+            // `probe` logged the one line and marked the daemon degraded.
+            Err(_) => {}
+        }
+    }
+    let records = match &config.records.dir {
+        None => None,
+        Some(dir) => Some(
+            super::recorder::Recorder::open(
+                &config.records,
+                dir,
+                prepared.subjects.derive("mistguard record text v1"),
+            )
+            .map_err(PrepareError)?,
+        ),
+    };
     let shared = Arc::new(Shared {
         engine: ArcSwap::new(prepared.engine),
         limits: limits.clone(),
-        escalation: Escalation::new(config.escalation.clone()),
+        state,
+        records,
         ids: DecisionIds::new()?,
         subjects: prepared.subjects,
         inflight: Arc::new(Semaphore::new(limits.max_inflight)),
@@ -360,7 +401,7 @@ pub async fn serve_with(
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                shared.escalation.sweep(std::time::Instant::now());
+                shared.state.sweep(super::state::now_ms());
                 // Approvals that ended a day ago go; pending ones past their expiry turn expired.
                 let tools = &shared.tools;
                 if let Err(e) = tools
@@ -370,6 +411,19 @@ pub async fn serve_with(
                     tracing::error!(target: "mistguard::approvals", error = %e, "approval sweep failed");
                 }
                 tools.observe_pending();
+            }
+        })
+    };
+
+    // Every second: while Redis is unreachable, probe it, and merge back once it answers.
+    let maintainer = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                shared.state.maintain(super::state::now_ms()).await;
             }
         })
     };
@@ -413,6 +467,7 @@ pub async fn serve_with(
     };
     if let Some(result) = early_exit {
         sweeper.abort();
+        maintainer.abort();
         acceptor.abort();
         if let Some(t) = metrics_task {
             t.abort();
@@ -464,6 +519,10 @@ pub async fn serve_with(
         }
     }
     sweeper.abort();
+    maintainer.abort();
+    if let Some(r) = &shared.records {
+        r.flush().await;
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

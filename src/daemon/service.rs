@@ -3,10 +3,13 @@
 
 use super::config::Limits;
 use super::convert::{action_to_pb, direction_name, hit_to_pb, language_hint};
-use super::escalation::{Escalation, Gate, Outcome};
+use super::escalation::Gate;
 use super::front::rejected;
 use super::ids::{DecisionIds, SubjectHasher, SubjectKey};
 use super::pb;
+use super::recorder::Recorder;
+use super::state::limits::{LimitDir, Limits as SubjectLimits};
+use super::state::{now_ms, RecordOutcome, State};
 use crate::action::Action;
 use crate::engine::{ClassifyOptions, Engine, Hit};
 use arc_swap::ArcSwap;
@@ -26,6 +29,13 @@ pub const SUSPENDED_MESSAGE: &str =
 pub const RATE_LIMITED_MESSAGE: &str =
     "Requests from this caller are rate limited after an attempt to extract the model.";
 
+/// The answer to a subject over its request rate or byte budget.
+pub const LIMITED_MESSAGE: &str =
+    "This caller has used its request or byte budget for now; retry after retry_after_ms.";
+/// The answer when the shared limits cannot be checked and `limits.when_redis_down = closed`.
+pub const LIMITS_UNAVAILABLE_MESSAGE: &str =
+    "Limits cannot be checked right now (shared state unreachable); retry shortly.";
+
 const MAX_SUBJECT_BYTES: usize = 1024;
 
 /// State shared by every RPC.
@@ -34,7 +44,10 @@ pub struct Shared {
     /// started with.
     pub engine: ArcSwap<Engine>,
     pub limits: Limits,
-    pub escalation: Escalation,
+    /// Per-subject state: escalation, suspensions, the review queue, limits (local or Redis).
+    pub state: State,
+    /// Decision records (`records.dir`); `None` when records are only log lines.
+    pub records: Option<Recorder>,
     pub ids: DecisionIds,
     pub subjects: SubjectHasher,
     /// Unary calls in progress (load shedding: `try_acquire`, never a queue).
@@ -168,37 +181,46 @@ impl CallMeta {
 }
 
 /// One decision record: what was decided, about which call, by which rules. Metadata only.
-struct Record<'a> {
-    rpc: &'static str,
-    decision_id: &'a str,
-    meta: &'a CallMeta,
-    action: Action,
-    rules: &'a [&'a str],
+pub(super) struct Record<'a> {
+    pub rpc: &'static str,
+    pub decision_id: &'a str,
+    pub direction: &'static str,
+    pub subject: Option<SubjectKey>,
+    pub request_id: &'a str,
+    /// The action's name (`block`; for a tool call `allow`, `deny` or `require_approval`).
+    pub action: &'static str,
+    pub rules: &'a [&'a str],
+    /// The hits (rule, trigger, score, span) for the record file.
+    pub hits: &'a [Hit],
     /// The language the engine settled on (as in the response); `None` when undecided.
-    language: Option<&'a str>,
-    level: u32,
-    reason: &'a str,
-    bytes: u64,
+    pub language: Option<&'a str>,
+    pub level: u32,
+    pub reason: &'a str,
+    pub bytes: u64,
+    /// Keyed hash of the text (hex), "" when there was none.
+    pub text_hash: String,
     /// The `version` of the rulesets that decided (the stream's own, across a reload).
-    ruleset_version: &'a str,
-    started: Instant,
+    pub ruleset_version: &'a str,
+    pub policy_version: &'a str,
+    pub started: Instant,
 }
 
-/// Writes a decision record: metadata only. ALLOW decisions are DEBUG (a busy daemon makes
-/// thousands a second, and `mistguard_decisions_total` counts them); every other action is INFO.
+/// Writes a decision record's log line: metadata only. ALLOW decisions are DEBUG (a busy daemon
+/// makes thousands a second, and `mistguard_decisions_total` counts them); every other action is
+/// INFO.
 fn log_decision(r: &Record<'_>) {
     macro_rules! record {
         ($lvl:expr) => {{
-            let subject = r.meta.subject.map(|s| s.short());
+            let subject = r.subject.map(|s| s.short());
             tracing::event!(
                 target: "mistguard::decision",
                 $lvl,
                 decision_id = r.decision_id,
                 rpc = r.rpc,
-                request_id = %r.meta.request_id,
-                direction = r.meta.direction,
+                request_id = %r.request_id,
+                direction = r.direction,
                 subject_hash = subject.as_deref().unwrap_or(""),
-                action = r.action.as_str(),
+                action = r.action,
                 rules = %r.rules.join(","),
                 language = r.language.unwrap_or(""),
                 escalation_level = r.level,
@@ -210,7 +232,7 @@ fn log_decision(r: &Record<'_>) {
             )
         }};
     }
-    if r.action == Action::Allow {
+    if r.action == "allow" {
         record!(tracing::Level::DEBUG)
     } else {
         record!(tracing::Level::INFO)
@@ -218,9 +240,14 @@ fn log_decision(r: &Record<'_>) {
 }
 
 /// One WARN line, target `mistguard::escalation`, when a decision puts its subject at level 2.
-fn log_escalation(meta: &CallMeta, decision_id: &str, outcome: &Outcome, suspension: Duration) {
+fn log_escalation(
+    subject: Option<&SubjectKey>,
+    decision_id: &str,
+    outcome: &RecordOutcome,
+    suspension: Duration,
+) {
     if outcome.suspended_now {
-        let subject = meta.subject.map(|s| s.short());
+        let subject = subject.map(|s| s.short());
         tracing::warn!(
             target: "mistguard::escalation",
             subject_hash = subject.as_deref().unwrap_or(""),
@@ -238,7 +265,12 @@ fn log_escalation(meta: &CallMeta, decision_id: &str, outcome: &Outcome, suspens
 struct StreamHits {
     rules: Vec<std::sync::Arc<str>>,
     action: Action,
+    /// The first [`MAX_RECORD_HITS`] hits, for the decision record.
+    kept: Vec<Hit>,
 }
+
+/// Hits a decision record lists at most (a stream may report many).
+const MAX_RECORD_HITS: usize = 256;
 
 impl StreamHits {
     fn add(&mut self, hits: &[Hit]) {
@@ -247,6 +279,9 @@ impl StreamHits {
                 self.rules.push(h.rule_id.clone());
             }
             self.action = self.action.max(h.action);
+            if self.kept.len() < MAX_RECORD_HITS {
+                self.kept.push(h.clone());
+            }
         }
     }
 
@@ -290,26 +325,93 @@ impl Shared {
         Ok(())
     }
 
-    fn gate(&self, subject: Option<&SubjectKey>) -> Gate {
+    async fn gate(&self, subject: Option<&SubjectKey>) -> Gate {
         match subject {
-            Some(s) => self.escalation.check(s, Instant::now()),
+            Some(s) => self.state.gate(s, now_ms()).await,
             None => Gate::Open { level: 0 },
         }
     }
 
-    fn record(&self, subject: Option<&SubjectKey>, action: Action, rules: &[&str]) -> Outcome {
+    async fn record_outcome(
+        &self,
+        subject: Option<&SubjectKey>,
+        decision_id: &str,
+        action: Action,
+        rules: &[&str],
+    ) -> RecordOutcome {
         match subject {
-            Some(s) => self
-                .escalation
-                .record(s, action, rules.iter().copied(), Instant::now()),
-            None => Outcome {
+            Some(s) => {
+                self.state
+                    .record(s, decision_id, action, rules, now_ms())
+                    .await
+            }
+            None => RecordOutcome {
                 level: u32::from(!rules.is_empty()),
-                ..Outcome::default()
+                ..RecordOutcome::default()
             },
         }
     }
 
-    fn classify(
+    /// The per-subject limits of a call: `Some((retry_after_ms, reason))` when it is over.
+    async fn over_limit(
+        &self,
+        subject: Option<&SubjectKey>,
+        dir: crate::engine::Direction,
+        costs: [Option<u64>; 2],
+    ) -> Option<(u64, &'static str)> {
+        let subject = subject?;
+        let dir = limit_dir(dir);
+        if !self.state.limits.any(dir) {
+            return None;
+        }
+        self.state
+            .limit(subject, dir, costs, now_ms())
+            .await
+            .map(|l| (l.retry_after.as_millis().max(1) as u64, l.reason))
+    }
+
+    /// Writes the decision record: its log line always, and with `records.dir` its line in the
+    /// records (and in the RULE-MIST-005 report sink; `sample` goes to the opt-in RULE-MIST-007
+    /// samples). In `sync` mode this returns once the record is on disk; when it cannot be
+    /// written and `records.on_error = fail_closed`, the call fails with UNAVAILABLE.
+    pub(super) async fn write_record(
+        &self,
+        r: &Record<'_>,
+        sample: Option<&str>,
+    ) -> Result<(), Status> {
+        log_decision(r);
+        self.persist_record(r, sample).await
+    }
+
+    /// Writes the record to the record files only (see [`Shared::write_record`]).
+    pub(super) async fn persist_record(
+        &self,
+        r: &Record<'_>,
+        sample: Option<&str>,
+    ) -> Result<(), Status> {
+        let Some(rec) = &self.records else {
+            return Ok(());
+        };
+        rec.write(r, sample).await.map_err(|()| {
+            reject(
+                r.rpc,
+                "records_unavailable",
+                Status::unavailable(
+                    "the decision record could not be written (records.on_error = fail_closed); retry later",
+                ),
+            )
+        })
+    }
+
+    /// The keyed hash of a text for its decision record (hex), "" without records.
+    fn text_hash(&self, text: &str) -> String {
+        self.records
+            .as_ref()
+            .map(|r| r.text_hash(text.as_bytes()))
+            .unwrap_or_default()
+    }
+
+    async fn classify(
         &self,
         req: pb::ClassifyRequest,
         started: Instant,
@@ -336,56 +438,90 @@ impl Shared {
         )?;
         let decision_id = self.ids.next();
         let bytes = req.text.len() as u64;
+        let text_hash = self.text_hash(&req.text);
         let engine = self.engine.load_full();
-        let forced = refusal(self.gate(meta.subject.as_ref()));
-        if let Some((action, level, reason, message)) = forced {
-            metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
-            metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => action.as_str()).increment(1);
-            log_decision(&Record {
-                rpc: "classify",
-                decision_id: &decision_id,
-                meta: &meta,
-                action,
-                rules: &[],
-                language: None,
-                level,
-                reason,
-                bytes,
-                ruleset_version: engine.version(),
-                started,
-            });
+        let subject = meta.subject.as_ref();
+        let mut forced = refusal(self.gate(subject).await);
+        if forced.is_none() {
+            let costs = SubjectLimits::request_costs(Some(bytes));
+            if let Some((retry, reason)) =
+                self.over_limit(subject, meta.opts.direction, costs).await
+            {
+                forced = Some(limited(retry, reason));
+            }
+        }
+        if let Some(f) = forced {
+            metrics::counter!("mistguard_rejected_total", "reason" => f.reason).increment(1);
+            metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => f.action.as_str()).increment(1);
+            self.write_record(
+                &Record {
+                    rpc: "classify",
+                    decision_id: &decision_id,
+                    direction: meta.direction,
+                    subject: meta.subject,
+                    request_id: &meta.request_id,
+                    action: f.action.as_str(),
+                    rules: &[],
+                    hits: &[],
+                    language: None,
+                    level: f.level,
+                    reason: f.reason,
+                    bytes,
+                    text_hash,
+                    ruleset_version: engine.version(),
+                    policy_version: "",
+                    started,
+                },
+                None,
+            )
+            .await?;
             return Ok(pb::ClassifyResponse {
-                action: action_to_pb(action) as i32,
-                escalation_level: level,
-                message: message.to_string(),
+                action: action_to_pb(f.action) as i32,
+                escalation_level: f.level,
+                message: f.message.to_string(),
                 decision_id,
-                reason: reason.to_string(),
+                reason: f.reason.to_string(),
                 ruleset_version: engine.version().to_string(),
+                retry_after_ms: f.retry_after_ms,
                 ..Default::default()
             });
         }
         let verdict = engine.classify(&req.text, &meta.opts);
-        drop(req);
         let rules = distinct_rules(&verdict.hits);
-        let outcome = self.record(meta.subject.as_ref(), verdict.action, &rules);
-        log_escalation(&meta, &decision_id, &outcome, self.escalation.suspension());
+        // RULE-MIST-007 retraining samples keep the text, only where the operator opted in.
+        let sample = (rules.contains(&"RULE-MIST-007")
+            && self.records.as_ref().is_some_and(|r| r.keeps_samples()))
+        .then_some(req.text);
+        let outcome = self
+            .record_outcome(subject, &decision_id, verdict.action, &rules)
+            .await;
+        log_escalation(subject, &decision_id, &outcome, self.state.suspension());
         observe_hits(&verdict.hits);
         metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify").increment(bytes);
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify", "action" => verdict.action.as_str())
             .increment(1);
-        log_decision(&Record {
-            rpc: "classify",
-            decision_id: &decision_id,
-            meta: &meta,
-            action: verdict.action,
-            rules: &rules,
-            language: verdict.language,
-            level: outcome.level,
-            reason: "",
-            bytes,
-            ruleset_version: engine.version(),
-            started,
-        });
+        self.write_record(
+            &Record {
+                rpc: "classify",
+                decision_id: &decision_id,
+                direction: meta.direction,
+                subject: meta.subject,
+                request_id: &meta.request_id,
+                action: verdict.action.as_str(),
+                rules: &rules,
+                hits: &verdict.hits,
+                language: verdict.language,
+                level: outcome.level,
+                reason: "",
+                bytes,
+                text_hash,
+                ruleset_version: engine.version(),
+                policy_version: "",
+                started,
+            },
+            sample.as_deref(),
+        )
+        .await?;
         Ok(pb::ClassifyResponse {
             action: action_to_pb(verdict.action) as i32,
             hits: verdict.hits.iter().map(hit_to_pb).collect(),
@@ -396,7 +532,16 @@ impl Shared {
             decision_id,
             reason: String::new(),
             ruleset_version: engine.version().to_string(),
+            retry_after_ms: 0,
         })
+    }
+}
+
+/// Which limits a direction pays: completions their own, everything else the prompts'.
+fn limit_dir(d: crate::engine::Direction) -> LimitDir {
+    match d {
+        crate::engine::Direction::Output => LimitDir::Output,
+        _ => LimitDir::Input,
     }
 }
 
@@ -412,6 +557,7 @@ impl pb::guard_server::Guard for GuardService {
         let started = Instant::now();
         self.shared
             .classify(req.into_inner(), started)
+            .await
             .map(Response::new)
     }
 
@@ -466,6 +612,7 @@ impl pb::guard_server::Guard for GuardService {
         // Policies and the content scan are CPU work of tens of microseconds: inline.
         shared
             .authorize_tool_call(req.into_inner(), started)
+            .await
             .map(Response::new)
     }
 
@@ -642,28 +789,47 @@ impl StreamTask {
             language: None,
             level: 0,
             bytes: 0,
+            text: shared.records.as_ref().map(|r| r.text_hasher()),
             started: self.started,
         };
-        let forced = refusal(shared.gate(log.meta.subject.as_ref()));
-        if let Some((action, level, reason, message)) = forced {
-            metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
-            metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str())
+        let subject = log.meta.subject;
+        let dir = log.meta.opts.direction;
+        let mut forced = refusal(shared.gate(subject.as_ref()).await);
+        if forced.is_none() {
+            let costs = SubjectLimits::request_costs(Some(first.text.len() as u64));
+            if let Some((retry, reason)) = shared.over_limit(subject.as_ref(), dir, costs).await {
+                forced = Some(limited(retry, reason));
+            }
+        }
+        if let Some(f) = forced {
+            metrics::counter!("mistguard_rejected_total", "reason" => f.reason).increment(1);
+            metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => f.action.as_str())
                 .increment(1);
-            log.level = level;
-            log.end(Some(action), reason);
+            log.level = f.level;
+            log.bytes = first.text.len() as u64;
+            if let Some(h) = &mut log.text {
+                h.update(first.text.as_bytes());
+            }
+            if let Err(status) = log.end(&shared, Some(f.action), f.reason).await {
+                self.send(Err(status)).await;
+                return;
+            }
             self.send(Ok(pb::ClassifyStreamResponse {
-                action: action_to_pb(action) as i32,
-                escalation_level: level,
-                message: message.to_string(),
+                action: action_to_pb(f.action) as i32,
+                escalation_level: f.level,
+                message: f.message.to_string(),
                 decision_id: log.decision_id,
                 r#final: true,
-                reason: reason.to_string(),
+                reason: f.reason.to_string(),
                 ruleset_version: log.ruleset_version,
+                retry_after_ms: f.retry_after_ms,
                 ..Default::default()
             }))
             .await;
             return;
         }
+        // Later chunks pay the byte budget as they come.
+        let chunk_budget = subject.is_some() && shared.state.limits.has_bytes(limit_dir(dir));
 
         let mut session = engine.session(&log.meta.opts);
         // Each step's hits go to the client as they come: the session need not keep them.
@@ -690,17 +856,17 @@ impl StreamTask {
                                 idle.as_secs_f32()
                             )),
                         );
-                        log.end(None, "idle_timeout");
+                        let _ = log.end(&shared, None, "idle_timeout").await;
                         self.send(Err(status)).await;
                         return;
                     }
                     Next::ClientGone => {
-                        log.end(None, "cancelled");
+                        let _ = log.end(&shared, None, "cancelled").await;
                         return;
                     }
                     Next::Failed(status) => {
                         let status = stream_decode_error(status, limits.max_message_bytes);
-                        log.end(None, "malformed");
+                        let _ = log.end(&shared, None, "malformed").await;
                         self.send(Err(status)).await;
                         return;
                     }
@@ -737,7 +903,7 @@ impl StreamTask {
                 None
             };
             if let Some((reason, text)) = over {
-                log.end(None, reason);
+                let _ = log.end(&shared, None, reason).await;
                 self.send(Err(reject(
                     "classify_stream",
                     reason,
@@ -745,6 +911,38 @@ impl StreamTask {
                 )))
                 .await;
                 return;
+            }
+            if chunk_budget && chunks > 1 {
+                let costs = SubjectLimits::chunk_costs(msg.text.len() as u64);
+                if let Some((retry, reason)) = shared.over_limit(subject.as_ref(), dir, costs).await
+                {
+                    // Over the byte budget mid-stream: nothing more is released.
+                    metrics::counter!("mistguard_rejected_total", "reason" => reason).increment(1);
+                    metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => "rate_limit")
+                        .increment(1);
+                    let f = limited(retry, reason);
+                    if let Err(status) = log.end(&shared, Some(f.action), f.reason).await {
+                        self.send(Err(status)).await;
+                        return;
+                    }
+                    self.send(Ok(pb::ClassifyStreamResponse {
+                        action: action_to_pb(f.action) as i32,
+                        released_bytes: released,
+                        escalation_level: log.level,
+                        message: f.message.to_string(),
+                        decision_id: log.decision_id,
+                        r#final: true,
+                        reason: f.reason.to_string(),
+                        ruleset_version: log.ruleset_version,
+                        retry_after_ms: f.retry_after_ms,
+                        ..Default::default()
+                    }))
+                    .await;
+                    return;
+                }
+            }
+            if let Some(h) = &mut log.text {
+                h.update(msg.text.as_bytes());
             }
             metrics::counter!("mistguard_stream_chunks_total").increment(1);
             metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream")
@@ -775,9 +973,10 @@ impl StreamTask {
                 r#final: false,
                 reason: String::new(),
                 ruleset_version: log.ruleset_version.clone(),
+                retry_after_ms: 0,
             };
             if !self.send(Ok(response)).await {
-                log.end(None, "cancelled");
+                let _ = log.end(&shared, None, "cancelled").await;
                 return;
             }
         };
@@ -791,16 +990,26 @@ impl StreamTask {
             log.language = step.language;
         }
         let action = step.action;
-        let outcome = shared.record(log.meta.subject.as_ref(), action, &log.hits.rules());
+        let outcome = shared
+            .record_outcome(
+                subject.as_ref(),
+                &log.decision_id,
+                action,
+                &log.hits.rules(),
+            )
+            .await;
         log_escalation(
-            &log.meta,
+            subject.as_ref(),
             &log.decision_id,
             &outcome,
-            shared.escalation.suspension(),
+            shared.state.suspension(),
         );
         metrics::counter!("mistguard_decisions_total", "rpc" => "classify_stream", "action" => action.as_str()).increment(1);
         log.level = outcome.level;
-        log.end(Some(action), reason);
+        if let Err(status) = log.end(&shared, Some(action), reason).await {
+            self.send(Err(status)).await;
+            return;
+        }
         // The engine releases past a hit once it is reported (the client can act on its span);
         // after a block nothing more may be forwarded, so the release stays where it was.
         let (released_bytes, released_text) = if action >= Action::Block {
@@ -820,6 +1029,7 @@ impl StreamTask {
             r#final: true,
             reason: reason.to_string(),
             ruleset_version: log.ruleset_version,
+            retry_after_ms: 0,
         };
         self.send(Ok(response)).await;
     }
@@ -876,26 +1086,47 @@ struct StreamLog {
     language: Option<&'static str>,
     level: u32,
     bytes: u64,
+    /// The keyed hash of the stream's text so far (with records on).
+    text: Option<blake3::Hasher>,
     started: Instant,
 }
 
 impl StreamLog {
     /// Writes the stream's one decision record; `action` defaults to the most severe hit's.
-    fn end(&self, action: Option<Action>, reason: &str) {
+    async fn end(
+        &self,
+        shared: &Shared,
+        action: Option<Action>,
+        reason: &str,
+    ) -> Result<(), Status> {
         let rules = self.hits.rules();
-        log_decision(&Record {
-            rpc: "classify_stream",
-            decision_id: &self.decision_id,
-            meta: &self.meta,
-            action: action.unwrap_or(self.hits.action),
-            rules: &rules,
-            language: self.language,
-            level: self.level,
-            reason,
-            bytes: self.bytes,
-            ruleset_version: &self.ruleset_version,
-            started: self.started,
-        });
+        shared
+            .write_record(
+                &Record {
+                    rpc: "classify_stream",
+                    decision_id: &self.decision_id,
+                    direction: self.meta.direction,
+                    subject: self.meta.subject,
+                    request_id: &self.meta.request_id,
+                    action: action.unwrap_or(self.hits.action).as_str(),
+                    rules: &rules,
+                    hits: &self.hits.kept,
+                    language: self.language,
+                    level: self.level,
+                    reason,
+                    bytes: self.bytes,
+                    text_hash: self
+                        .text
+                        .as_ref()
+                        .map(|h| h.finalize().to_hex().to_string())
+                        .unwrap_or_default(),
+                    ruleset_version: &self.ruleset_version,
+                    policy_version: "",
+                    started: self.started,
+                },
+                None,
+            )
+            .await
     }
 }
 
@@ -921,17 +1152,50 @@ fn stream_decode_error(status: Status, limit: usize) -> Status {
     }
 }
 
-/// The answer for a subject the escalation gate stops: (action, level, reason, message), or
-/// `None` when the gate is open. Shared by Classify and ClassifyStream.
-fn refusal(gate: Gate) -> Option<(Action, u32, &'static str, &'static str)> {
+/// A call answered without looking at its text: a suspended or rate-limited subject, or one over
+/// its per-subject limits.
+#[derive(Clone, Copy, Debug)]
+struct Forced {
+    action: Action,
+    level: u32,
+    reason: &'static str,
+    message: &'static str,
+    retry_after_ms: u64,
+}
+
+/// The answer for a subject the escalation gate stops, or `None` when the gate is open. Shared by
+/// Classify and ClassifyStream.
+fn refusal(gate: Gate) -> Option<Forced> {
     match gate {
-        Gate::Suspended => Some((Action::Block, 2, "suspended", SUSPENDED_MESSAGE)),
-        Gate::RateLimited { level } => Some((
-            Action::RateLimit,
+        Gate::Suspended => Some(Forced {
+            action: Action::Block,
+            level: 2,
+            reason: "suspended",
+            message: SUSPENDED_MESSAGE,
+            retry_after_ms: 0,
+        }),
+        Gate::RateLimited { level, until_ms } => Some(Forced {
+            action: Action::RateLimit,
             level,
-            "rate_limited",
-            RATE_LIMITED_MESSAGE,
-        )),
+            reason: "rate_limited",
+            message: RATE_LIMITED_MESSAGE,
+            retry_after_ms: until_ms.saturating_sub(now_ms()).max(1),
+        }),
         Gate::Open { .. } => None,
+    }
+}
+
+/// The answer for a subject over a per-subject limit or budget.
+fn limited(retry_after_ms: u64, reason: &'static str) -> Forced {
+    Forced {
+        action: Action::RateLimit,
+        level: 0,
+        reason,
+        message: if reason == "rate_limited" {
+            LIMITED_MESSAGE
+        } else {
+            LIMITS_UNAVAILABLE_MESSAGE
+        },
+        retry_after_ms,
     }
 }

@@ -99,7 +99,7 @@ fn object(text: &str, field: &str) -> Result<serde_json::Value, Status> {
 }
 
 impl Shared {
-    pub(super) fn authorize_tool_call(
+    pub(super) async fn authorize_tool_call(
         &self,
         req: pb::AuthorizeToolCallRequest,
         started: Instant,
@@ -275,6 +275,30 @@ impl Shared {
         } else {
             record!(tracing::Level::INFO)
         }
+        let hits: Vec<crate::verdict::Hit> = scan.hits.iter().map(|h| h.hit.clone()).collect();
+        let rules: Vec<&str> = scan_rules.iter().map(String::as_str).collect();
+        self.persist_record(
+            &super::service::Record {
+                rpc: RPC,
+                decision_id: &decision_id,
+                direction: "tool_arguments",
+                subject,
+                request_id: super::service::loggable_request_id(&req.request_id),
+                action: name,
+                rules: &rules,
+                hits: &hits,
+                language: None,
+                level: u32::from(!rules.is_empty()),
+                reason: &policy,
+                bytes: bytes as u64,
+                text_hash: call_hash.clone(),
+                ruleset_version: engine.version(),
+                policy_version: policies.version(),
+                started,
+            },
+            None,
+        )
+        .await?;
         Ok(pb::AuthorizeToolCallResponse {
             decision: match decision {
                 ToolAction::Allow => pb::ToolDecision::Allow,

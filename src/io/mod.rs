@@ -1,0 +1,6 @@
+//! *Edge*: I/O implementations outside the core that are not the network transport.
+//!
+//! - `records`: the decision records on disk (hash-chained JSONL segments, group commit,
+//!   rotation, retention, recovery) and `mistguard records verify|query`.
+
+pub mod records;
