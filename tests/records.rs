@@ -83,7 +83,7 @@ async fn kill_9_loses_no_answered_decision() {
         let received = received.clone();
         load.push(tokio::spawn(async move {
             for n in 0u64.. {
-                let text = if n % 3 == 0 {
+                let text = if n.is_multiple_of(3) {
                     format!("note {n}: I think {BLOCK_PHRASE}.")
                 } else {
                     format!("hello number {n} from worker {w}")

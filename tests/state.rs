@@ -207,7 +207,7 @@ async fn a_redis_outage_fails_no_request_and_merges_back() {
         load.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let text = if n % 5 == 0 {
+                let text = if n.is_multiple_of(5) {
                     "I think zorblax must be destroyed."
                 } else {
                     "hello"

@@ -43,6 +43,15 @@ pub struct BenchArgs {
     /// Seconds per phase (1..=60).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Where the "Classify 1 KiB, sync records" phase writes its decision records (a second
+    /// in-process daemon with `records.durability = sync`); default: a fresh directory under
+    /// the system's temporary directory, removed afterwards. Put it on the disk the daemon will
+    /// use: the fsync is the cost. Not with --target.
+    #[arg(long, value_name = "DIR")]
+    pub records_dir: Option<PathBuf>,
+    /// `records.commit_delay` of that daemon (e.g. `1ms`).
+    #[arg(long, value_name = "DURATION", default_value = "0ms")]
+    pub records_commit_delay: String,
     /// Concurrent unary calls in the closed-loop phases.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -89,6 +98,25 @@ struct PhaseResult {
 }
 
 impl PhaseResult {
+    fn named(name: &str) -> PhaseResult {
+        PhaseResult {
+            name: name.to_string(),
+            calls: 0,
+            errors: 0,
+            secs: 0.0,
+            latencies_us: Vec::new(),
+        }
+    }
+
+    /// Adds another run of the same phase.
+    fn add(&mut self, other: PhaseResult) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.secs += other.secs;
+        self.latencies_us.extend(other.latencies_us);
+        self.latencies_us.sort_unstable();
+    }
+
     fn rate(&self) -> f64 {
         self.calls as f64 / self.secs
     }
@@ -124,6 +152,10 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
         eprintln!("mistguard bench: --seconds must be 1..=60; counts must be positive");
         return ExitCode::from(super::EXIT_CONFIG);
     }
+    if args.target.is_some() && args.records_dir.is_some() {
+        eprintln!("mistguard bench: --records-dir is for the in-process daemons; a --target writes its own records");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
     if let Some(t) = args.target {
         if !t.ip().is_loopback() {
             eprintln!("mistguard bench: --target must be a loopback address (127.0.0.0/8 or ::1)");
@@ -151,50 +183,79 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// An in-process daemon: its address, and how to stop it.
+type InProcess = (
+    mpsc::Sender<Control>,
+    tokio::task::JoinHandle<Result<(), BoxError>>,
+);
+
+/// Starts a daemon in this process with the bench's settings and `extra` ones.
+async fn start_daemon(
+    args: &BenchArgs,
+    extra: &[(&str, String)],
+) -> Result<(SocketAddr, InProcess), BoxError> {
+    let mut flags = HashMap::new();
+    if let Some(dir) = &args.rulesets {
+        flags.insert("rulesets".to_string(), dir.display().to_string());
+    }
+    if let Some(dir) = &args.policies {
+        flags.insert("policies".to_string(), dir.display().to_string());
+    }
+    flags.insert("max_inflight".into(), "100000".into());
+    flags.insert("max_streams".into(), (args.streams * 2).to_string());
+    for (k, v) in extra {
+        flags.insert(k.to_string(), v.clone());
+    }
+    let config = Config::from_sources(&Sources {
+        flags,
+        ..Default::default()
+    })?;
+    let prepared = prepare(&config)?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = grpc.local_addr()?;
+    let (tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(serve_with(
+        config,
+        prepared,
+        Listeners {
+            grpc,
+            metrics: None,
+        },
+        rx,
+    ));
+    Ok((addr, (tx, task)))
+}
+
+async fn stop_daemon((tx, task): InProcess) {
+    let _ = tx.send(Control::Shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(25), task).await;
+}
+
+async fn connect(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, BoxError> {
+    let mut channels = Vec::new();
+    for _ in 0..n {
+        channels.push(
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
 async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let mut server = None;
     let addr = match args.target {
         Some(a) => a,
         None => {
-            let mut flags = HashMap::new();
-            if let Some(dir) = &args.rulesets {
-                flags.insert("rulesets".to_string(), dir.display().to_string());
-            }
-            if let Some(dir) = &args.policies {
-                flags.insert("policies".to_string(), dir.display().to_string());
-            }
-            flags.insert("max_inflight".into(), "100000".into());
-            flags.insert("max_streams".into(), (args.streams * 2).to_string());
-            let config = Config::from_sources(&Sources {
-                flags,
-                ..Default::default()
-            })?;
-            let prepared = prepare(&config)?;
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = grpc.local_addr()?;
-            let (tx, rx) = mpsc::channel(1);
-            let task = tokio::spawn(serve_with(
-                config,
-                prepared,
-                Listeners {
-                    grpc,
-                    metrics: None,
-                },
-                rx,
-            ));
-            server = Some((tx, task));
+            let (addr, s) = start_daemon(&args, &[]).await?;
+            server = Some(s);
             addr
         }
     };
     let secs = Duration::from_secs(args.seconds);
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(args.streams.div_ceil(200)) {
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        channels.push(ch);
-    }
+    let channels = connect(addr, args.connections.max(args.streams.div_ceil(200))).await?;
     println!(
         "mistguard bench: target {addr}{}, {} s per phase, {} concurrent calls over {} connections, Classify payload {:?}",
         if server.is_some() {
@@ -241,6 +302,56 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         Some(text_1k.clone()),
     )
     .await;
+    // The same load on a second daemon whose every decision is a record on disk, `sync`: the
+    // answer waits for its group commit's fsync. The two daemons take turns, three rounds of a
+    // third of the phase each, so the ratio compares like with like on a noisy machine.
+    let with_records = match &args.target {
+        Some(_) => None,
+        None => {
+            let (dir, temporary) = match &args.records_dir {
+                Some(d) => (d.clone(), false),
+                None => (
+                    std::env::temp_dir()
+                        .join(format!("mistguard-bench-records-{}", std::process::id())),
+                    true,
+                ),
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("records dir {}: {e}", dir.display()))?;
+            let (raddr, rserver) = start_daemon(
+                &args,
+                &[
+                    ("records.dir", dir.display().to_string()),
+                    ("records.durability", "sync".into()),
+                    ("records.commit_delay", args.records_commit_delay.clone()),
+                ],
+            )
+            .await?;
+            let rch = connect(raddr, args.connections).await?;
+            let third = (secs / 3).max(Duration::from_millis(500));
+            let mut off = PhaseResult::named("Classify 1 KiB, records off (turns)");
+            let mut on = PhaseResult::named("Classify 1 KiB, sync records (turns)");
+            for _ in 0..3 {
+                off.add(
+                    closed_loop(
+                        "",
+                        unary_channels,
+                        args.concurrency,
+                        third,
+                        Some(text_1k.clone()),
+                    )
+                    .await,
+                );
+                on.add(closed_loop("", &rch, args.concurrency, third, Some(text_1k.clone())).await);
+            }
+            drop(rch);
+            stop_daemon(rserver).await;
+            if temporary {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Some((off, on))
+        }
+    };
     let c16k = closed_loop(
         "Classify 16 KiB",
         unary_channels,
@@ -282,8 +393,11 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
         "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
     );
-    for r in [&ping, &c1k, &c16k, &open, &pacer, &authorize, &streams]
+    let turns: Vec<&PhaseResult> = with_records.iter().flat_map(|(a, b)| [a, b]).collect();
+    for r in [&ping, &c1k]
         .into_iter()
+        .chain(turns)
+        .chain([&c16k, &open, &pacer, &authorize, &streams])
         .chain(engine_only.as_ref())
     {
         let p = |q| {
@@ -311,6 +425,13 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "AuthorizeToolCall throughput: {tool_ratio:.0}% of the empty RPC (target >= 70%): {}",
         if tool_ratio >= 70.0 { "met" } else { "NOT met" }
     );
+    if let Some((off, on)) = &with_records {
+        let ratio = on.rate() / off.rate();
+        println!(
+            "Classify 1 KiB with sync decision records: {ratio:.2} of records off (target >= 0.8): {}",
+            if ratio >= 0.8 { "met" } else { "NOT met" }
+        );
+    }
     let p99 = open.percentile(0.99).unwrap_or(f64::INFINITY);
     println!(
         "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
@@ -320,9 +441,8 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         println!("(measured while {shared_cores})");
     }
 
-    if let Some((tx, task)) = server {
-        let _ = tx.send(Control::Shutdown).await;
-        let _ = tokio::time::timeout(Duration::from_secs(25), task).await;
+    if let Some(s) = server {
+        stop_daemon(s).await;
     }
     Ok(())
 }

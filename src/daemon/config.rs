@@ -199,6 +199,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "when a record cannot be written in `sync` mode (disk full, read-only): `fail_closed` answers UNAVAILABLE; `continue` answers and counts the loss",
     },
     Setting {
+        key: "records.commit_delay",
+        default: "0ms",
+        help: "in `sync` mode, how long a small group commit waits for more records before its fsync (like PostgreSQL's commit_delay); raise it (about 1ms) under heavy concurrency to make fewer, larger fsyncs",
+    },
+    Setting {
         key: "records.queue",
         default: "65536",
         help: "records waiting to be written, at most (per sink)",
@@ -477,6 +482,7 @@ pub struct RecordsConfig {
     pub dir: Option<PathBuf>,
     pub sync: bool,
     pub fail_closed: bool,
+    pub commit_delay: Duration,
     pub queue: usize,
     pub segment_bytes: u64,
     pub retain: Duration,
@@ -814,6 +820,11 @@ impl Config {
                         _ => None,
                     }
                 })?,
+                commit_delay: src.parse(
+                    "records.commit_delay",
+                    "a duration like 1ms (at most 100ms)",
+                    |s| parse_duration(s).filter(|d| *d <= Duration::from_millis(100)),
+                )?,
                 queue: src.parse("records.queue", "a positive count", |s| {
                     nonzero_u64(s).map(|n| n as usize)
                 })?,

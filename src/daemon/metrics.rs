@@ -246,7 +246,22 @@ pub fn register(engine: &crate::engine::Engine) {
     for reason in ["rate_limited", "limits_unavailable"] {
         metrics::counter!("mistguard_limited_total", "reason" => reason).increment(0);
     }
+    for op in [
+        "ping",
+        "check",
+        "record",
+        "merge_suspension",
+        "merge_rate_limit",
+        "reviews",
+        "lift",
+        "limit",
+    ] {
+        metrics::counter!("mistguard_state_redis_errors_total", "op" => op).increment(0);
+    }
+    metrics::counter!("mistguard_state_errors_total", "op" => "persist").increment(0);
     for stream in ["decisions", "reports", "samples"] {
+        // A histogram appears with its first sample; its series exist from here.
+        let _ = metrics::histogram!("mistguard_records_fsync_seconds", "stream" => stream);
         metrics::counter!("mistguard_records_written_total", "stream" => stream).increment(0);
         metrics::counter!("mistguard_records_dropped_total", "stream" => stream).increment(0);
         metrics::counter!("mistguard_records_errors_total", "stream" => stream).increment(0);

@@ -137,6 +137,8 @@ pub struct ServeArgs {
     pub records_durability: Option<String>,
     #[arg(long = "records-on-error", value_name = "VALUE")]
     pub records_on_error: Option<String>,
+    #[arg(long = "records-commit-delay", value_name = "VALUE")]
+    pub records_commit_delay: Option<String>,
     #[arg(long = "records-queue", value_name = "VALUE")]
     pub records_queue: Option<String>,
     #[arg(long = "records-segment-bytes", value_name = "VALUE")]
@@ -220,7 +222,7 @@ fn value_name(s: &config::Setting) -> &'static str {
 impl ServeArgs {
     /// The flags given, keyed by setting key.
     pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 57] = [
+        let pairs: [(&str, &Option<String>); 58] = [
             ("listen", &self.listen),
             ("metrics_listen", &self.metrics_listen),
             ("rulesets", &self.rulesets),
@@ -270,6 +272,7 @@ impl ServeArgs {
             ("records.dir", &self.records_dir),
             ("records.durability", &self.records_durability),
             ("records.on_error", &self.records_on_error),
+            ("records.commit_delay", &self.records_commit_delay),
             ("records.queue", &self.records_queue),
             ("records.segment_bytes", &self.records_segment_bytes),
             ("records.retain", &self.records_retain),

@@ -45,6 +45,7 @@ impl Recorder {
             max_segment_bytes: cfg.segment_bytes,
             max_total_bytes: cfg.max_bytes,
             retain_age: retain,
+            linger: cfg.commit_delay,
             ..SinkConfig::default()
         };
         std::fs::create_dir_all(dir).map_err(|e| format!("records.dir {}: {e}", dir.display()))?;
