@@ -49,6 +49,11 @@ pub struct BenchArgs {
     /// use: the fsync is the cost. Not with --target.
     #[arg(long, value_name = "DIR")]
     pub records_dir: Option<PathBuf>,
+    /// Also compare per-subject state in Redis with local state: a daemon with this `redis.url`
+    /// (and a temporary subject key) and the local one take turns at Classify 1 KiB with
+    /// subjects (64 per concurrent caller). Not with --target.
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
     /// `records.commit_delay` of that daemon (e.g. `1ms`).
     #[arg(long, value_name = "DURATION", default_value = "0ms")]
     pub records_commit_delay: String,
@@ -152,8 +157,8 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
         eprintln!("mistguard bench: --seconds must be 1..=60; counts must be positive");
         return ExitCode::from(super::EXIT_CONFIG);
     }
-    if args.target.is_some() && args.records_dir.is_some() {
-        eprintln!("mistguard bench: --records-dir is for the in-process daemons; a --target writes its own records");
+    if args.target.is_some() && (args.records_dir.is_some() || args.redis_url.is_some()) {
+        eprintln!("mistguard bench: --records-dir and --redis-url are for the in-process daemons; a --target has its own");
         return ExitCode::from(super::EXIT_CONFIG);
     }
     if let Some(t) = args.target {
@@ -352,6 +357,61 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             Some((off, on))
         }
     };
+    // Per-subject state in Redis against local state, taking turns (with --redis-url).
+    let with_redis = match (&args.target, &args.redis_url) {
+        (None, Some(url)) => {
+            let key = std::env::temp_dir().join(format!(
+                "mistguard-bench-subject-{}.key",
+                std::process::id()
+            ));
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)?;
+            std::fs::write(&key, hex_bytes(&secret))
+                .map_err(|e| format!("{}: {e}", key.display()))?;
+            let started = start_daemon(
+                &args,
+                &[
+                    ("redis.url", url.clone()),
+                    ("redis.required", "true".into()),
+                    ("subject_key_file", key.display().to_string()),
+                ],
+            )
+            .await;
+            let _ = std::fs::remove_file(&key);
+            let (raddr, rserver) = started?;
+            let rch = connect(raddr, args.connections).await?;
+            let third = (secs / 3).max(Duration::from_millis(500));
+            let with_subjects = Arc::new(format!("{SUBJECTS}{}", args.payload.text(1024)));
+            let mut local = PhaseResult::named("Classify 1 KiB+subject, local");
+            let mut shared = PhaseResult::named("Classify 1 KiB+subject, Redis");
+            for _ in 0..3 {
+                local.add(
+                    closed_loop(
+                        "",
+                        unary_channels,
+                        args.concurrency,
+                        third,
+                        Some(with_subjects.clone()),
+                    )
+                    .await,
+                );
+                shared.add(
+                    closed_loop(
+                        "",
+                        &rch,
+                        args.concurrency,
+                        third,
+                        Some(with_subjects.clone()),
+                    )
+                    .await,
+                );
+            }
+            drop(rch);
+            stop_daemon(rserver).await;
+            Some((local, shared))
+        }
+        _ => None,
+    };
     let c16k = closed_loop(
         "Classify 16 KiB",
         unary_channels,
@@ -393,7 +453,11 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "{:<34} {:>10} {:>8} {:>12} {:>9} {:>9}",
         "phase", "calls", "errors", "per second", "p50 µs", "p99 µs"
     );
-    let turns: Vec<&PhaseResult> = with_records.iter().flat_map(|(a, b)| [a, b]).collect();
+    let turns: Vec<&PhaseResult> = with_records
+        .iter()
+        .chain(with_redis.iter())
+        .flat_map(|(a, b)| [a, b])
+        .collect();
     for r in [&ping, &c1k]
         .into_iter()
         .chain(turns)
@@ -432,6 +496,12 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             if ratio >= 0.8 { "met" } else { "NOT met" }
         );
     }
+    if let Some((local, shared)) = &with_redis {
+        println!(
+            "Classify 1 KiB with a subject, state in Redis: {:.2} of local state",
+            shared.rate() / local.rate()
+        );
+    }
     let p99 = open.percentile(0.99).unwrap_or(f64::INFINITY);
     println!(
         "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
@@ -449,6 +519,13 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
 
 /// The marker text of the AuthorizeToolCall phase.
 const AUTHORIZE: &str = "\u{0}authorize";
+
+/// The prefix of a Classify text sent with subjects (`bench-<caller>-<n % 64>`).
+const SUBJECTS: &str = "\u{0}subjects:";
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
 
 /// The AuthorizeToolCall phase's call: a read-only query an agent makes all day.
 fn authorize_request() -> super::pb::AuthorizeToolCallRequest {
@@ -489,13 +566,20 @@ async fn closed_loop(
                         .authorize_tool_call(authorize_request())
                         .await
                         .is_ok(),
-                    Some(s) => client
-                        .classify(ClassifyRequest {
-                            text: s.as_str().to_owned(),
-                            ..Default::default()
-                        })
-                        .await
-                        .is_ok(),
+                    Some(s) => {
+                        let (text, subject) = match s.strip_prefix(SUBJECTS) {
+                            Some(t) => (t, format!("bench-{i}-{}", lat.len() % 64)),
+                            None => (s.as_str(), String::new()),
+                        };
+                        client
+                            .classify(ClassifyRequest {
+                                text: text.to_owned(),
+                                subject,
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok()
+                    }
                 };
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 errors += u64::from(!ok);

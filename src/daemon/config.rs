@@ -186,7 +186,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "records.dir",
         default: "",
-        help: "directory of the decision records (append-only, hash-chained JSONL segments; see docs/RECORDS.md); empty: records are only log lines",
+        help: "directory of the decision records (append-only, hash-chained JSONL segments; docs/DAEMON.md, 'Decision records on disk'); empty: records are only log lines",
     },
     Setting {
         key: "records.durability",
