@@ -121,9 +121,9 @@ async fn three_replicas_count_one_subject_exactly() {
         .iter()
         .any(|c| c.rule_id == "RULE-MIST-001" && c.count >= 50));
     assert_eq!(list[0].subject_hash.len(), 32);
-    // Lifted on one replica, lifted on all.
+    // Lifted on one replica (the hash in upper case is the same subject), lifted on all.
     within(a.lift_suspension(admin(pb::LiftSuspensionRequest {
-        subject_hash: list[0].subject_hash.clone(),
+        subject_hash: list[0].subject_hash.to_uppercase(),
         note: "reviewed".into(),
     })))
     .await
@@ -134,6 +134,12 @@ async fn three_replicas_count_one_subject_exactly() {
         .unwrap()
         .into_inner();
     assert_eq!(r.action, pb::Action::Allow as i32, "{r:?}");
+    let left = within(a.list_reviews(admin(pb::ListReviewsRequest { limit: 0 })))
+        .await
+        .unwrap()
+        .into_inner()
+        .reviews;
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// Distinct subjects reaching level 2 on three replicas raise the level-3 alert once.
@@ -510,6 +516,34 @@ async fn an_unreachable_redis_at_start_is_one_line_and_a_setting() {
     assert_eq!(scrape_value(&p, "mistguard_state_degraded", &[]).await, 1.0);
     let mut c = p.client().await;
     let r = within(c.classify(req("hello", "user-x")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.action, pb::Action::Allow as i32);
+    // With `limits.when_redis_down = closed`, limits that cannot be checked refuse the call.
+    let closed = Process::spawn(
+        rules.path(),
+        &[
+            "--redis-url",
+            &url,
+            "--subject-key-file",
+            key.to_str().unwrap(),
+            "--limits-input-requests",
+            "100/1m",
+            "--limits-when-redis-down",
+            "closed",
+        ],
+    );
+    let mut c = closed.client().await;
+    let r = within(c.classify(req("hello", "user-x")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.action, pb::Action::RateLimit as i32);
+    assert_eq!(r.reason, "limits_unavailable");
+    assert!(r.retry_after_ms > 0);
+    // Calls without a subject have no per-subject limits.
+    let r = within(c.classify(req("hello", "")))
         .await
         .unwrap()
         .into_inner();

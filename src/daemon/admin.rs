@@ -93,12 +93,13 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::LiftSuspensionRequest>,
     ) -> Result<Response<pb::LiftSuspensionResponse>, Status> {
         let approver = self.approver(&req)?;
-        let r = req.into_inner();
-        if super::ids::SubjectKey::from_hex(&r.subject_hash).is_none() {
-            return Err(Status::invalid_argument(
-                "subject_hash must be the 32 hex digits ListReviews shows",
-            ));
-        }
+        let mut r = req.into_inner();
+        // The stored form is lower case.
+        r.subject_hash = super::ids::SubjectKey::from_hex(&r.subject_hash)
+            .ok_or_else(|| {
+                Status::invalid_argument("subject_hash must be the 32 hex digits ListReviews shows")
+            })?
+            .hex();
         let lifted = self
             .shared
             .state

@@ -168,7 +168,8 @@ impl Escalation {
     /// Takes the state Redis holds for the subject as its own (Redis answered, so it is the
     /// truth): suspensions and rate limits follow it both ways, so a lift on another replica
     /// lifts here too. Nothing is stored for a subject without state on either side.
-    pub fn follow(&self, subject: &SubjectKey, g: &SubjectGate, now: u64) {
+    /// Returns whether it lifted a suspension this replica held.
+    pub fn follow(&self, subject: &SubjectKey, g: &SubjectGate, now: u64) -> bool {
         if let Some(mut s) = self.subjects.get_mut(subject) {
             let lifted = s.suspended_until.is_some() && g.suspended_until_ms.is_none();
             s.suspended_until = g.suspended_until_ms;
@@ -181,12 +182,12 @@ impl Escalation {
             if lifted {
                 self.reviews_lock().remove(&subject.hex());
             }
-            return;
+            return lifted;
         }
-        if !g.any_hit && g.suspended_until_ms.is_none() && g.rate_limited_until_ms.is_none() {
-            return;
+        if g.any_hit || g.suspended_until_ms.is_some() || g.rate_limited_until_ms.is_some() {
+            self.mirror(subject, g, now);
         }
-        self.mirror(subject, g, now);
+        false
     }
 
     /// Whether the map may hold `subject` (it does already, or there is room after a sweep).
@@ -244,7 +245,7 @@ impl Escalation {
             state.last_hit_ms = Some(now);
             state.last_seen = now;
             if extraction && !self.cfg.rate_limit.is_zero() {
-                let until = now + ms(self.cfg.rate_limit);
+                let until = now.saturating_add(ms(self.cfg.rate_limit));
                 state.rate_limited_until = Some(state.rate_limited_until.unwrap_or(0).max(until));
             }
             while state
@@ -276,7 +277,7 @@ impl Escalation {
             }
             severe_count = state.severe.len() as u32;
             if !already && (csam || state.severe.len() >= self.cfg.level2_hits as usize) {
-                let until = now + ms(self.cfg.suspension);
+                let until = now.saturating_add(ms(self.cfg.suspension));
                 state.suspended_until = Some(until);
                 let mut counts: BTreeMap<String, u32> = BTreeMap::new();
                 for (_, rs) in &state.hits {

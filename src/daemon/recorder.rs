@@ -129,7 +129,10 @@ impl Recorder {
             // A lost sample is counted by its sink; it never fails the call.
             let _ = sink.write(&s).await;
         }
-        let failed = |res: &Result<(), RecordError>| matches!(res, Err(RecordError::Io(_)));
+        // Dropped (async mode, full queue) is counted by the sink and never fails a call; any
+        // other error (I/O, a writer that is gone, a record that does not encode) does in
+        // fail-closed mode.
+        let failed = |res: &Result<(), RecordError>| matches!(res, Err(e) if !matches!(e, RecordError::Dropped));
         if self.fail_closed && (failed(&main) || rep.as_ref().is_some_and(failed)) {
             return Err(());
         }

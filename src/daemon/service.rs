@@ -1100,6 +1100,20 @@ impl StreamLog {
         reason: &str,
     ) -> Result<(), Status> {
         let rules = self.hits.rules();
+        let mut level = self.level;
+        if action.is_none() && !rules.is_empty() {
+            // A stream that ends without its verdict (cancelled, idle, over a limit) still
+            // counts toward its subject's escalation with the hits it reported.
+            let outcome = shared
+                .record_outcome(
+                    self.meta.subject.as_ref(),
+                    &self.decision_id,
+                    self.hits.action,
+                    &rules,
+                )
+                .await;
+            level = outcome.level;
+        }
         shared
             .write_record(
                 &Record {
@@ -1112,7 +1126,7 @@ impl StreamLog {
                     rules: &rules,
                     hits: &self.hits.kept,
                     language: self.language,
-                    level: self.level,
+                    level,
                     reason,
                     bytes: self.bytes,
                     text_hash: self

@@ -61,6 +61,15 @@ impl LocalStore {
         }
     }
 
+    /// Takes the state Redis reports (see `Escalation::follow`); a suspension lifted elsewhere
+    /// also leaves the file.
+    pub async fn follow(&self, subject: &SubjectKey, g: &SubjectGate, now_ms: u64) {
+        if self.esc.follow(subject, g, now_ms) {
+            let s = subject.hex();
+            self.on_disk(move |d| d.remove(&s)).await;
+        }
+    }
+
     fn key(subject: &str) -> Result<SubjectKey, StateError> {
         SubjectKey::from_hex(subject)
             .ok_or_else(|| StateError::Unavailable("not a subject hash".into()))

@@ -97,21 +97,25 @@ impl EscalationParams {
     }
 }
 
-/// What an outage left to write to the shared store once it is back.
-enum Pending {
-    Suspension(ReviewEntry),
-    RateLimit { subject: String, until_ms: u64 },
+/// What an outage left to write to the shared store once it is back, for one subject: its
+/// suspension (with the review entry) and its latest rate limit.
+#[derive(Default)]
+struct Pending {
+    suspension: Option<ReviewEntry>,
+    rate_limited_until: Option<u64>,
 }
 
-/// Most changes an outage keeps for the merge; past it the oldest are dropped (and counted); the
-/// local state still holds them.
+/// Most subjects an outage keeps for the merge. Past it a new rate limit is not kept (counted in
+/// `mistguard_state_merge_dropped_total`; the local state still holds it), and a new suspension
+/// takes the place of a subject that has only a rate limit.
 const MAX_PENDING: usize = 100_000;
 
 /// The shared store (Redis) and what the daemon knows of its health.
 struct Shared {
     store: Arc<dyn SubjectStore>,
     degraded: AtomicBool,
-    pending: Mutex<Vec<Pending>>,
+    /// By subject hash.
+    pending: Mutex<std::collections::HashMap<String, Pending>>,
 }
 
 /// The per-subject state of the daemon (see the module documentation).
@@ -151,16 +155,28 @@ impl State {
             None => None,
         };
         let limits = limits::Limits::new(limits_cfg, backend.clone().filter(|_| limits_cfg.shared));
-        Ok(State {
+        let state = State {
             local,
             params,
             shared: backend.map(|b| Shared {
                 store: Arc::new(b),
                 degraded: AtomicBool::new(false),
-                pending: Mutex::new(Vec::new()),
+                pending: Mutex::new(std::collections::HashMap::new()),
             }),
             limits,
-        })
+        };
+        // Suspensions restored from the data directory may have been made during an outage
+        // before a restart: they go to Redis before Redis is asked (degraded until merged).
+        if let Some(r) = &state.shared {
+            let restored = state.local.esc.reviews(MAX_PENDING, now_ms());
+            if !restored.is_empty() {
+                r.degraded.store(true, Ordering::Release);
+                for e in restored {
+                    state.keep_suspension(r, e);
+                }
+            }
+        }
+        Ok(state)
     }
 
     pub fn has_redis(&self) -> bool {
@@ -218,13 +234,48 @@ impl State {
         }
     }
 
-    fn keep_for_merge(&self, r: &Shared, p: Pending) {
-        let mut q = r.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= MAX_PENDING {
-            q.remove(0);
+    fn pending_lock<'a>(
+        &self,
+        r: &'a Shared,
+    ) -> std::sync::MutexGuard<'a, std::collections::HashMap<String, Pending>> {
+        r.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a suspension made locally for the merge.
+    fn keep_suspension(&self, r: &Shared, e: ReviewEntry) {
+        let mut q = self.pending_lock(r);
+        if !q.contains_key(&e.subject) && q.len() >= MAX_PENDING {
+            // Make room from a subject that only has a rate limit.
+            let victim = q
+                .iter()
+                .find(|(_, p)| p.suspension.is_none())
+                .map(|(k, _)| k.clone());
             metrics::counter!("mistguard_state_merge_dropped_total").increment(1);
+            match victim {
+                Some(k) => {
+                    q.remove(&k);
+                }
+                None => return,
+            }
         }
-        q.push(p);
+        let p = q.entry(e.subject.clone()).or_default();
+        if p.suspension
+            .as_ref()
+            .is_none_or(|old| old.until_unix_ms < e.until_unix_ms)
+        {
+            p.suspension = Some(e);
+        }
+    }
+
+    /// Keeps a rate limit made locally for the merge (the latest per subject).
+    fn keep_rate_limit(&self, r: &Shared, subject: String, until_ms: u64) {
+        let mut q = self.pending_lock(r);
+        if !q.contains_key(&subject) && q.len() >= MAX_PENDING {
+            metrics::counter!("mistguard_state_merge_dropped_total").increment(1);
+            return;
+        }
+        let p = q.entry(subject).or_default();
+        p.rate_limited_until = Some(p.rate_limited_until.unwrap_or(0).max(until_ms));
     }
 
     /// The subject's gate: Redis's state when it answers within the timeout (the local copy
@@ -239,7 +290,7 @@ impl State {
             // into it before the daemon stopped being degraded; one lifted on another replica
             // is lifted here). The local copy follows it, for the next outage.
             Ok(remote) => {
-                self.local.esc.follow(subject, &remote, now);
+                self.local.follow(subject, &remote, now).await;
                 Gate::from_state(&remote)
             }
             Err(e) => {
@@ -283,7 +334,8 @@ impl State {
                     let mut mirror = SubjectGate::default();
                     if o.suspended_now {
                         metrics::counter!("mistguard_escalation_level2_total").increment(1);
-                        mirror.suspended_until_ms = Some(now + self.params.suspension_ms);
+                        mirror.suspended_until_ms =
+                            Some(now.saturating_add(self.params.suspension_ms));
                     }
                     if o.alert {
                         super::escalation::alert(
@@ -292,7 +344,8 @@ impl State {
                         );
                     }
                     if rules.contains(&"RULE-MIST-010") && self.params.rate_limit_ms > 0 {
-                        mirror.rate_limited_until_ms = Some(now + self.params.rate_limit_ms);
+                        mirror.rate_limited_until_ms =
+                            Some(now.saturating_add(self.params.rate_limit_ms));
                     }
                     self.local.esc.mirror(subject, &mirror, now);
                     return o;
@@ -309,18 +362,12 @@ impl State {
         if let Some(r) = &self.shared {
             if outcome.suspended_now {
                 if let Some(e) = self.local.esc.review(&hex) {
-                    self.keep_for_merge(r, Pending::Suspension(e));
+                    self.keep_suspension(r, e);
                 }
             }
             if rules.contains(&"RULE-MIST-010") {
                 if let Some(until_ms) = self.local.esc.state(subject, now).rate_limited_until_ms {
-                    self.keep_for_merge(
-                        r,
-                        Pending::RateLimit {
-                            subject: hex,
-                            until_ms,
-                        },
-                    );
+                    self.keep_rate_limit(r, hex, until_ms);
                 }
             }
         }
@@ -343,13 +390,7 @@ impl State {
     pub async fn lift(&self, subject_hex: &str, now: u64) -> Result<bool, String> {
         let mut lifted = self.local.lift(subject_hex, now).await.unwrap_or(false);
         if let Some(r) = &self.shared {
-            r.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|p| match p {
-                    Pending::Suspension(e) => e.subject != subject_hex,
-                    Pending::RateLimit { subject, .. } => subject != subject_hex,
-                });
+            self.pending_lock(r).remove(subject_hex);
             match r.store.lift(subject_hex, now).await {
                 Ok(l) => lifted |= l,
                 Err(e) => {
@@ -409,46 +450,62 @@ impl State {
         self.limits.check_local_costs(subject, dir, costs)
     }
 
-    /// Periodic upkeep (every second): while degraded, probes Redis; once it answers, writes
-    /// what the outage left (suspensions and rate limits, never shortening one) and clears the
-    /// degraded mark.
+    /// Periodic upkeep (every second): while degraded, probes Redis; once it answers (and
+    /// whenever changes are waiting), writes what the outage left (suspensions and rate limits,
+    /// never shortening one; not those lifted since) and clears the degraded mark.
     pub async fn maintain(&self, now: u64) {
         let Some(r) = &self.shared else { return };
-        if !r.degraded.load(Ordering::Acquire) {
+        let degraded = r.degraded.load(Ordering::Acquire);
+        if !degraded && self.pending_lock(r).is_empty() {
             return;
         }
         if r.store.ping().await.is_err() {
             return;
         }
-        let pending = std::mem::take(&mut *r.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let pending = std::mem::take(&mut *self.pending_lock(r));
         let total = pending.len();
         let mut left = Vec::new();
-        for p in pending {
-            let res = match &p {
-                Pending::Suspension(e) if e.until_unix_ms > now => {
-                    r.store.merge_suspension(&self.params, e, now).await
+        for (subject, p) in pending {
+            // Lifted since it was kept: the local state no longer holds it.
+            let held = SubjectKey::from_hex(&subject)
+                .map(|k| self.local.esc.state(&k, now))
+                .unwrap_or_default();
+            let mut res = Ok(());
+            if let (Some(e), Some(_)) = (&p.suspension, held.suspended_until_ms) {
+                if e.until_unix_ms > now {
+                    res = r.store.merge_suspension(&self.params, e, now).await;
                 }
-                Pending::RateLimit { subject, until_ms } if *until_ms > now => {
-                    r.store.merge_rate_limit(subject, *until_ms, now).await
+            }
+            if let (Some(until), Some(_), true) = (
+                p.rate_limited_until,
+                held.rate_limited_until_ms,
+                res.is_ok(),
+            ) {
+                if until > now {
+                    res = r.store.merge_rate_limit(&subject, until, now).await;
                 }
-                _ => Ok(()),
-            };
+            }
             if res.is_err() {
-                left.push(p);
+                left.push((subject, p));
             }
         }
-        if left.is_empty() {
-            r.degraded.store(false, Ordering::Release);
-            metrics::gauge!("mistguard_state_degraded").set(0.0);
-            tracing::info!(
-                target: "mistguard::state",
-                merged = total,
-                "shared state recovered: Redis answers again; local changes merged"
-            );
+        let mut q = self.pending_lock(r);
+        if left.is_empty() && q.is_empty() {
+            // Under the lock: a change kept from now on finds the daemon live (so it went to
+            // Redis), or is merged on the next tick.
+            if degraded {
+                r.degraded.store(false, Ordering::Release);
+                metrics::gauge!("mistguard_state_degraded").set(0.0);
+                tracing::info!(
+                    target: "mistguard::state",
+                    merged = total,
+                    "shared state recovered: Redis answers again; local changes merged"
+                );
+            }
         } else {
-            let mut q = r.pending.lock().unwrap_or_else(|e| e.into_inner());
-            left.append(&mut q);
-            *q = left;
+            for (k, p) in left {
+                q.entry(k).or_insert(p);
+            }
         }
     }
 }
