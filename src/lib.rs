@@ -19,6 +19,7 @@ pub mod lang;
 pub mod leak;
 pub mod learned;
 pub mod load;
+pub mod moderation;
 pub mod normalize;
 pub mod policy;
 pub mod rules;
