@@ -13,20 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
 
-const STEP: Duration = Duration::from_secs(30);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.expect("timed out")
-}
-
-fn req(text: &str, subject: &str) -> pb::ClassifyRequest {
-    pb::ClassifyRequest {
-        text: text.into(),
-        subject: subject.into(),
-        ..Default::default()
-    }
-}
-
 /// Every complete line of every `<stream>-*.jsonl` segment, parsed.
 fn records(dir: &Path, stream: &str) -> Vec<serde_json::Value> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -88,7 +74,7 @@ async fn kill_9_loses_no_answered_decision() {
                 } else {
                     format!("hello number {n} from worker {w}")
                 };
-                match c.classify(req(&text, &format!("kill-{w}"))).await {
+                match c.classify(subject_req(&text, &format!("kill-{w}"))).await {
                     Ok(r) => received.lock().unwrap().push(r.into_inner().decision_id),
                     Err(_) => return, // the daemon is gone
                 }
@@ -123,7 +109,7 @@ async fn kill_9_loses_no_answered_decision() {
     // A restart cuts a torn tail off and the chain goes on.
     let p = Process::spawn(rules.path(), &args);
     let mut c = p.client().await;
-    let r = within(c.classify(req("after the restart", "kill-after")))
+    let r = within(c.classify(subject_req("after the restart", "kill-after")))
         .await
         .unwrap()
         .into_inner();
@@ -187,13 +173,13 @@ async fn records_hold_no_text_key_or_subject() {
         format!("{TEXT} {CSAM_PHRASE}"),
         format!("{TEXT} {INJECTION_PHRASE}"),
     ] {
-        let r = within(c.classify(req(&text, SUBJECT)))
+        let r = within(c.classify(subject_req(&text, SUBJECT)))
             .await
             .unwrap()
             .into_inner();
         ids.push(r.decision_id);
     }
-    let r = within(c.classify(req(SAMPLE, "someone-else")))
+    let r = within(c.classify(subject_req(SAMPLE, "someone-else")))
         .await
         .unwrap()
         .into_inner();

@@ -11,20 +11,6 @@ use support::*;
 use tonic::transport::Channel;
 use tonic::Request;
 
-const STEP: Duration = Duration::from_secs(30);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.expect("timed out")
-}
-
-fn req(text: &str, subject: &str) -> pb::ClassifyRequest {
-    pb::ClassifyRequest {
-        text: text.into(),
-        subject: subject.into(),
-        ..Default::default()
-    }
-}
-
 fn admin_tokens(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("admin.tokens");
     std::fs::write(&p, "admin-token-0123456789abcdef reviewer sec\n").unwrap();
@@ -88,7 +74,7 @@ async fn three_replicas_count_one_subject_exactly() {
         let client = d.client().await;
         for _ in 0..1000 {
             let mut c = client.clone();
-            let r = req(&blocked, "user-many-replicas");
+            let r = subject_req(&blocked, "user-many-replicas");
             tasks.push(tokio::spawn(async move {
                 within(c.classify(r)).await.map(|r| r.into_inner())
             }));
@@ -129,7 +115,7 @@ async fn three_replicas_count_one_subject_exactly() {
     .await
     .unwrap();
     let mut c = daemons[0].client().await;
-    let r = within(c.classify(req("hello there", "user-many-replicas")))
+    let r = within(c.classify(subject_req("hello there", "user-many-replicas")))
         .await
         .unwrap()
         .into_inner();
@@ -169,7 +155,7 @@ async fn the_level3_alert_fires_once_across_replicas() {
         for n in 0..20 {
             let mut c = client.clone();
             // RULE-MIST-005: level 2 on the first hit.
-            let r = req(CSAM_PHRASE, &format!("subject-{i}-{n}"));
+            let r = subject_req(CSAM_PHRASE, &format!("subject-{i}-{n}"));
             tasks.push(tokio::spawn(async move { within(c.classify(r)).await }));
         }
     }
@@ -218,7 +204,8 @@ async fn a_redis_outage_fails_no_request_and_merges_back() {
                 } else {
                     "hello"
                 };
-                let r = within(c.classify(req(text, &format!("load-{w}-{}", n % 50)))).await;
+                let r =
+                    within(c.classify(subject_req(text, &format!("load-{w}-{}", n % 50)))).await;
                 r.expect("no request fails because Redis is down");
                 n += 1;
             }
@@ -238,11 +225,11 @@ async fn a_redis_outage_fails_no_request_and_merges_back() {
     let mut c = client.clone();
     let blocked = format!("I think {BLOCK_PHRASE}.");
     for _ in 0..3 {
-        within(c.classify(req(&blocked, "user-outage")))
+        within(c.classify(subject_req(&blocked, "user-outage")))
             .await
             .unwrap();
     }
-    let r = within(c.classify(req("hello", "user-outage")))
+    let r = within(c.classify(subject_req("hello", "user-outage")))
         .await
         .unwrap()
         .into_inner();
@@ -259,14 +246,14 @@ async fn a_redis_outage_fails_no_request_and_merges_back() {
     }
     // The suspension holds here, and Redis (empty after its restart) got it back: a replica
     // started now sees it.
-    let r = within(c.classify(req("hello", "user-outage")))
+    let r = within(c.classify(subject_req("hello", "user-outage")))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.reason, "suspended");
     let other = Process::spawn(rules.path(), &args);
     let mut c2 = other.client().await;
-    let r = within(c2.classify(req("hello", "user-outage")))
+    let r = within(c2.classify(subject_req("hello", "user-outage")))
         .await
         .unwrap()
         .into_inner();
@@ -294,7 +281,7 @@ async fn suspensions_survive_a_restart_and_are_lifted() {
     {
         let mut p = Process::spawn(rules.path(), &args);
         let mut c = p.client().await;
-        within(c.classify(req(CSAM_PHRASE, "user-restart")))
+        within(c.classify(subject_req(CSAM_PHRASE, "user-restart")))
             .await
             .unwrap();
         p.signal(libc::SIGTERM);
@@ -302,7 +289,7 @@ async fn suspensions_survive_a_restart_and_are_lifted() {
     }
     let p = Process::spawn(rules.path(), &args);
     let mut c = p.client().await;
-    let r = within(c.classify(req("hello", "user-restart")))
+    let r = within(c.classify(subject_req("hello", "user-restart")))
         .await
         .unwrap()
         .into_inner();
@@ -353,7 +340,7 @@ async fn suspensions_survive_a_restart_and_are_lifted() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = within(c.classify(req("hello", "user-restart")))
+    let r = within(c.classify(subject_req("hello", "user-restart")))
         .await
         .unwrap()
         .into_inner();
@@ -362,7 +349,7 @@ async fn suspensions_survive_a_restart_and_are_lifted() {
     // And the lift is durable too.
     let p = Process::spawn(rules.path(), &args);
     let mut c = p.client().await;
-    let r = within(c.classify(req("hello", "user-restart")))
+    let r = within(c.classify(subject_req("hello", "user-restart")))
         .await
         .unwrap()
         .into_inner();
@@ -385,13 +372,13 @@ async fn limits_and_budgets_answer_rate_limit_with_a_retry_after() {
     );
     let mut c = p.client().await;
     for _ in 0..3 {
-        let r = within(c.classify(req("hello", "user-rate")))
+        let r = within(c.classify(subject_req("hello", "user-rate")))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.action, pb::Action::Allow as i32);
     }
-    let r = within(c.classify(req("hello", "user-rate")))
+    let r = within(c.classify(subject_req("hello", "user-rate")))
         .await
         .unwrap()
         .into_inner();
@@ -402,7 +389,7 @@ async fn limits_and_budgets_answer_rate_limit_with_a_retry_after() {
         "{r:?}"
     );
     // Another subject, and calls without a subject, are not limited.
-    let r = within(c.classify(req("hello", "user-other")))
+    let r = within(c.classify(subject_req("hello", "user-other")))
         .await
         .unwrap()
         .into_inner();
@@ -448,13 +435,13 @@ async fn limits_and_budgets_answer_rate_limit_with_a_retry_after() {
     let b = Process::spawn(rules.path(), &args);
     let (ca, mut cb) = (a.client().await, b.client().await);
     for mut c in [ca.clone(), ca.clone(), cb.clone()] {
-        let r = within(c.classify(req("hello", "user-shared")))
+        let r = within(c.classify(subject_req("hello", "user-shared")))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.action, pb::Action::Allow as i32);
     }
-    let r = within(cb.classify(req("hello", "user-shared")))
+    let r = within(cb.classify(subject_req("hello", "user-shared")))
         .await
         .unwrap()
         .into_inner();
@@ -515,7 +502,7 @@ async fn an_unreachable_redis_at_start_is_one_line_and_a_setting() {
     );
     assert_eq!(scrape_value(&p, "mistguard_state_degraded", &[]).await, 1.0);
     let mut c = p.client().await;
-    let r = within(c.classify(req("hello", "user-x")))
+    let r = within(c.classify(subject_req("hello", "user-x")))
         .await
         .unwrap()
         .into_inner();
@@ -535,7 +522,7 @@ async fn an_unreachable_redis_at_start_is_one_line_and_a_setting() {
         ],
     );
     let mut c = closed.client().await;
-    let r = within(c.classify(req("hello", "user-x")))
+    let r = within(c.classify(subject_req("hello", "user-x")))
         .await
         .unwrap()
         .into_inner();
@@ -543,7 +530,7 @@ async fn an_unreachable_redis_at_start_is_one_line_and_a_setting() {
     assert_eq!(r.reason, "limits_unavailable");
     assert!(r.retry_after_ms > 0);
     // Calls without a subject have no per-subject limits.
-    let r = within(c.classify(req("hello", "")))
+    let r = within(c.classify(subject_req("hello", "")))
         .await
         .unwrap()
         .into_inner();

@@ -12,14 +12,6 @@ use support::*;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-const STEP: Duration = Duration::from_secs(30);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f)
-        .await
-        .expect("test step timed out")
-}
-
 fn seed_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples")
 }

@@ -49,6 +49,14 @@ impl AdminService {
     }
 }
 
+/// A list call's `limit`: 0 means 100; at most 10,000.
+fn list_limit(n: u32) -> usize {
+    match n {
+        0 => 100,
+        n => n.min(10_000) as usize,
+    }
+}
+
 fn store_error(e: String) -> Status {
     tracing::error!(target: "mistguard::approvals", error = %e, "approval store failed");
     Status::unavailable("the approval store failed; retry later")
@@ -61,10 +69,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListReviewsRequest>,
     ) -> Result<Response<pb::ListReviewsResponse>, Status> {
         self.approver(&req)?;
-        let limit = match req.get_ref().limit {
-            0 => 100,
-            n => n.min(10_000) as usize,
-        };
+        let limit = list_limit(req.get_ref().limit);
         let list = self
             .shared
             .state
@@ -131,10 +136,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
         self.approver(&req)?;
-        let limit = match req.get_ref().limit {
-            0 => 100,
-            n => n.min(10_000) as usize,
-        };
+        let limit = list_limit(req.get_ref().limit);
         let list = self
             .shared
             .tools

@@ -333,22 +333,14 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             )
             .await?;
             let rch = connect(raddr, args.connections).await?;
-            let third = (secs / 3).max(Duration::from_millis(500));
-            let mut off = PhaseResult::named("Classify 1 KiB, records off (turns)");
-            let mut on = PhaseResult::named("Classify 1 KiB, sync records (turns)");
-            for _ in 0..3 {
-                off.add(
-                    closed_loop(
-                        "",
-                        unary_channels,
-                        args.concurrency,
-                        third,
-                        Some(text_1k.clone()),
-                    )
-                    .await,
-                );
-                on.add(closed_loop("", &rch, args.concurrency, third, Some(text_1k.clone())).await);
-            }
+            let (off, on) = turns(
+                ("Classify 1 KiB, records off (turns)", unary_channels),
+                ("Classify 1 KiB, sync records (turns)", &rch),
+                args.concurrency,
+                secs,
+                text_1k.clone(),
+            )
+            .await;
             drop(rch);
             stop_daemon(rserver).await;
             if temporary {
@@ -380,32 +372,15 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             let _ = std::fs::remove_file(&key);
             let (raddr, rserver) = started?;
             let rch = connect(raddr, args.connections).await?;
-            let third = (secs / 3).max(Duration::from_millis(500));
             let with_subjects = Arc::new(format!("{SUBJECTS}{}", args.payload.text(1024)));
-            let mut local = PhaseResult::named("Classify 1 KiB+subject, local");
-            let mut shared = PhaseResult::named("Classify 1 KiB+subject, Redis");
-            for _ in 0..3 {
-                local.add(
-                    closed_loop(
-                        "",
-                        unary_channels,
-                        args.concurrency,
-                        third,
-                        Some(with_subjects.clone()),
-                    )
-                    .await,
-                );
-                shared.add(
-                    closed_loop(
-                        "",
-                        &rch,
-                        args.concurrency,
-                        third,
-                        Some(with_subjects.clone()),
-                    )
-                    .await,
-                );
-            }
+            let (local, shared) = turns(
+                ("Classify 1 KiB+subject, local", unary_channels),
+                ("Classify 1 KiB+subject, Redis", &rch),
+                args.concurrency,
+                secs,
+                with_subjects,
+            )
+            .await;
             drop(rch);
             stop_daemon(rserver).await;
             Some((local, shared))
@@ -536,6 +511,24 @@ fn authorize_request() -> super::pb::AuthorizeToolCallRequest {
         subject: "bench-agent".into(),
         ..Default::default()
     }
+}
+
+/// Two daemons take turns at the same closed-loop load, three rounds of a third of `secs` each,
+/// so a noisy machine affects both alike.
+async fn turns(
+    a: (&str, &[Channel]),
+    b: (&str, &[Channel]),
+    concurrency: usize,
+    secs: Duration,
+    text: Arc<String>,
+) -> (PhaseResult, PhaseResult) {
+    let third = (secs / 3).max(Duration::from_millis(500));
+    let (mut ra, mut rb) = (PhaseResult::named(a.0), PhaseResult::named(b.0));
+    for _ in 0..3 {
+        ra.add(closed_loop("", a.1, concurrency, third, Some(text.clone())).await);
+        rb.add(closed_loop("", b.1, concurrency, third, Some(text.clone())).await);
+    }
+    (ra, rb)
 }
 
 async fn closed_loop(

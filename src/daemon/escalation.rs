@@ -108,15 +108,6 @@ impl Escalation {
         }
     }
 
-    pub fn config(&self) -> &EscalationConfig {
-        &self.cfg
-    }
-
-    /// How long a subject that reaches level 2 is suspended.
-    pub fn suspension(&self) -> std::time::Duration {
-        self.cfg.suspension
-    }
-
     pub fn tracked(&self) -> usize {
         self.subjects.len()
     }
@@ -317,7 +308,8 @@ impl Escalation {
         (outcome, entry)
     }
 
-    fn level_of(&self, subject: &SubjectKey, now: u64) -> u32 {
+    /// The subject's level now (0, 1 or 2).
+    pub fn level_of(&self, subject: &SubjectKey, now: u64) -> u32 {
         match self.check(subject, now) {
             Gate::Suspended => 2,
             Gate::Open { level } | Gate::RateLimited { level, .. } => level,

@@ -265,8 +265,10 @@ fn log_escalation(
 struct StreamHits {
     rules: Vec<std::sync::Arc<str>>,
     action: Action,
-    /// The first [`MAX_RECORD_HITS`] hits, for the decision record.
+    /// With `records.dir`, the first [`MAX_RECORD_HITS`] hits, for the decision record's file
+    /// (without it nothing is kept: the log line lists only the rules).
     kept: Vec<Hit>,
+    keep: bool,
 }
 
 /// Hits a decision record lists at most (a stream may report many).
@@ -279,7 +281,7 @@ impl StreamHits {
                 self.rules.push(h.rule_id.clone());
             }
             self.action = self.action.max(h.action);
-            if self.kept.len() < MAX_RECORD_HITS {
+            if self.keep && self.kept.len() < MAX_RECORD_HITS {
                 self.kept.push(h.clone());
             }
         }
@@ -785,7 +787,10 @@ impl StreamTask {
             decision_id: shared.ids.next(),
             meta,
             ruleset_version: engine.version().to_string(),
-            hits: StreamHits::default(),
+            hits: StreamHits {
+                keep: shared.records.is_some(),
+                ..StreamHits::default()
+            },
             language: None,
             level: 0,
             bytes: 0,
@@ -814,18 +819,7 @@ impl StreamTask {
                 self.send(Err(status)).await;
                 return;
             }
-            self.send(Ok(pb::ClassifyStreamResponse {
-                action: action_to_pb(f.action) as i32,
-                escalation_level: f.level,
-                message: f.message.to_string(),
-                decision_id: log.decision_id,
-                r#final: true,
-                reason: f.reason.to_string(),
-                ruleset_version: log.ruleset_version,
-                retry_after_ms: f.retry_after_ms,
-                ..Default::default()
-            }))
-            .await;
+            self.send(Ok(f.stream_response(log, f.level, 0))).await;
             return;
         }
         // Later chunks pay the byte budget as they come.
@@ -925,19 +919,8 @@ impl StreamTask {
                         self.send(Err(status)).await;
                         return;
                     }
-                    self.send(Ok(pb::ClassifyStreamResponse {
-                        action: action_to_pb(f.action) as i32,
-                        released_bytes: released,
-                        escalation_level: log.level,
-                        message: f.message.to_string(),
-                        decision_id: log.decision_id,
-                        r#final: true,
-                        reason: f.reason.to_string(),
-                        ruleset_version: log.ruleset_version,
-                        retry_after_ms: f.retry_after_ms,
-                        ..Default::default()
-                    }))
-                    .await;
+                    let level = log.level;
+                    self.send(Ok(f.stream_response(log, level, released))).await;
                     return;
                 }
             }
@@ -1196,6 +1179,29 @@ fn refusal(gate: Gate) -> Option<Forced> {
             retry_after_ms: until_ms.saturating_sub(now_ms()).max(1),
         }),
         Gate::Open { .. } => None,
+    }
+}
+
+impl Forced {
+    /// The final stream response that carries it (nothing past `released_bytes` may go out).
+    fn stream_response(
+        &self,
+        log: StreamLog,
+        level: u32,
+        released_bytes: u64,
+    ) -> pb::ClassifyStreamResponse {
+        pb::ClassifyStreamResponse {
+            action: action_to_pb(self.action) as i32,
+            released_bytes,
+            escalation_level: level,
+            message: self.message.to_string(),
+            decision_id: log.decision_id,
+            r#final: true,
+            reason: self.reason.to_string(),
+            ruleset_version: log.ruleset_version,
+            retry_after_ms: self.retry_after_ms,
+            ..Default::default()
+        }
     }
 }
 

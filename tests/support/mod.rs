@@ -27,6 +27,25 @@ pub const CSAM_PHRASE: &str = "quuxle forbidden marker";
 /// A phrase added by the reload test.
 pub const RELOAD_PHRASE: &str = "plonkish glyph sequence";
 
+/// How long one step of a test (a call, a start) may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// Awaits `f`, failing the test past [`STEP`].
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f)
+        .await
+        .expect("test step timed out")
+}
+
+/// A Classify request of `text` from `subject`.
+pub fn subject_req(text: &str, subject: &str) -> mistguard::daemon::pb::ClassifyRequest {
+    mistguard::daemon::pb::ClassifyRequest {
+        text: text.into(),
+        subject: subject.into(),
+        ..Default::default()
+    }
+}
+
 /// The test triggers: (file, rule, action, trigger id, phrase).
 const TEST_TRIGGERS: &[(&str, &str, &str, &str, &str)] = &[
     (

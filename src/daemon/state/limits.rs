@@ -125,14 +125,6 @@ impl Limits {
         self.pair(dir)[1].0.is_some()
     }
 
-    fn costs(bytes: Option<u64>) -> [Option<u64>; 2] {
-        match bytes {
-            // A whole request: one request and its bytes.
-            Some(b) => [Some(1), Some(b)],
-            None => [Some(1), None],
-        }
-    }
-
     fn limited(wait: Duration) -> Limited {
         metrics::counter!("mistguard_limited_total", "reason" => "rate_limited").increment(1);
         Limited {
@@ -141,28 +133,9 @@ impl Limits {
         }
     }
 
-    /// Checks the request (cost 1) and, when `bytes` is given, the byte budget, locally. A
-    /// request refused by the byte budget still used its request unit (it was made).
+    /// Checks `costs` ([requests, bytes]; see [`Limits::request_costs`], [`Limits::chunk_costs`])
+    /// locally. A request refused by the byte budget still used its request unit (it was made).
     pub fn check_local(
-        &self,
-        subject: &SubjectKey,
-        dir: LimitDir,
-        bytes: Option<u64>,
-    ) -> Option<Limited> {
-        self.check_local_costs(subject, dir, Self::costs(bytes))
-    }
-
-    /// Only the byte budget (a stream's later chunk).
-    pub fn check_local_bytes(
-        &self,
-        subject: &SubjectKey,
-        dir: LimitDir,
-        bytes: u64,
-    ) -> Option<Limited> {
-        self.check_local_costs(subject, dir, [None, Some(bytes)])
-    }
-
-    pub fn check_local_costs(
         &self,
         subject: &SubjectKey,
         dir: LimitDir,
@@ -188,7 +161,7 @@ impl Limits {
         now_ms: u64,
     ) -> Result<Option<Limited>, StateError> {
         let Some(backend) = &self.backend else {
-            return Ok(self.check_local_costs(subject, dir, costs));
+            return Ok(self.check_local(subject, dir, costs));
         };
         let hex = subject.hex();
         let mut wait: Option<Duration> = None;
@@ -213,7 +186,7 @@ impl Limits {
 
     /// The costs of a whole request of `bytes` (`None`: only the request) or of a later chunk.
     pub fn request_costs(bytes: Option<u64>) -> [Option<u64>; 2] {
-        Self::costs(bytes)
+        [Some(1), bytes]
     }
 
     pub fn chunk_costs(bytes: u64) -> [Option<u64>; 2] {
@@ -247,9 +220,14 @@ mod tests {
         let l = limits();
         let s = SubjectKey([1; 16]);
         for _ in 0..3 {
-            assert_eq!(l.check_local(&s, LimitDir::Input, None), None);
+            assert_eq!(
+                l.check_local(&s, LimitDir::Input, Limits::request_costs(None)),
+                None
+            );
         }
-        let r = l.check_local(&s, LimitDir::Input, None).expect("limited");
+        let r = l
+            .check_local(&s, LimitDir::Input, Limits::request_costs(None))
+            .expect("limited");
         assert_eq!(r.reason, "rate_limited");
         // About one emission interval (20 s), never more than the period.
         assert!(
@@ -257,10 +235,17 @@ mod tests {
         );
         // Another subject and the other direction are untouched.
         assert_eq!(
-            l.check_local(&SubjectKey([2; 16]), LimitDir::Input, None),
+            l.check_local(
+                &SubjectKey([2; 16]),
+                LimitDir::Input,
+                Limits::request_costs(None)
+            ),
             None
         );
-        assert_eq!(l.check_local(&s, LimitDir::Output, None), None);
+        assert_eq!(
+            l.check_local(&s, LimitDir::Output, Limits::request_costs(None)),
+            None
+        );
         assert!(!l.any(LimitDir::Output));
     }
 
@@ -268,12 +253,20 @@ mod tests {
     fn the_byte_budget_counts_bytes_and_refuses_more_than_the_whole() {
         let l = limits();
         let s = SubjectKey([3; 16]);
-        assert_eq!(l.check_local_bytes(&s, LimitDir::Input, 60), None);
-        assert!(l.check_local_bytes(&s, LimitDir::Input, 60).is_some());
-        assert_eq!(l.check_local_bytes(&s, LimitDir::Input, 40), None);
+        assert_eq!(
+            l.check_local(&s, LimitDir::Input, Limits::chunk_costs(60)),
+            None
+        );
+        assert!(l
+            .check_local(&s, LimitDir::Input, Limits::chunk_costs(60))
+            .is_some());
+        assert_eq!(
+            l.check_local(&s, LimitDir::Input, Limits::chunk_costs(40)),
+            None
+        );
         let t = SubjectKey([4; 16]);
         let r = l
-            .check_local_bytes(&t, LimitDir::Input, 101)
+            .check_local(&t, LimitDir::Input, Limits::chunk_costs(101))
             .expect("never fits");
         assert_eq!(r.retry_after, Duration::from_secs(3600));
     }

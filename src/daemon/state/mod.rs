@@ -183,12 +183,6 @@ impl State {
         self.shared.is_some()
     }
 
-    pub fn degraded(&self) -> bool {
-        self.shared
-            .as_ref()
-            .is_some_and(|r| r.degraded.load(Ordering::Acquire))
-    }
-
     /// How long a subject that reaches level 2 is suspended.
     pub fn suspension(&self) -> Duration {
         Duration::from_millis(self.params.suspension_ms)
@@ -311,12 +305,8 @@ impl State {
         now: u64,
     ) -> RecordOutcome {
         if rules.is_empty() {
-            let level = match self.local.esc.check(subject, now) {
-                Gate::Suspended => 2,
-                Gate::Open { level } | Gate::RateLimited { level, .. } => level,
-            };
             return RecordOutcome {
-                level,
+                level: self.local.esc.level_of(subject, now),
                 ..RecordOutcome::default()
             };
         }
@@ -429,7 +419,7 @@ impl State {
                 }
             }
         }
-        self.limits.check_local_costs(subject, dir, costs)
+        self.limits.check_local(subject, dir, costs)
     }
 
     /// The limits while Redis is down: per replica, or refused (`limits.when_redis_down`).
@@ -447,7 +437,7 @@ impl State {
                 reason: "limits_unavailable",
             });
         }
-        self.limits.check_local_costs(subject, dir, costs)
+        self.limits.check_local(subject, dir, costs)
     }
 
     /// Periodic upkeep (every second): while degraded, probes Redis; once it answers (and

@@ -112,37 +112,3 @@ pub struct SampleRecord {
     pub language: String,
     pub text: String,
 }
-
-const COUNTERS: [(&str, &str); 3] = [
-    (
-        "mistguard_records_written_total",
-        "Records written to a stream's segments (and fsync'ed).",
-    ),
-    (
-        "mistguard_records_dropped_total",
-        "Records dropped because the writer's queue was full (async durability).",
-    ),
-    (
-        "mistguard_records_errors_total",
-        "Records lost to a failed write or fsync.",
-    ),
-];
-
-/// Describes the records metrics to the installed recorder.
-pub fn describe_metrics() {
-    for (name, help) in COUNTERS {
-        metrics::describe_counter!(name, help);
-    }
-    metrics::describe_histogram!(
-        "mistguard_records_fsync_seconds",
-        metrics::Unit::Seconds,
-        "Time of one fdatasync of a records segment."
-    );
-}
-
-/// Makes the counters of `stream` appear (at 0) before anything happens.
-pub fn register_zero(stream: &str) {
-    for (name, _) in COUNTERS {
-        metrics::counter!(name, "stream" => stream.to_string()).increment(0);
-    }
-}

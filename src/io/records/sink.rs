@@ -303,15 +303,6 @@ impl Sink {
         }
     }
 
-    /// Queues one record without waiting for it to be written, whatever the durability (for
-    /// shutdown and cancellation paths); a full queue drops it.
-    ///
-    /// # Errors
-    /// [`RecordError::Dropped`], [`RecordError::Closed`], [`RecordError::Encode`].
-    pub fn try_write_nowait(&self, rec: &impl Serialize) -> Result<(), RecordError> {
-        self.enqueue(encode(rec)?)
-    }
-
     fn enqueue(&self, body: Vec<u8>) -> Result<(), RecordError> {
         match self.tx.try_send(Msg::Rec { body, ack: None }) {
             Ok(()) => Ok(()),

@@ -635,12 +635,6 @@ fn samples_stream_holds_text_and_chains() {
     assert!(Sink::open(dir.path(), "../x", cfg()).is_err());
 }
 
-#[test]
-fn metrics_helpers_do_not_panic_without_a_recorder() {
-    describe_metrics();
-    register_zero("decisions");
-}
-
 /// `cargo test --release --lib records::tests::sync_throughput -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement, not a check"]
