@@ -144,6 +144,10 @@ enum Command {
     /// The daemon writes its decisions (and RULE-MIST-005 reports, and opt-in samples) as
     /// hash-chained JSON lines in segments named <stream>-<seq>.jsonl; these commands read them.
     Records(mistguard::io::records::cli::RecordsArgs),
+    /// Ask Mistral's moderation API once, with the settings `serve` would use, and print the raw
+    /// categories next to the hits the category table maps them to (for checking a key and the
+    /// mapping). Exit 0 when the API answered, 1 when it did not, 64 on bad configuration.
+    Moderate(Box<mistguard::daemon::moderate_cli::ModerateArgs>),
     /// Run the gRPC daemon (see docs/DAEMON.md).
     Serve(Box<mistguard::daemon::ServeArgs>),
     /// Load-test the daemon over real gRPC on 127.0.0.1 and print a table.
@@ -165,8 +169,7 @@ fn load(rulesets: Option<&PathBuf>, models: Option<&str>) -> Result<Arc<Engine>,
 }
 
 fn main() -> ExitCode {
-    let cmd = Cli::command().mut_subcommand("serve", mistguard::daemon::describe_serve_flags);
-    let cli = match cmd
+    let cli = match Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m))
     {
@@ -207,11 +210,23 @@ fn main() -> ExitCode {
             policies,
         } => {
             // The same resolution as `serve` (flag, environment, config file, default).
+            let mut flags = std::collections::HashMap::new();
+            let given = [
+                (
+                    "rulesets",
+                    dir.map(|d| d.display().to_string()).or(rulesets),
+                ),
+                ("models", models),
+                ("policies", policies.map(|p| p.display().to_string())),
+            ];
+            for (k, v) in given {
+                if let Some(v) = v {
+                    flags.insert(k.to_string(), v);
+                }
+            }
             let args = mistguard::daemon::ServeArgs {
                 config,
-                rulesets: dir.map(|d| d.display().to_string()).or(rulesets),
-                models,
-                policies: policies.map(|p| p.display().to_string()),
+                flags,
                 ..Default::default()
             };
             match args.load() {
@@ -278,6 +293,7 @@ fn main() -> ExitCode {
         Command::Reviews(a) => mistguard::daemon::admin_cli::reviews_main(a),
         Command::Records(a) => mistguard::io::records::cli::main(a),
         Command::Serve(args) => mistguard::daemon::serve_main(*args),
+        Command::Moderate(args) => mistguard::daemon::moderate_cli::moderate_main(*args),
         Command::Bench(args) => mistguard::daemon::bench_main(args),
     }
 }

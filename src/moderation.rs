@@ -1,6 +1,7 @@
-//! Remote moderation, the core part (issue 19, in progress; nothing calls it yet): what the daemon
-//! sends to Mistral's moderation API, how it reads the answer, and how categories become hits.
-//! No I/O: the HTTP client, keys, retries, breaker, cache and batching belong to an edge.
+//! Remote moderation, the core part: what the daemon sends to Mistral's moderation API, how it
+//! reads the answer, and how categories become ordinary [`Hit`]s. No I/O: the HTTP client, keys,
+//! retries, breaker, cache and batching are `io::moderation`; the deadline and fail modes are the
+//! daemon's (`daemon::moderate`).
 //!
 //! The API (SPEC "Remote moderation"): `POST /v1/moderations` takes
 //! `{"model", "input": [text, ...]}`, `POST /v1/chat/moderations` takes
@@ -16,11 +17,18 @@
 //!   (`sexual` mapped to a FLAG, say) can never lower a local hit (a RULE-MIST-005 BLOCK).
 //! - A category is hit when its `category_scores` value reaches the table's threshold; the API's
 //!   own booleans are kept for display only.
+//! - A remote hit has no span of its own: it covers the text (or the stream window) it judged.
+//!   A rule whose action needs a span (SANITIZE) is reported as FLAG instead, unless the table
+//!   line names an action.
 //! - Nothing here holds a key; texts pass through the request bodies only.
 
+use crate::action::Action;
+use crate::rules::CompiledRuleset;
+use crate::verdict::Hit;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// Where a category leads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +37,16 @@ pub enum Target {
     Rule(String),
     /// ACTION_FLAG, under the rule id [`FLAG_RULE`].
     Flag,
+}
+
+impl Target {
+    /// The rule id of its hits.
+    pub fn rule_id(&self) -> &str {
+        match self {
+            Target::Rule(r) => r,
+            Target::Flag => FLAG_RULE,
+        }
+    }
 }
 
 /// The rule id of hits whose category maps to a FLAG.
@@ -42,8 +60,17 @@ pub const DEFAULT_THRESHOLD: f64 = 0.5;
 pub struct CategoryRule {
     pub category: String,
     pub target: Target,
+    /// The hit's action; `None`: the rule's (a FLAG for [`Target::Flag`]).
+    pub action: Option<Action>,
     /// Hit when the category's score is at least this (0 to 1).
     pub threshold: f64,
+}
+
+impl CategoryRule {
+    /// The rule id its hits are reported under.
+    pub fn rule_id(&self) -> &str {
+        self.target.rule_id()
+    }
 }
 
 /// The mapping table: category → rule (or FLAG) and threshold.
@@ -57,6 +84,7 @@ pub struct Mapping {
 pub struct RemoteHit {
     pub category: String,
     pub target: Target,
+    pub action: Option<Action>,
     pub score: f64,
 }
 
@@ -68,10 +96,7 @@ impl RemoteHit {
 
     /// The rule id the hit is reported under.
     pub fn rule_id(&self) -> &str {
-        match &self.target {
-            Target::Rule(r) => r,
-            Target::Flag => FLAG_RULE,
-        }
+        self.target.rule_id()
     }
 }
 
@@ -84,11 +109,13 @@ impl Default for Mapping {
         let rule = |c: &str, r: &str| CategoryRule {
             category: c.to_string(),
             target: Target::Rule(r.to_string()),
+            action: None,
             threshold: DEFAULT_THRESHOLD,
         };
         let flag = |c: &str| CategoryRule {
             category: c.to_string(),
             target: Target::Flag,
+            action: None,
             threshold: DEFAULT_THRESHOLD,
         };
         Mapping {
@@ -144,6 +171,16 @@ impl Mapping {
         &self.rules
     }
 
+    /// The rule ids the table maps to that `rs` does not define (a FLAG needs none).
+    pub fn unknown_rules<'a>(&'a self, rs: &CompiledRuleset) -> Vec<&'a str> {
+        self.rules
+            .iter()
+            .filter(|l| matches!(l.target, Target::Rule(_)))
+            .map(CategoryRule::rule_id)
+            .filter(|id| !rs.rules.iter().any(|r| &*r.id == *id))
+            .collect()
+    }
+
     /// The categories of `result` that reach their thresholds, in table order.
     pub fn hits(&self, result: &ModerationResult) -> Vec<RemoteHit> {
         self.rules
@@ -153,11 +190,115 @@ impl Mapping {
                 (score >= r.threshold).then(|| RemoteHit {
                     category: r.category.clone(),
                     target: r.target.clone(),
+                    action: r.action,
                     score,
                 })
             })
             .collect()
     }
+}
+
+/// The action of a remote hit on `rule_id`: `explicit` when the table names one, else the rule's
+/// (FLAG for [`FLAG_RULE`] or a rule `rs` lacks); a span-less SANITIZE becomes FLAG.
+fn remote_action(rs: &CompiledRuleset, rule_id: &str, explicit: Option<Action>) -> Action {
+    if let Some(a) = explicit {
+        return a;
+    }
+    let a = rs
+        .rules
+        .iter()
+        .find(|r| &*r.id == rule_id)
+        .map_or(Action::Flag, |r| r.action);
+    if a == Action::Sanitize {
+        Action::Flag
+    } else {
+        a
+    }
+}
+
+/// The [`Hit`]s of remote hits on the text span `start..end`: trigger `moderation.<category>`,
+/// language `neutral`, the category's score as the weight.
+pub fn to_hits(remote: &[RemoteHit], rs: &CompiledRuleset, start: u64, end: u64) -> Vec<Hit> {
+    remote
+        .iter()
+        .map(|h| Hit {
+            rule_id: Arc::from(h.rule_id()),
+            trigger_id: Arc::from(h.trigger_id()),
+            language: "neutral",
+            start,
+            end,
+            score: h.score as f32,
+            action: remote_action(rs, h.rule_id(), h.action),
+        })
+        .collect()
+}
+
+/// The trigger id of a fail-closed rule's hit when the remote answer was late or failed.
+pub const UNAVAILABLE_TRIGGER: &str = "moderation.unavailable";
+
+/// The hits of fail-closed rules when no remote answer came: each rule as if hit (its action as
+/// a remote hit would have it), trigger [`UNAVAILABLE_TRIGGER`].
+pub fn unavailable_hits(
+    fail_closed: &[String],
+    mapping: &Mapping,
+    rs: &CompiledRuleset,
+    start: u64,
+    end: u64,
+) -> Vec<Hit> {
+    fail_closed
+        .iter()
+        .map(|rule| {
+            // The most severe action any line of this rule names.
+            let action = mapping
+                .rules()
+                .iter()
+                .filter(|l| l.rule_id() == rule)
+                .map(|l| remote_action(rs, rule, l.action))
+                .max()
+                .unwrap_or(Action::Flag);
+            Hit {
+                rule_id: Arc::from(rule.as_str()),
+                trigger_id: Arc::from(UNAVAILABLE_TRIGGER),
+                language: "neutral",
+                start,
+                end,
+                score: 1.0,
+                action,
+            }
+        })
+        .collect()
+}
+
+/// The message of remote hits for a verdict of `action`: each hit rule's message (in `language`
+/// when the rule has one, else English, else its default), most severe rule first.
+pub fn rule_message(
+    rs: &CompiledRuleset,
+    hits: &[Hit],
+    action: Action,
+    language: Option<&str>,
+) -> Option<String> {
+    if action == Action::Allow {
+        return None;
+    }
+    let mut rules: Vec<&crate::rules::RuleInfo> = rs
+        .rules
+        .iter()
+        .filter(|r| hits.iter().any(|h| h.rule_id == r.id))
+        .collect();
+    rules.sort_by_key(|r| std::cmp::Reverse(r.action));
+    let mut parts: Vec<&str> = Vec::new();
+    for r in rules {
+        let m = language
+            .and_then(|l| r.messages.get(l))
+            .or_else(|| r.messages.get("en"))
+            .or(r.message.as_ref());
+        if let Some(m) = m {
+            if !parts.contains(&m.as_str()) {
+                parts.push(m);
+            }
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(" "))
 }
 
 /// One result: the API's booleans and scores, as open maps.
@@ -311,12 +452,14 @@ mod tests {
         m.set(CategoryRule {
             category: "brand_new".into(),
             target: Target::Rule("RULE-MIST-006".into()),
+            action: None,
             threshold: 0.9,
         })
         .unwrap();
         m.set(CategoryRule {
             category: "jailbreaking".into(),
             target: Target::Rule("RULE-MIST-009".into()),
+            action: None,
             threshold: 0.99,
         })
         .unwrap();
@@ -329,6 +472,7 @@ mod tests {
             .set(CategoryRule {
                 category: "x".into(),
                 target: Target::Flag,
+                action: None,
                 threshold: 1.5
             })
             .is_err());
@@ -336,9 +480,73 @@ mod tests {
             .set(CategoryRule {
                 category: String::new(),
                 target: Target::Flag,
+                action: None,
                 threshold: 0.5
             })
             .is_err());
+    }
+
+    #[test]
+    fn remote_hits_take_their_rules_actions_and_never_a_span_less_sanitize() {
+        let engine = crate::Engine::bundled().unwrap();
+        let rs = engine.ruleset();
+        let m = Mapping::default();
+        let r = parse_response(V2411.as_bytes(), 1).unwrap();
+        let hits = to_hits(&m.hits(&r.results[0]), rs, 0, 42);
+        let got: Vec<(&str, &str, Action, u64)> = hits
+            .iter()
+            .map(|h| (&*h.rule_id, &*h.trigger_id, h.action, h.end))
+            .collect();
+        // RULE-MIST-001 blocks; PII would sanitize, which needs a span: FLAG.
+        assert_eq!(
+            got,
+            [
+                (
+                    "RULE-MIST-001",
+                    "moderation.hate_and_discrimination",
+                    Action::Block,
+                    42
+                ),
+                ("PII", "moderation.pii", Action::Flag, 42),
+            ]
+        );
+        let mut m2 = Mapping::default();
+        m2.set(CategoryRule {
+            category: "pii".into(),
+            target: Target::Rule("PII".into()),
+            action: Some(Action::Warn),
+            threshold: 0.5,
+        })
+        .unwrap();
+        let hits = to_hits(&m2.hits(&r.results[0]), rs, 0, 1);
+        assert_eq!(hits[1].action, Action::Warn);
+        let un = unavailable_hits(
+            &["RULE-MIST-004".to_string(), FLAG_RULE.to_string()],
+            &m,
+            rs,
+            0,
+            5,
+        );
+        let got: Vec<(&str, &str, Action)> = un
+            .iter()
+            .map(|h| (&*h.rule_id, &*h.trigger_id, h.action))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("RULE-MIST-004", UNAVAILABLE_TRIGGER, Action::Block),
+                (FLAG_RULE, UNAVAILABLE_TRIGGER, Action::Flag)
+            ]
+        );
+        assert!(m.unknown_rules(rs).is_empty());
+        m2.set(CategoryRule {
+            category: "x".into(),
+            target: Target::Rule("RULE-MIST-099".into()),
+            action: None,
+            threshold: 0.5,
+        })
+        .unwrap();
+        assert_eq!(m2.unknown_rules(rs), ["RULE-MIST-099"]);
     }
 
     #[test]

@@ -429,7 +429,10 @@ async fn every_metric_is_there_before_the_first_call() {
     let rules = TestRules::new();
     let p = Process::spawn(rules.path(), &[]);
     let m = scrape(p.metrics_addr).await;
-    for (name, _) in mistguard::daemon::metrics::METRICS {
+    for (name, _) in mistguard::daemon::metrics::METRICS
+        .iter()
+        .chain(mistguard::io::moderation::METRICS)
+    {
         // (A histogram's samples are `_bucket`, `_sum` and `_count`.)
         let count = format!("{name}_count");
         assert!(

@@ -12,6 +12,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::action::Action;
+use crate::io::moderation::{ClientConfig, KeySource};
+use crate::moderation::{CategoryRule, Mapping, Target};
+
 /// One setting: its file key, and the flag and environment variable derived from it.
 pub struct Setting {
     /// Key in the TOML file; a dot is a table (`escalation.level2_hits` is `level2_hits` in
@@ -134,6 +138,11 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting { key: "escalation.level3_window", default: "10m", help: "window of the level-3 alert" },
     Setting {
+        key: "escalation.level3_novel",
+        default: "10",
+        help: "remote moderation hits on texts the local rules passed (novel attacks), within escalation.level3_window, that raise the level-3 alert",
+    },
+    Setting {
         key: "escalation.max_subjects",
         default: "100000",
         help: "subjects tracked at once (state is bounded; expired entries are swept)",
@@ -239,6 +248,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "retention of the retraining samples",
     },
     Setting {
+        key: "records.novel_samples",
+        default: "off",
+        help: "`on` keeps texts that remote moderation flagged and the local rules passed, WITH THEIR TEXT, in records/novel for rule writers (opt-in; kept for records.samples_retain)",
+    },
+    Setting {
         key: "redis.url",
         default: "",
         help: "Redis for per-subject state shared across replicas (`redis://HOST:PORT/DB`); empty: state is local",
@@ -288,6 +302,136 @@ pub const SETTINGS: &[Setting] = &[
         default: "local",
         help: "while Redis is unreachable, `local` enforces the limits per replica (fail open to local counts); `closed` answers RATE_LIMIT",
     },
+    Setting {
+        key: "moderation.input",
+        default: "auto",
+        help: "which prompts are sent to Mistral's moderation API: `never`, `on_request` (when the request asks), `when_unsure` (local verdict ALLOW or FLAG, or asked), `always`; `auto`: `when_unsure` with an API key, else `never`",
+    },
+    Setting {
+        key: "moderation.output",
+        default: "auto",
+        help: "the same for completions (DIRECTION_OUTPUT, Classify and ClassifyStream)",
+    },
+    Setting {
+        key: "moderation.deadline",
+        default: "200ms",
+        help: "the longest a verdict waits for the remote answer; past it the local verdict stands, plus each mapped rule's fail mode",
+    },
+    Setting {
+        key: "moderation.url",
+        default: "https://api.mistral.ai",
+        help: "base URL of the moderation API (POST /v1/moderations)",
+    },
+    Setting {
+        key: "moderation.model",
+        default: "mistral-moderation-latest",
+        help: "moderation model (`mistral-moderation-2411`, `mistral-moderation-2603`, ...)",
+    },
+    Setting {
+        key: "moderation.keys_file",
+        default: "",
+        help: "file of API keys, one per line, re-read when it changes (also MISTRAL_API_KEY and MISTRAL_API_KEYS, comma-separated); keys rotate, a refused key sits out",
+    },
+    Setting {
+        key: "moderation.categories",
+        default: "",
+        help: "changes to the category table, comma-separated `category=TARGET[:ACTION][@THRESHOLD]`; TARGET a rule id, `flag` or `off` (see docs/DAEMON.md for the defaults)",
+    },
+    Setting {
+        key: "moderation.fail_closed_input",
+        default: "",
+        help: "mapped rules (comma-separated rule ids, `MODERATION` for the FLAG categories) treated as hit on a prompt when the remote answer is late or fails; others fail open",
+    },
+    Setting {
+        key: "moderation.fail_closed_output",
+        default: "",
+        help: "the same for completions",
+    },
+    Setting {
+        key: "moderation.stream_window",
+        default: "1KiB",
+        help: "a stream is moderated in windows that end at a sentence end past a quarter of this size, or at this size",
+    },
+    Setting {
+        key: "moderation.stream_mode",
+        default: "background",
+        help: "`background`: window verdicts arrive as later stream responses; `strict`: text is released only once its window's remote verdict is in",
+    },
+    Setting {
+        key: "moderation.attempt_timeout",
+        default: "2s",
+        help: "timeout of one HTTP request to the API",
+    },
+    Setting {
+        key: "moderation.call_timeout",
+        default: "5s",
+        help: "the longest one call may take, retries included (answers past the deadline still fill the cache)",
+    },
+    Setting {
+        key: "moderation.retries",
+        default: "2",
+        help: "retries of a call after 429, 5xx, timeouts and network errors (backoff 500ms, x1.5, jitter; Retry-After honoured)",
+    },
+    Setting {
+        key: "moderation.retry_budget",
+        default: "0.2",
+        help: "retries may be at most this fraction of calls per minute (plus 10)",
+    },
+    Setting {
+        key: "moderation.batch_size",
+        default: "16",
+        help: "texts per API call (halved when the API refuses a batch with 400 or 413)",
+    },
+    Setting {
+        key: "moderation.batch_window",
+        default: "2ms",
+        help: "how long concurrent texts are gathered into one API call",
+    },
+    Setting {
+        key: "moderation.requests_per_minute",
+        default: "off",
+        help: "client-side limit on API requests per minute, under the organisation's (`off`: none)",
+    },
+    Setting {
+        key: "moderation.tokens_per_minute",
+        default: "off",
+        help: "client-side limit on estimated tokens (bytes/4) per minute (`off`: none)",
+    },
+    Setting {
+        key: "moderation.budget_tokens_per_hour",
+        default: "off",
+        help: "spending cap: estimated tokens sent per hour in all; over it the fail mode applies (`off`: none)",
+    },
+    Setting {
+        key: "moderation.subject_budget_tokens_per_hour",
+        default: "off",
+        help: "spending cap per subject, per hour (`off`: none)",
+    },
+    Setting {
+        key: "moderation.cache_entries",
+        default: "10000",
+        help: "answers kept so identical text is not paid for twice (0: no cache)",
+    },
+    Setting {
+        key: "moderation.cache_ttl",
+        default: "1h",
+        help: "how long a cached answer is used",
+    },
+    Setting {
+        key: "moderation.breaker_failures",
+        default: "5",
+        help: "consecutive failed calls that open the circuit breaker",
+    },
+    Setting {
+        key: "moderation.breaker_cooldown",
+        default: "30s",
+        help: "how long the breaker stays open before one probe call",
+    },
+    Setting {
+        key: "moderation.key_cooldown",
+        default: "5m",
+        help: "how long a key answered 401 or 403 stays out of the rotation",
+    },
 ];
 
 /// Where a value came from, for error messages.
@@ -307,6 +451,8 @@ pub struct Sources {
     pub file: HashMap<String, String>,
     /// The config file's path, for error messages.
     pub file_path: Option<PathBuf>,
+    /// `MISTRAL_API_KEY` and `MISTRAL_API_KEYS` (their Debug is masked).
+    pub api_keys: KeySource,
 }
 
 impl Sources {
@@ -316,6 +462,15 @@ impl Sources {
         let wanted: HashMap<String, &'static str> =
             SETTINGS.iter().map(|s| (s.env_var(), s.key)).collect();
         for (name, value) in env {
+            match name {
+                "MISTRAL_API_KEY" if !value.trim().is_empty() => {
+                    self.api_keys.single = Some(value.trim().to_string());
+                }
+                "MISTRAL_API_KEYS" if !value.trim().is_empty() => {
+                    self.api_keys.list = Some(value.to_string());
+                }
+                _ => {}
+            }
             if let Some(key) = wanted.get(name) {
                 self.env.insert((*key).to_string(), value.to_string());
             }
@@ -344,6 +499,42 @@ impl Sources {
         }
         self.file_path = Some(path.to_path_buf());
         Ok(self)
+    }
+
+    /// Every setting's effective value and where it came from, one `key = "value"  # origin`
+    /// line each (TOML a config file can start from), then where API keys come from. Secrets are
+    /// masked: a Redis URL's password, and keys, which are only counted.
+    pub fn effective(&self) -> String {
+        let mut out = String::new();
+        for s in SETTINGS {
+            let (v, origin) = self.get(s.key);
+            let v = if s.key == "redis.url" {
+                mask_url_password(&v)
+            } else {
+                v
+            };
+            let origin = match origin {
+                Origin::Flag => s.flag(),
+                Origin::Env => s.env_var(),
+                Origin::File => "config file".to_string(),
+                Origin::Default => "default".to_string(),
+            };
+            out.push_str(&format!("{} = {:?}  # {origin}\n", s.key, v));
+        }
+        let count = |v: &Option<String>, list: bool| match v {
+            None => "unset".to_string(),
+            Some(v) if list => format!(
+                "set, {} keys (masked)",
+                v.split(',').filter(|k| !k.trim().is_empty()).count()
+            ),
+            Some(_) => "set (masked)".to_string(),
+        };
+        out.push_str(&format!(
+            "# MISTRAL_API_KEY: {}\n# MISTRAL_API_KEYS: {}\n",
+            count(&self.api_keys.single, false),
+            count(&self.api_keys.list, true)
+        ));
+        out
     }
 
     fn get(&self, key: &str) -> (String, Origin) {
@@ -458,6 +649,9 @@ pub struct EscalationConfig {
     pub rate_limit: Duration,
     pub level3_subjects: u32,
     pub level3_window: Duration,
+    /// Novel-attack detections (remote hits the local rules missed) within `level3_window` that
+    /// raise the level-3 alert.
+    pub level3_novel: u32,
     pub max_subjects: usize,
 }
 
@@ -470,6 +664,7 @@ impl Default for EscalationConfig {
             rate_limit: Duration::from_secs(300),
             level3_subjects: 5,
             level3_window: Duration::from_secs(600),
+            level3_novel: 10,
             max_subjects: 100_000,
         }
     }
@@ -490,6 +685,8 @@ pub struct RecordsConfig {
     pub reports_retain: Duration,
     pub samples: bool,
     pub samples_retain: Duration,
+    /// Keep texts remote moderation flagged and the local rules passed (`records/novel`).
+    pub novel_samples: bool,
 }
 
 /// Shared state in Redis (`redis.*`).
@@ -546,6 +743,146 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
+/// Which calls of a direction are sent to remote moderation (`moderation.input|output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModerationPolicy {
+    Never,
+    /// Only when the request asks (`ClassifyRequest.moderate`).
+    OnRequest,
+    /// When the local verdict is ALLOW or FLAG, or the request asks.
+    WhenUnsure,
+    Always,
+}
+
+impl ModerationPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModerationPolicy::Never => "never",
+            ModerationPolicy::OnRequest => "on_request",
+            ModerationPolicy::WhenUnsure => "when_unsure",
+            ModerationPolicy::Always => "always",
+        }
+    }
+
+    /// Whether a call with this local verdict (and this request's ask) is moderated.
+    pub fn wants(self, local: Action, asked: bool) -> bool {
+        match self {
+            ModerationPolicy::Never => false,
+            ModerationPolicy::OnRequest => asked,
+            ModerationPolicy::WhenUnsure => asked || local <= Action::Flag,
+            ModerationPolicy::Always => true,
+        }
+    }
+}
+
+/// Remote moderation (`moderation.*`).
+#[derive(Clone, Debug)]
+pub struct ModerationConfig {
+    pub client: ClientConfig,
+    /// Prompts (input, unspecified, tool arguments) and completions.
+    pub input: ModerationPolicy,
+    pub output: ModerationPolicy,
+    pub deadline: Duration,
+    pub mapping: Mapping,
+    /// Rule ids (targets of the mapping) that fail closed, per direction.
+    pub fail_closed_input: Vec<String>,
+    pub fail_closed_output: Vec<String>,
+    pub stream_window: usize,
+    pub stream_strict: bool,
+}
+
+impl ModerationConfig {
+    /// Whether any call can be moderated.
+    pub fn enabled(&self) -> bool {
+        self.input != ModerationPolicy::Never || self.output != ModerationPolicy::Never
+    }
+}
+
+/// Applies `moderation.categories` (`category=TARGET[:ACTION][@THRESHOLD]`, comma-separated) to
+/// the default table.
+pub fn parse_categories(s: &str) -> Result<Mapping, String> {
+    let mut m = Mapping::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (cat, rest) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not category=TARGET"))?;
+        let cat = cat.trim();
+        let (rest, threshold) = match rest.split_once('@') {
+            Some((r, t)) => (
+                r,
+                t.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("`{t}` (category {cat}) is not a threshold like 0.5"))?,
+            ),
+            None => (
+                rest,
+                m.get(cat)
+                    .map_or(crate::moderation::DEFAULT_THRESHOLD, |l| l.threshold),
+            ),
+        };
+        let (target, action) = match rest.split_once(':') {
+            Some((t, a)) => (
+                t.trim(),
+                Some(
+                    Action::parse(a.trim())
+                        .filter(|a| *a != Action::Sanitize)
+                        .ok_or_else(|| {
+                            format!("`{a}` (category {cat}) is not an action like flag or block (sanitize needs a span, which a remote hit lacks)")
+                        })?,
+                ),
+            ),
+            None => (rest.trim(), None),
+        };
+        let target = match target {
+            "off" => {
+                m.remove(cat);
+                continue;
+            }
+            "flag" | "FLAG" | "MODERATION" => Target::Flag,
+            r if r.starts_with("RULE-MIST-") || r.chars().all(|c| c.is_ascii_uppercase()) => {
+                Target::Rule(r.to_string())
+            }
+            other => {
+                return Err(format!(
+                "`{other}` (category {cat}) is not a rule id like RULE-MIST-001, `flag` or `off`"
+            ))
+            }
+        };
+        m.set(CategoryRule {
+            category: cat.to_string(),
+            target,
+            action,
+            threshold,
+        })?;
+    }
+    Ok(m)
+}
+
+/// `off`, or a positive count.
+fn parse_off_or_count(s: &str) -> Option<u64> {
+    if s == "off" || s == "0" {
+        Some(0)
+    } else {
+        parse_u64(s).filter(|n| *n > 0)
+    }
+}
+
+/// A comma-separated list of rule ids.
+fn parse_rule_list(s: &str) -> Option<Vec<String>> {
+    let v: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    v.iter()
+        .all(|r| {
+            r.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+        })
+        .then_some(v)
+}
+
 /// Tool-call authorization (AuthorizeToolCall, the Admin service).
 #[derive(Clone, Debug)]
 pub struct ToolConfig {
@@ -596,6 +933,7 @@ pub struct Config {
     pub records: RecordsConfig,
     pub redis: RedisConfig,
     pub subject_limits: SubjectLimits,
+    pub moderation: ModerationConfig,
     /// Send systemd's readiness notification (`READY=1`, `STOPPING=1`) when `NOTIFY_SOCKET` is
     /// set. Not a setting: `mistguard serve` turns it on; daemons embedded in tests and the
     /// bench leave it off.
@@ -772,6 +1110,15 @@ impl Config {
                 "a duration like 10m",
                 parse_nonzero_duration,
             )?,
+            level3_novel: src.parse(
+                "escalation.level3_novel",
+                "a count between 1 and 1000000",
+                |s| {
+                    parse_u64(s)
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .map(|n| n as u32)
+                },
+            )?,
             max_subjects: src.parse("escalation.max_subjects", "a positive count", |s| {
                 nonzero_u64(s).map(|n| n as usize)
             })?,
@@ -850,6 +1197,7 @@ impl Config {
                     "a duration like 30d",
                     parse_nonzero_duration,
                 )?,
+                novel_samples: src.parse("records.novel_samples", "`on` or `off`", parse_bool)?,
             };
         let redis = RedisConfig {
             url: src.parse("redis.url", "a URL like redis://127.0.0.1:6379/0", |s| {
@@ -905,6 +1253,7 @@ impl Config {
                 }
             })?,
         };
+        let moderation = moderation_config(src)?;
         if redis.url.is_some() && subject_key_file.is_none() {
             return Err(ConfigError(
                 "redis.url needs subject_key_file: replicas that share state must hash subjects with the same key (give each the same file of 32 or more random bytes)".into(),
@@ -951,9 +1300,224 @@ impl Config {
             records,
             redis,
             subject_limits,
+            moderation,
             notify_systemd: false,
         })
     }
+}
+
+/// A URL with its password (`redis://user:secret@host`) replaced by `***`.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                // `redis://secret@host`: the userinfo alone may be the password.
+                format!("{scheme}://***@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// `moderation.*`, with the keys of `MISTRAL_API_KEY(S)`.
+fn moderation_config(src: &Sources) -> Result<ModerationConfig, ConfigError> {
+    let policy = |key: &str| -> Result<Option<ModerationPolicy>, ConfigError> {
+        src.parse(
+            key,
+            "`auto`, `never`, `on_request`, `when_unsure` or `always`",
+            |s| match s {
+                "auto" => Some(None),
+                "never" => Some(Some(ModerationPolicy::Never)),
+                "on_request" => Some(Some(ModerationPolicy::OnRequest)),
+                "when_unsure" => Some(Some(ModerationPolicy::WhenUnsure)),
+                "always" => Some(Some(ModerationPolicy::Always)),
+                _ => None,
+            },
+        )
+    };
+    let keys_file = src.parse("moderation.keys_file", "a file path", |s| {
+        Some((!s.is_empty()).then(|| PathBuf::from(s)))
+    })?;
+    if let Some(f) = &keys_file {
+        if !f.is_file() {
+            let (_, origin) = src.get("moderation.keys_file");
+            return Err(ConfigError(format!(
+                "{}: `{}` is not a readable file",
+                src.describe("moderation.keys_file", origin),
+                f.display()
+            )));
+        }
+    }
+    let keys = KeySource {
+        file: keys_file,
+        ..src.api_keys.clone()
+    };
+    let have_keys = keys.single.is_some() || keys.list.is_some() || keys.file.is_some();
+    let auto = if have_keys {
+        ModerationPolicy::WhenUnsure
+    } else {
+        ModerationPolicy::Never
+    };
+    let input = policy("moderation.input")?;
+    let output = policy("moderation.output")?;
+    for (key, p) in [("moderation.input", input), ("moderation.output", output)] {
+        if !have_keys && p.is_some_and(|p| p != ModerationPolicy::Never) {
+            let (_, origin) = src.get(key);
+            return Err(ConfigError(format!(
+                "{} asks for remote moderation, but no API key is set: set MISTRAL_API_KEY, MISTRAL_API_KEYS or moderation.keys_file",
+                src.describe(key, origin)
+            )));
+        }
+    }
+    let (raw, origin) = src.get("moderation.categories");
+    let mapping = parse_categories(&raw).map_err(|e| {
+        ConfigError(format!(
+            "{}: {e}",
+            src.describe("moderation.categories", origin)
+        ))
+    })?;
+    let fail_closed = |key: &str| -> Result<Vec<String>, ConfigError> {
+        let v = src.parse(key, "a comma-separated list of rule ids", parse_rule_list)?;
+        let targets: Vec<&str> = mapping.rules().iter().map(|r| r.rule_id()).collect();
+        if let Some(bad) = v.iter().find(|r| !targets.contains(&r.as_str())) {
+            let (_, origin) = src.get(key);
+            return Err(ConfigError(format!(
+                "{}: {bad} is not a rule the category table maps to (it maps to {})",
+                src.describe(key, origin),
+                {
+                    let mut t = targets.clone();
+                    t.sort_unstable();
+                    t.dedup();
+                    t.join(", ")
+                }
+            )));
+        }
+        Ok(v)
+    };
+    let minutes = |key: &str| -> Result<u32, ConfigError> {
+        src.parse(key, "`off` or a count per minute", |s| {
+            parse_off_or_count(s).and_then(|n| u32::try_from(n).ok())
+        })
+    };
+    let url = src.parse("moderation.url", "an http:// or https:// URL", |s| {
+        (s.starts_with("https://") || s.starts_with("http://"))
+            .then(|| s.trim_end_matches('/').to_string())
+    })?;
+    let client = ClientConfig {
+        url,
+        model: src.parse("moderation.model", "a model name", |s| {
+            (!s.is_empty() && s.len() <= 128 && !s.contains(char::is_whitespace))
+                .then(|| s.to_string())
+        })?,
+        keys,
+        attempt_timeout: src.parse(
+            "moderation.attempt_timeout",
+            "a duration like 2s",
+            parse_nonzero_duration,
+        )?,
+        call_timeout: src.parse(
+            "moderation.call_timeout",
+            "a duration like 5s",
+            parse_nonzero_duration,
+        )?,
+        retries: src.parse("moderation.retries", "a count between 0 and 10", |s| {
+            parse_u64(s).filter(|n| *n <= 10).map(|n| n as u32)
+        })?,
+        retry_budget: src.parse(
+            "moderation.retry_budget",
+            "a fraction between 0 and 1",
+            |s| s.parse::<f64>().ok().filter(|f| (0.0..=1.0).contains(f)),
+        )?,
+        batch_size: src.parse("moderation.batch_size", "a count between 1 and 128", |s| {
+            parse_u64(s)
+                .filter(|n| (1..=128).contains(n))
+                .map(|n| n as usize)
+        })?,
+        batch_window: src.parse(
+            "moderation.batch_window",
+            "a duration like 2ms (0 sends at once)",
+            |s| parse_duration(s).filter(|d| *d <= Duration::from_secs(1)),
+        )?,
+        requests_per_minute: minutes("moderation.requests_per_minute")?,
+        tokens_per_minute: minutes("moderation.tokens_per_minute")?,
+        budget_tokens_per_hour: src.parse(
+            "moderation.budget_tokens_per_hour",
+            "`off` or a count of tokens",
+            parse_off_or_count,
+        )?,
+        subject_budget_tokens_per_hour: src.parse(
+            "moderation.subject_budget_tokens_per_hour",
+            "`off` or a count of tokens",
+            parse_off_or_count,
+        )?,
+        cache_entries: src.parse("moderation.cache_entries", "a count (0: no cache)", |s| {
+            parse_u64(s).map(|n| n as usize)
+        })?,
+        cache_ttl: src.parse(
+            "moderation.cache_ttl",
+            "a duration like 1h",
+            parse_nonzero_duration,
+        )?,
+        breaker_failures: src.parse(
+            "moderation.breaker_failures",
+            "a count between 1 and 1000",
+            |s| {
+                parse_u64(s)
+                    .filter(|n| (1..=1000).contains(n))
+                    .map(|n| n as u32)
+            },
+        )?,
+        breaker_cooldown: src.parse(
+            "moderation.breaker_cooldown",
+            "a duration like 30s",
+            parse_nonzero_duration,
+        )?,
+        key_cooldown: src.parse(
+            "moderation.key_cooldown",
+            "a duration like 5m",
+            parse_nonzero_duration,
+        )?,
+        backoff_base: Duration::from_millis(500),
+    };
+    Ok(ModerationConfig {
+        input: input.unwrap_or(auto),
+        output: output.unwrap_or(auto),
+        deadline: src.parse(
+            "moderation.deadline",
+            "a duration like 200ms",
+            parse_nonzero_duration,
+        )?,
+        fail_closed_input: fail_closed("moderation.fail_closed_input")?,
+        fail_closed_output: fail_closed("moderation.fail_closed_output")?,
+        mapping,
+        stream_window: src.parse(
+            "moderation.stream_window",
+            "a size between 64 and 64KiB",
+            |s| {
+                parse_size(s)
+                    .filter(|n| (64..=65536).contains(n))
+                    .map(|n| n as usize)
+            },
+        )?,
+        stream_strict: src.parse(
+            "moderation.stream_mode",
+            "`background` or `strict`",
+            |s| match s {
+                "background" => Some(false),
+                "strict" => Some(true),
+                _ => None,
+            },
+        )?,
+        client,
+    })
 }
 
 /// A listen address: `IP:PORT`, or `HOST:PORT` where every address the host name resolves to is
@@ -1059,6 +1623,96 @@ fn parse_nonzero_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dump_masks_secrets() {
+        let src = Sources {
+            flags: flags(&[("redis.url", "redis://app:hunter2-canary@10.0.0.5:6379/0")]),
+            ..Default::default()
+        }
+        .with_env([
+            ("MISTRAL_API_KEY", "sk-canary-one"),
+            ("MISTRAL_API_KEYS", "sk-canary-two, sk-canary-three"),
+        ]);
+        let dump = src.effective();
+        assert!(!dump.contains("hunter2-canary"), "{dump}");
+        assert!(!dump.contains("sk-canary"), "{dump}");
+        assert!(dump.contains("redis.url = \"redis://app:***@10.0.0.5:6379/0\"  # --redis-url"));
+        assert!(dump.contains("# MISTRAL_API_KEYS: set, 2 keys (masked)"));
+        assert!(dump.contains("moderation.deadline = \"200ms\"  # default"));
+        assert!(!format!("{src:?}").contains("sk-canary"));
+        assert_eq!(mask_url_password("redis://tok@h/0"), "redis://***@h/0");
+        assert_eq!(mask_url_password("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn moderation_settings() {
+        // No key: `auto` is never; asking for more is refused.
+        let c = Config::from_sources(&Sources::default()).unwrap();
+        assert!(!c.moderation.enabled());
+        let e = Config::from_sources(&Sources {
+            flags: flags(&[("moderation.input", "always")]),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("no API key"), "{e}");
+        // A key: `auto` is when_unsure.
+        let keyed = |f: &[(&str, &str)]| {
+            Config::from_sources(
+                &Sources {
+                    flags: flags(f),
+                    ..Default::default()
+                }
+                .with_env([("MISTRAL_API_KEY", "k")]),
+            )
+        };
+        let c = keyed(&[]).unwrap();
+        assert_eq!(c.moderation.input, ModerationPolicy::WhenUnsure);
+        assert_eq!(c.moderation.output, ModerationPolicy::WhenUnsure);
+        assert_eq!(c.moderation.deadline, Duration::from_millis(200));
+        let c = keyed(&[
+            ("moderation.output", "always"),
+            (
+                "moderation.categories",
+                "sexual=RULE-MIST-005@0.7, health=off, jailbreaking=RULE-MIST-009:block",
+            ),
+            ("moderation.fail_closed_output", "RULE-MIST-005,MODERATION"),
+        ])
+        .unwrap();
+        let m = &c.moderation.mapping;
+        assert_eq!(m.get("sexual").unwrap().rule_id(), "RULE-MIST-005");
+        assert_eq!(m.get("sexual").unwrap().threshold, 0.7);
+        assert!(m.get("health").is_none());
+        assert_eq!(m.get("jailbreaking").unwrap().action, Some(Action::Block));
+        assert_eq!(
+            c.moderation.fail_closed_output,
+            ["RULE-MIST-005", "MODERATION"]
+        );
+        for (k, v, want) in [
+            (
+                "moderation.fail_closed_input",
+                "RULE-MIST-002",
+                "not a rule the category table maps to",
+            ),
+            (
+                "moderation.categories",
+                "sexual=nonsense",
+                "is not a rule id",
+            ),
+            (
+                "moderation.categories",
+                "sexual=flag@2",
+                "not between 0 and 1",
+            ),
+            ("moderation.categories", "sexual", "category=TARGET"),
+            ("moderation.input", "sometimes", "when_unsure"),
+            ("moderation.url", "ftp://x", "URL"),
+            ("moderation.stream_mode", "eager", "strict"),
+        ] {
+            let e = keyed(&[(k, v)]).unwrap_err();
+            assert!(e.0.contains(want), "{k}={v}: {e}");
+        }
+    }
 
     fn flags(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -401,7 +401,7 @@ impl Escalation {
             .is_some_and(|t| now.saturating_sub(t) <= window);
         if w.entries.len() >= self.cfg.level3_subjects as usize && !recently_alerted {
             w.alerted_at = Some(now);
-            alert(w.entries.len(), self.cfg.level3_window);
+            alert("level2_subjects", w.entries.len(), self.cfg.level3_window);
             return true;
         }
         false
@@ -420,15 +420,24 @@ impl Escalation {
     }
 }
 
-/// The level-3 alert: a counter and one WARN line (target `mistguard::alert`).
-pub fn alert(subjects: usize, window: std::time::Duration) {
-    metrics::counter!("mistguard_escalation_alerts_total", "level" => "3").increment(1);
+/// The level-3 alert: a counter and one WARN line (target `mistguard::alert`), for many distinct
+/// subjects reaching level 2 (`cause` `level2_subjects`) or for remote moderation flagging
+/// many texts the local rules passed (`novel_attack`).
+pub fn alert(cause: &'static str, count: usize, window: std::time::Duration) {
+    metrics::counter!("mistguard_escalation_alerts_total", "level" => "3", "cause" => cause)
+        .increment(1);
+    let what = if cause == "novel_attack" {
+        "escalation level 3: remote moderation flagged many texts the local rules passed (novel attack vector)"
+    } else {
+        "escalation level 3: many distinct subjects reached level 2"
+    };
     tracing::warn!(
         target: "mistguard::alert",
         level = 3,
-        subjects,
+        cause,
+        count,
         window_s = window.as_secs(),
-        "escalation level 3: many distinct subjects reached level 2"
+        "{what}"
     );
 }
 

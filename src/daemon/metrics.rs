@@ -67,7 +67,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "mistguard_escalation_level2_total",
         "subjects that reached level 2 (suspended)",
     ),
-    ("mistguard_escalation_alerts_total", "level-3 alerts raised"),
+    (
+        "mistguard_escalation_alerts_total",
+        "level-3 alerts raised, by `cause` (`level2_subjects`, `novel_attack`)",
+    ),
     (
         "mistguard_escalation_subjects",
         "subjects with escalation state in memory",
@@ -126,6 +129,26 @@ pub const METRICS: &[(&str, &str)] = &[
         "mistguard_records_fsync_seconds",
         "time of each group commit's fsync, by `stream`",
     ),
+    (
+        "mistguard_moderation_checks_total",
+        "texts (and stream windows) sent to remote moderation, by `direction` (`input`, `output`) and `outcome` (`answered`, `cached`, `unavailable`)",
+    ),
+    (
+        "mistguard_moderation_hits_total",
+        "remote moderation categories that reached their thresholds, by `category` (unknown ones as `other`)",
+    ),
+    (
+        "mistguard_moderation_fail_open_total",
+        "answers given without the remote verdict (late or failed) where mapped rules failed open, by `direction`",
+    ),
+    (
+        "mistguard_moderation_fail_closed_total",
+        "answers given without the remote verdict where mapped rules failed closed (treated as hit), by `direction`",
+    ),
+    (
+        "mistguard_moderation_novel_total",
+        "remote hits on texts the local rules passed (novel attack vectors; they feed level 3), by `category`",
+    ),
 ];
 
 /// The RPCs of `mistguard.v1.Guard`, as metric labels.
@@ -181,12 +204,22 @@ pub fn install() -> Exporter {
                         0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
                     ],
                 )
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full("mistguard_moderation_request_seconds".into()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+                )
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full("mistguard_moderation_batch_size".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+                )
                 .expect("non-empty buckets");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (a host program's); ours still renders.
             let _ = metrics::set_global_recorder(recorder);
-            for (name, help) in METRICS {
+            for (name, help) in METRICS.iter().chain(crate::io::moderation::METRICS) {
                 metrics::describe_counter!(*name, *help);
             }
             // CPU, memory, file descriptors, threads, start time: `mistguard_process_*`.
@@ -231,7 +264,10 @@ pub fn register(engine: &crate::engine::Engine) {
         metrics::counter!("mistguard_rejected_total", "reason" => *reason).increment(0);
     }
     metrics::counter!("mistguard_escalation_level2_total").increment(0);
-    metrics::counter!("mistguard_escalation_alerts_total", "level" => "3").increment(0);
+    for cause in ["level2_subjects", "novel_attack"] {
+        metrics::counter!("mistguard_escalation_alerts_total", "level" => "3", "cause" => cause)
+            .increment(0);
+    }
     metrics::gauge!("mistguard_escalation_subjects").increment(0.0);
     metrics::counter!("mistguard_escalation_untracked_total").increment(0);
     metrics::counter!("mistguard_log_write_errors_total").increment(0);
@@ -259,7 +295,7 @@ pub fn register(engine: &crate::engine::Engine) {
         metrics::counter!("mistguard_state_redis_errors_total", "op" => op).increment(0);
     }
     metrics::counter!("mistguard_state_errors_total", "op" => "persist").increment(0);
-    for stream in ["decisions", "reports", "samples"] {
+    for stream in ["decisions", "reports", "samples", "novel"] {
         // A histogram appears with its first sample; its series exist from here.
         let _ = metrics::histogram!("mistguard_records_fsync_seconds", "stream" => stream);
         metrics::counter!("mistguard_records_written_total", "stream" => stream).increment(0);
@@ -270,7 +306,68 @@ pub fn register(engine: &crate::engine::Engine) {
         metrics::counter!("mistguard_tool_decisions_total", "tool" => "other", "decision" => decision)
             .increment(0);
     }
+    register_moderation();
     register_hits(engine);
+}
+
+/// The remote moderation series (at zero even while it is off: a dashboard shows zeros).
+fn register_moderation() {
+    use crate::io::moderation::FailureKind as K;
+    for direction in ["input", "output"] {
+        for outcome in ["answered", "cached", "unavailable"] {
+            metrics::counter!("mistguard_moderation_checks_total", "direction" => direction, "outcome" => outcome)
+                .increment(0);
+        }
+        metrics::counter!("mistguard_moderation_fail_open_total", "direction" => direction)
+            .increment(0);
+        metrics::counter!("mistguard_moderation_fail_closed_total", "direction" => direction)
+            .increment(0);
+    }
+    metrics::counter!("mistguard_moderation_hits_total", "category" => "other").increment(0);
+    metrics::counter!("mistguard_moderation_novel_total", "category" => "other").increment(0);
+    for endpoint in ["moderations", "chat"] {
+        metrics::counter!("mistguard_moderation_requests_total", "endpoint" => endpoint, "status" => "200")
+            .increment(0);
+        let _ = metrics::histogram!("mistguard_moderation_request_seconds", "endpoint" => endpoint);
+    }
+    for kind in [
+        K::Timeout,
+        K::Network,
+        K::RateLimited,
+        K::Server,
+        K::Auth,
+        K::Rejected,
+        K::Malformed,
+        K::BreakerOpen,
+        K::Budget,
+        K::ClientLimit,
+        K::NoKeys,
+    ] {
+        metrics::counter!("mistguard_moderation_errors_total", "kind" => kind.as_str())
+            .increment(0);
+    }
+    for outcome in ["done", "refused"] {
+        metrics::counter!("mistguard_moderation_retries_total", "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!("mistguard_moderation_breaker_state").set(0.0);
+    for to in ["closed", "open", "half_open"] {
+        metrics::counter!("mistguard_moderation_breaker_transitions_total", "to" => to)
+            .increment(0);
+    }
+    metrics::counter!("mistguard_moderation_cache_hits_total").increment(0);
+    metrics::counter!("mistguard_moderation_cache_misses_total").increment(0);
+    let _ = metrics::histogram!("mistguard_moderation_batch_size");
+    metrics::gauge!("mistguard_moderation_batch_limit").increment(0.0);
+    metrics::counter!("mistguard_moderation_tokens_total").increment(0);
+    for scope in ["total", "subject"] {
+        metrics::gauge!("mistguard_moderation_budget_tokens", "scope" => scope).increment(0.0);
+        metrics::counter!("mistguard_moderation_budget_refused_total", "scope" => scope)
+            .increment(0);
+    }
+    for state in ["usable", "benched"] {
+        metrics::gauge!("mistguard_moderation_keys", "state" => state).increment(0.0);
+    }
+    metrics::gauge!("mistguard_moderation_auth_outage").increment(0.0);
 }
 
 /// `mistguard_hits_total` for every (rule, trigger language) the rulesets hold, with the rule's

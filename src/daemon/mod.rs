@@ -25,6 +25,8 @@ pub mod escalation;
 pub mod front;
 pub mod ids;
 pub mod metrics;
+pub mod moderate;
+pub mod moderate_cli;
 pub mod pb;
 pub mod protect;
 pub mod recorder;
@@ -46,155 +48,107 @@ use std::process::ExitCode;
 /// Exit status for bad configuration (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Flags of `mistguard serve`. Every flag also has a `MISTGUARD_*` variable and a key in the
-/// `--config` file (see docs/DAEMON.md); flags beat the environment, which beats the file.
-#[derive(clap::Args, Debug, Default)]
+/// Flags of `mistguard serve`. Every setting of [`config::SETTINGS`] is a flag, a `MISTGUARD_*`
+/// variable and a key in the `--config` file (see docs/DAEMON.md); flags beat the environment,
+/// which beats the file. The flags are built from that table (see the `clap::Args` impl), so a
+/// new setting needs no code here.
+#[derive(Clone, Debug, Default)]
 pub struct ServeArgs {
     /// TOML configuration file (also `MISTGUARD_CONFIG`).
-    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Validate everything `serve` would load (settings, rulesets, token file, subject key, TLS
-    /// certificate and key), bind nothing, print one line and exit: 0 when valid, 64 when not.
-    #[arg(long)]
+    /// Validate everything `serve` would load, bind nothing, print one line and exit.
     pub check_config: bool,
-    #[arg(long = "listen", value_name = "VALUE")]
-    pub listen: Option<String>,
-    #[arg(long = "metrics-listen", value_name = "VALUE")]
-    pub metrics_listen: Option<String>,
-    #[arg(long = "rulesets", value_name = "VALUE")]
-    pub rulesets: Option<String>,
-    #[arg(long = "models", value_name = "VALUE")]
-    pub models: Option<String>,
-    #[arg(long = "log-format", value_name = "VALUE")]
-    pub log_format: Option<String>,
-    #[arg(long = "log-level", value_name = "VALUE")]
-    pub log_level: Option<String>,
-    #[arg(long = "drain-deadline", value_name = "VALUE")]
-    pub drain_deadline: Option<String>,
-    #[arg(long = "max-message-bytes", value_name = "VALUE")]
-    pub max_message_bytes: Option<String>,
-    #[arg(long = "stream-max-bytes", value_name = "VALUE")]
-    pub stream_max_bytes: Option<String>,
-    #[arg(long = "stream-max-chunks", value_name = "VALUE")]
-    pub stream_max_chunks: Option<String>,
-    #[arg(long = "stream-idle-timeout", value_name = "VALUE")]
-    pub stream_idle_timeout: Option<String>,
-    #[arg(long = "max-streams-per-connection", value_name = "VALUE")]
-    pub max_streams_per_connection: Option<String>,
-    #[arg(long = "max-streams", value_name = "VALUE")]
-    pub max_streams: Option<String>,
-    #[arg(long = "max-inflight", value_name = "VALUE")]
-    pub max_inflight: Option<String>,
-    #[arg(long = "http2-keepalive-interval", value_name = "VALUE")]
-    pub http2_keepalive_interval: Option<String>,
-    #[arg(long = "http2-keepalive-timeout", value_name = "VALUE")]
-    pub http2_keepalive_timeout: Option<String>,
-    #[arg(long = "http2-max-local-error-reset-streams", value_name = "VALUE")]
-    pub http2_max_local_error_reset_streams: Option<String>,
-    #[arg(long = "tls-cert", value_name = "VALUE")]
-    pub tls_cert: Option<String>,
-    #[arg(long = "tls-key", value_name = "VALUE")]
-    pub tls_key: Option<String>,
-    #[arg(long = "auth-tokens-file", value_name = "VALUE")]
-    pub auth_tokens_file: Option<String>,
-    #[arg(long = "subject-key-file", value_name = "VALUE")]
-    pub subject_key_file: Option<String>,
-    #[arg(long = "escalation-level2-hits", value_name = "VALUE")]
-    pub escalation_level2_hits: Option<String>,
-    #[arg(long = "escalation-level2-window", value_name = "VALUE")]
-    pub escalation_level2_window: Option<String>,
-    #[arg(long = "escalation-suspension", value_name = "VALUE")]
-    pub escalation_suspension: Option<String>,
-    #[arg(long = "escalation-rate-limit", value_name = "VALUE")]
-    pub escalation_rate_limit: Option<String>,
-    #[arg(long = "escalation-level3-subjects", value_name = "VALUE")]
-    pub escalation_level3_subjects: Option<String>,
-    #[arg(long = "escalation-level3-window", value_name = "VALUE")]
-    pub escalation_level3_window: Option<String>,
-    #[arg(long = "escalation-max-subjects", value_name = "VALUE")]
-    pub escalation_max_subjects: Option<String>,
-    #[arg(long = "policies", value_name = "VALUE")]
-    pub policies: Option<String>,
-    #[arg(long = "default-decision", value_name = "VALUE")]
-    pub default_decision: Option<String>,
-    #[arg(long = "approval-ttl", value_name = "VALUE")]
-    pub approval_ttl: Option<String>,
-    #[arg(long = "admin-tokens-file", value_name = "VALUE")]
-    pub admin_tokens_file: Option<String>,
-    #[arg(long = "data-dir", value_name = "VALUE")]
-    pub data_dir: Option<String>,
-    #[arg(long = "protect-max-texts", value_name = "VALUE")]
-    pub protect_max_texts: Option<String>,
-    #[arg(long = "protect-max-bytes", value_name = "VALUE")]
-    pub protect_max_bytes: Option<String>,
-    #[arg(long = "protect-ttl", value_name = "VALUE")]
-    pub protect_ttl: Option<String>,
-    #[arg(long = "protect-max-ttl", value_name = "VALUE")]
-    pub protect_max_ttl: Option<String>,
-    #[arg(long = "records-dir", value_name = "VALUE")]
-    pub records_dir: Option<String>,
-    #[arg(long = "records-durability", value_name = "VALUE")]
-    pub records_durability: Option<String>,
-    #[arg(long = "records-on-error", value_name = "VALUE")]
-    pub records_on_error: Option<String>,
-    #[arg(long = "records-commit-delay", value_name = "VALUE")]
-    pub records_commit_delay: Option<String>,
-    #[arg(long = "records-queue", value_name = "VALUE")]
-    pub records_queue: Option<String>,
-    #[arg(long = "records-segment-bytes", value_name = "VALUE")]
-    pub records_segment_bytes: Option<String>,
-    #[arg(long = "records-retain", value_name = "VALUE")]
-    pub records_retain: Option<String>,
-    #[arg(long = "records-max-bytes", value_name = "VALUE")]
-    pub records_max_bytes: Option<String>,
-    #[arg(long = "records-reports-retain", value_name = "VALUE")]
-    pub records_reports_retain: Option<String>,
-    #[arg(long = "records-samples", value_name = "VALUE")]
-    pub records_samples: Option<String>,
-    #[arg(long = "records-samples-retain", value_name = "VALUE")]
-    pub records_samples_retain: Option<String>,
-    #[arg(long = "redis-url", value_name = "VALUE")]
-    pub redis_url: Option<String>,
-    #[arg(long = "redis-timeout", value_name = "VALUE")]
-    pub redis_timeout: Option<String>,
-    #[arg(long = "redis-required", value_name = "VALUE")]
-    pub redis_required: Option<String>,
-    #[arg(long = "redis-prefix", value_name = "VALUE")]
-    pub redis_prefix: Option<String>,
-    #[arg(long = "limits-input-requests", value_name = "VALUE")]
-    pub limits_input_requests: Option<String>,
-    #[arg(long = "limits-input-bytes", value_name = "VALUE")]
-    pub limits_input_bytes: Option<String>,
-    #[arg(long = "limits-output-requests", value_name = "VALUE")]
-    pub limits_output_requests: Option<String>,
-    #[arg(long = "limits-output-bytes", value_name = "VALUE")]
-    pub limits_output_bytes: Option<String>,
-    #[arg(long = "limits-scope", value_name = "VALUE")]
-    pub limits_scope: Option<String>,
-    #[arg(long = "limits-when-redis-down", value_name = "VALUE")]
-    pub limits_when_redis_down: Option<String>,
+    /// Print every setting's effective value and where it came from (secrets masked), and exit.
+    pub print_config: bool,
+    /// The settings given as flags, keyed by setting key (`escalation.level2_hits`).
+    pub flags: std::collections::HashMap<String, String>,
 }
 
-/// Gives each flag of `mistguard serve` its help line from [`config::SETTINGS`] (what it does, its
-/// default and its environment variable), so `--help`, the config file and docs/DAEMON.md share
-/// one source. A setting's flag is its key with dots and underscores as dashes.
-pub fn describe_serve_flags(mut cmd: clap::Command) -> clap::Command {
-    for s in config::SETTINGS {
-        let id = s.key.replace('.', "_");
-        let mut help = s.help.replace('`', "");
-        if !s.default.is_empty() {
-            help.push_str(&format!(" [default: {}]", s.default));
-        }
-        help.push_str(&format!(" [env: {}]", s.env_var()));
-        let value_name = value_name(s);
-        cmd = cmd.mut_arg(id, |a| a.help(help).value_name(value_name));
+/// The clap id of a setting's flag.
+fn arg_id(s: &config::Setting) -> String {
+    s.key.replace('.', "_")
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut a = ServeArgs::default();
+        a.update_from_arg_matches(m)?;
+        Ok(a)
     }
-    cmd.after_help(
-        "Flags beat MISTGUARD_* variables, which beat the --config file, which beats the \
-         default. Durations: 500ms, 20s, 10m, 1h (a bare number is seconds); sizes: bytes, 64KiB, 1MiB. \
-         Bad configuration is reported in one line before any port is bound (exit status 64). \
-         See docs/DAEMON.md.",
-    )
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        if let Some(c) = m.get_one::<PathBuf>("config") {
+            self.config = Some(c.clone());
+        }
+        self.check_config |= m.get_flag("check_config");
+        self.print_config |= m.get_flag("print_config");
+        for s in config::SETTINGS {
+            if let Some(v) = m.get_one::<String>(arg_id(s).as_str()) {
+                self.flags.insert(s.key.to_string(), v.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for ServeArgs {
+    /// `--config`, `--check-config`, `--print-config`, and one flag per setting with its help
+    /// line from [`config::SETTINGS`] (what it does, its default and its environment variable),
+    /// so `--help`, the config file and docs/DAEMON.md share one source. A setting's flag is its
+    /// key with dots and underscores as dashes.
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction};
+        let mut cmd = cmd
+            .arg(
+                Arg::new("config")
+                    .long("config")
+                    .value_name("FILE")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("TOML configuration file [env: MISTGUARD_CONFIG]"),
+            )
+            .arg(
+                Arg::new("check_config")
+                    .long("check-config")
+                    .action(ArgAction::SetTrue)
+                    .help(
+                        "Validate everything serve would load (settings, rulesets, token file, \
+                         subject key, TLS certificate and key, moderation keys), bind nothing, \
+                         print one line and exit: 0 when valid, 64 when not",
+                    ),
+            )
+            .arg(
+                Arg::new("print_config")
+                    .long("print-config")
+                    .action(ArgAction::SetTrue)
+                    .help(
+                        "Print every setting's effective value and where it came from (flag, \
+                         env, file, default), with secrets masked, and exit (64 when invalid)",
+                    ),
+            );
+        for s in config::SETTINGS {
+            let mut help = s.help.replace('`', "");
+            if !s.default.is_empty() {
+                help.push_str(&format!(" [default: {}]", s.default));
+            }
+            help.push_str(&format!(" [env: {}]", s.env_var()));
+            cmd = cmd.arg(
+                Arg::new(arg_id(s))
+                    .long(s.flag().trim_start_matches('-').to_string())
+                    .value_name(value_name(s))
+                    .help(help),
+            );
+        }
+        cmd.after_help(
+            "Flags beat MISTGUARD_* variables, which beat the --config file, which beats the \
+             default. Durations: 500ms, 20s, 10m, 1h (a bare number is seconds); sizes: bytes, 64KiB, 1MiB. \
+             Bad configuration is reported in one line before any port is bound (exit status 64). \
+             See docs/DAEMON.md.",
+        )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        ServeArgs::augment_args(cmd)
+    }
 }
 
 /// The placeholder a flag's value is shown with in `--help`.
@@ -220,91 +174,20 @@ fn value_name(s: &config::Setting) -> &'static str {
 }
 
 impl ServeArgs {
-    /// The flags given, keyed by setting key.
-    pub fn flag_values(&self) -> std::collections::HashMap<String, String> {
-        let pairs: [(&str, &Option<String>); 58] = [
-            ("listen", &self.listen),
-            ("metrics_listen", &self.metrics_listen),
-            ("rulesets", &self.rulesets),
-            ("models", &self.models),
-            ("log_format", &self.log_format),
-            ("log_level", &self.log_level),
-            ("drain_deadline", &self.drain_deadline),
-            ("max_message_bytes", &self.max_message_bytes),
-            ("stream_max_bytes", &self.stream_max_bytes),
-            ("stream_max_chunks", &self.stream_max_chunks),
-            ("stream_idle_timeout", &self.stream_idle_timeout),
-            (
-                "max_streams_per_connection",
-                &self.max_streams_per_connection,
-            ),
-            ("max_streams", &self.max_streams),
-            ("max_inflight", &self.max_inflight),
-            ("http2_keepalive_interval", &self.http2_keepalive_interval),
-            ("http2_keepalive_timeout", &self.http2_keepalive_timeout),
-            (
-                "http2_max_local_error_reset_streams",
-                &self.http2_max_local_error_reset_streams,
-            ),
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("auth_tokens_file", &self.auth_tokens_file),
-            ("subject_key_file", &self.subject_key_file),
-            ("escalation.level2_hits", &self.escalation_level2_hits),
-            ("escalation.level2_window", &self.escalation_level2_window),
-            ("escalation.suspension", &self.escalation_suspension),
-            ("escalation.rate_limit", &self.escalation_rate_limit),
-            (
-                "escalation.level3_subjects",
-                &self.escalation_level3_subjects,
-            ),
-            ("escalation.level3_window", &self.escalation_level3_window),
-            ("escalation.max_subjects", &self.escalation_max_subjects),
-            ("policies", &self.policies),
-            ("default_decision", &self.default_decision),
-            ("approval_ttl", &self.approval_ttl),
-            ("admin_tokens_file", &self.admin_tokens_file),
-            ("data_dir", &self.data_dir),
-            ("protect.max_texts", &self.protect_max_texts),
-            ("protect.max_bytes", &self.protect_max_bytes),
-            ("protect.ttl", &self.protect_ttl),
-            ("protect.max_ttl", &self.protect_max_ttl),
-            ("records.dir", &self.records_dir),
-            ("records.durability", &self.records_durability),
-            ("records.on_error", &self.records_on_error),
-            ("records.commit_delay", &self.records_commit_delay),
-            ("records.queue", &self.records_queue),
-            ("records.segment_bytes", &self.records_segment_bytes),
-            ("records.retain", &self.records_retain),
-            ("records.max_bytes", &self.records_max_bytes),
-            ("records.reports_retain", &self.records_reports_retain),
-            ("records.samples", &self.records_samples),
-            ("records.samples_retain", &self.records_samples_retain),
-            ("redis.url", &self.redis_url),
-            ("redis.timeout", &self.redis_timeout),
-            ("redis.required", &self.redis_required),
-            ("redis.prefix", &self.redis_prefix),
-            ("limits.input_requests", &self.limits_input_requests),
-            ("limits.input_bytes", &self.limits_input_bytes),
-            ("limits.output_requests", &self.limits_output_requests),
-            ("limits.output_bytes", &self.limits_output_bytes),
-            ("limits.scope", &self.limits_scope),
-            ("limits.when_redis_down", &self.limits_when_redis_down),
-        ];
-        pairs
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
-            .collect()
-    }
-
-    /// Gathers flags, the process environment and the config file, and validates them.
+    /// Every setting's effective value and its origin, one `key = value  # origin` line each,
+    /// then the API keys' sources (masked). Secrets are never printed: a Redis URL's password is
+    /// masked, keys are only counted.
     ///
     /// # Errors
-    /// One line naming the bad setting.
-    pub fn load(&self) -> Result<Config, ConfigError> {
+    /// The config file cannot be read or parsed.
+    pub fn effective(&self) -> Result<String, ConfigError> {
+        Ok(self.sources()?.effective())
+    }
+
+    fn sources(&self) -> Result<Sources, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let mut sources = Sources {
-            flags: self.flag_values(),
+            flags: self.flags.clone(),
             ..Default::default()
         }
         .with_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -317,7 +200,15 @@ impl ServeArgs {
                 .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
             sources = sources.with_file_text(&path, &text)?;
         }
-        Config::from_sources(&sources)
+        Ok(sources)
+    }
+
+    /// Gathers flags, the process environment and the config file, and validates them.
+    ///
+    /// # Errors
+    /// One line naming the bad setting.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::from_sources(&self.sources()?)
     }
 }
 
@@ -384,6 +275,18 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if args.print_config {
+        match args.effective() {
+            Ok(lines) => {
+                print!("{lines}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                say(&format!("mistguard: configuration: {e}"));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let prepared = match prepare(&config) {
         Ok(p) => p,
         Err(e) => {
@@ -571,7 +474,7 @@ mod tests {
         ])
         .unwrap();
         let src = Sources {
-            flags: w.serve.flag_values(),
+            flags: w.serve.flags.clone(),
             ..Default::default()
         };
         let c = Config::from_sources(&src).unwrap();

@@ -3,7 +3,9 @@
 //! [`crate::io::records`]:
 //! - `decisions`: every decision (Classify, each ClassifyStream, AuthorizeToolCall);
 //! - `reports`: the same record again when RULE-MIST-005 fired, kept for `records.reports_retain`;
-//! - `samples`: RULE-MIST-007 retraining samples WITH their text, only with `records.samples = on`.
+//! - `samples`: RULE-MIST-007 retraining samples WITH their text, only with `records.samples = on`;
+//! - `novel`: texts remote moderation flagged and the local rules passed, WITH their text, for
+//!   rule writers, only with `records.novel_samples = on`.
 //!
 //! A record holds the subject's keyed hash, never the subject; a keyed hash of the text, never
 //! the text (but for the opt-in samples); no key.
@@ -19,6 +21,7 @@ pub struct Recorder {
     decisions: Sink,
     reports: Sink,
     samples: Option<Sink>,
+    novel: Option<Sink>,
     /// `sync` with `records.on_error = fail_closed`: a record that cannot be written fails the
     /// call.
     fail_closed: bool,
@@ -54,6 +57,11 @@ impl Recorder {
             reports: Sink::open(dir, "reports", base(cfg.reports_retain))?,
             samples: if cfg.samples {
                 Some(Sink::open(dir, "samples", base(cfg.samples_retain))?)
+            } else {
+                None
+            },
+            novel: if cfg.novel_samples {
+                Some(Sink::open(dir, "novel", base(cfg.samples_retain))?)
             } else {
                 None
             },
@@ -106,6 +114,7 @@ impl Recorder {
             reason: r.reason.to_string(),
             ruleset_version: r.ruleset_version.to_string(),
             policy_version: r.policy_version.to_string(),
+            moderation_model: r.moderation_model.to_string(),
             text_bytes: r.bytes,
             text_hash: r.text_hash.clone(),
             latency_us: r.started.elapsed().as_micros() as u64,
@@ -139,12 +148,34 @@ impl Recorder {
         Ok(())
     }
 
+    /// Keeps a novel-attack sample (opt-in, `records.novel_samples`): the decision's rules (remote
+    /// ones included) and the text. A lost sample is counted by its sink; it never fails a call.
+    pub(super) async fn write_novel(
+        &self,
+        decision_id: &str,
+        rules: &[&str],
+        language: Option<&str>,
+        text: &str,
+    ) {
+        if let Some(sink) = &self.novel {
+            let s = SampleRecord {
+                id: decision_id.to_string(),
+                time_unix_ms: super::state::now_ms(),
+                decision_id: decision_id.to_string(),
+                rules: rules.iter().map(|x| x.to_string()).collect(),
+                language: language.unwrap_or("").to_string(),
+                text: text.to_string(),
+            };
+            let _ = sink.write(&s).await;
+        }
+    }
+
     /// Resolves once every record queued so far is on disk (shutdown).
     pub async fn flush(&self) {
         // A loss is counted and logged by its sink already.
         let _ = self.decisions.flush().await;
         let _ = self.reports.flush().await;
-        if let Some(s) = &self.samples {
+        for s in [&self.samples, &self.novel].into_iter().flatten() {
             let _ = s.flush().await;
         }
     }

@@ -189,6 +189,15 @@ pub fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         None => None,
         Some(p) => Some(read_admin_tokens(p)?),
     };
+    if config.moderation.enabled() {
+        let unknown = config.moderation.mapping.unknown_rules(engine.ruleset());
+        if !unknown.is_empty() {
+            return Err(PrepareError(format!(
+                "moderation.categories: the rulesets define no rule {} (a category maps to a rule id of the rulesets, or to `flag`)",
+                unknown.join(", ")
+            )));
+        }
+    }
     Ok(Prepared {
         engine,
         tokens,
@@ -321,6 +330,34 @@ pub async fn serve_with(
             .map_err(PrepareError)?,
         ),
     };
+    let moderation = if config.moderation.enabled() {
+        let client = crate::io::moderation::Moderator::new(config.moderation.client.clone())
+            .map_err(|e| PrepareError(format!("moderation: {e}")))?;
+        let (usable, loaded) = client.keys();
+        tracing::info!(
+            target: "mistguard::moderation",
+            model = %config.moderation.client.model,
+            input = config.moderation.input.as_str(),
+            output = config.moderation.output.as_str(),
+            deadline_ms = config.moderation.deadline.as_millis() as u64,
+            keys = loaded,
+            usable,
+            "remote moderation on"
+        );
+        if loaded == 0 {
+            tracing::warn!(
+                target: "mistguard::moderation",
+                "remote moderation is on but no API key could be read: every call fails open (or closed, per rule) until one appears"
+            );
+        }
+        Some(Arc::new(super::moderate::Moderation::new(
+            Arc::new(client),
+            config.moderation.clone(),
+            &config.escalation,
+        )))
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         engine: ArcSwap::new(prepared.engine),
         limits: limits.clone(),
@@ -335,6 +372,7 @@ pub async fn serve_with(
         protect: super::protect::ProtectStore::new(config.protect.clone(), leak_key),
         placeholder_key,
         tools,
+        moderation,
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
     m::set_model_info(None, shared.engine.load().model_version());

@@ -6,12 +6,14 @@ use super::convert::{action_to_pb, direction_name, hit_to_pb, language_hint};
 use super::escalation::Gate;
 use super::front::rejected;
 use super::ids::{DecisionIds, SubjectHasher, SubjectKey};
+use super::moderate::StreamModeration;
 use super::pb;
 use super::recorder::Recorder;
 use super::state::limits::{LimitDir, Limits as SubjectLimits};
 use super::state::{now_ms, RecordOutcome, State};
 use crate::action::Action;
 use crate::engine::{ClassifyOptions, Engine, Hit};
+use crate::verdict::StepResult;
 use arc_swap::ArcSwap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +66,8 @@ pub struct Shared {
     pub placeholder_key: crate::leak::LeakKey,
     /// Tool-call authorization: policies, approvals, settings.
     pub tools: super::tools::Tools,
+    /// Remote moderation (`moderation.*`); `None` when no call can be moderated.
+    pub moderation: Option<Arc<super::moderate::Moderation>>,
 }
 
 #[derive(Clone)]
@@ -202,6 +206,8 @@ pub(super) struct Record<'a> {
     /// The `version` of the rulesets that decided (the stream's own, across a reload).
     pub ruleset_version: &'a str,
     pub policy_version: &'a str,
+    /// The remote moderation model that answered, "" when none did.
+    pub moderation_model: &'a str,
     pub started: Instant,
 }
 
@@ -269,6 +275,45 @@ struct StreamHits {
     /// (without it nothing is kept: the log line lists only the rules).
     kept: Vec<Hit>,
     keep: bool,
+}
+
+/// What a stream's remote moderation windows brought so far.
+#[derive(Default)]
+struct RemoteSeen {
+    /// The most severe action of remote (or fail-closed) hits.
+    action: Action,
+    /// A window's answer was late or failed.
+    unavailable: bool,
+}
+
+impl RemoteSeen {
+    /// Takes in a window's verdict: counts its hits, notes novel attacks (remote hits while the
+    /// stream's local rules had none) and the answering model; returns the hits to report.
+    fn take(
+        &mut self,
+        shared: &Shared,
+        c: &super::moderate::Checked,
+        log: &mut StreamLog,
+    ) -> Vec<Hit> {
+        self.unavailable |= c.unavailable.is_some();
+        if c.model.is_some() {
+            log.model.clone_from(&c.model);
+        }
+        if log.hits.rules.is_empty() && !c.categories.is_empty() {
+            if let Some(m) = &shared.moderation {
+                m.novel(&c.categories, now_ms());
+            }
+        }
+        if !c.hits.is_empty() {
+            observe_hits(&c.hits);
+            log.hits.add(&c.hits);
+            log.level = log.level.max(1);
+        }
+        for h in &c.hits {
+            self.action = self.action.max(h.action);
+        }
+        c.hits.clone()
+    }
 }
 
 /// Hits a decision record lists at most (a stream may report many).
@@ -472,6 +517,7 @@ impl Shared {
                     text_hash,
                     ruleset_version: engine.version(),
                     policy_version: "",
+                    moderation_model: "",
                     started,
                 },
                 None,
@@ -488,12 +534,36 @@ impl Shared {
                 ..Default::default()
             });
         }
-        let verdict = engine.classify(&req.text, &meta.opts);
+        let mut verdict = engine.classify(&req.text, &meta.opts);
+        let mut reason = "";
+        let mut model = None;
+        let mut novel = false;
+        if let Some(m) = &self.moderation {
+            if m.wants(meta.opts.direction, verdict.action, req.moderate) {
+                let subject_hex = subject.map(SubjectKey::hex);
+                let checked = m
+                    .check(
+                        &engine,
+                        &req.text,
+                        meta.opts.direction,
+                        subject_hex.as_deref(),
+                        (0, bytes),
+                    )
+                    .await;
+                if verdict.action == Action::Allow && !checked.categories.is_empty() {
+                    m.novel(&checked.categories, now_ms());
+                    novel = true;
+                }
+                super::moderate::merge(&engine, &mut verdict, &checked);
+                reason = checked.reason();
+                model = checked.model;
+            }
+        }
         let rules = distinct_rules(&verdict.hits);
         // RULE-MIST-007 retraining samples keep the text, only where the operator opted in.
         let sample = (rules.contains(&"RULE-MIST-007")
             && self.records.as_ref().is_some_and(|r| r.keeps_samples()))
-        .then_some(req.text);
+        .then_some(&req.text);
         let outcome = self
             .record_outcome(subject, &decision_id, verdict.action, &rules)
             .await;
@@ -514,16 +584,23 @@ impl Shared {
                 hits: &verdict.hits,
                 language: verdict.language,
                 level: outcome.level,
-                reason: "",
+                reason,
                 bytes,
                 text_hash,
                 ruleset_version: engine.version(),
                 policy_version: "",
+                moderation_model: model.as_deref().unwrap_or(""),
                 started,
             },
-            sample.as_deref(),
+            sample.map(String::as_str),
         )
         .await?;
+        if novel {
+            if let Some(r) = &self.records {
+                r.write_novel(&decision_id, &rules, verdict.language, &req.text)
+                    .await;
+            }
+        }
         Ok(pb::ClassifyResponse {
             action: action_to_pb(verdict.action) as i32,
             hits: verdict.hits.iter().map(hit_to_pb).collect(),
@@ -532,7 +609,7 @@ impl Shared {
             sanitized_text: verdict.sanitized_text,
             message: verdict.message.unwrap_or_default(),
             decision_id,
-            reason: String::new(),
+            reason: reason.to_string(),
             ruleset_version: engine.version().to_string(),
             retry_after_ms: 0,
         })
@@ -720,6 +797,8 @@ struct StreamTask {
 
 enum Next {
     Message(pb::ClassifyStreamRequest),
+    /// A moderation window's remote verdict.
+    Remote(super::moderate::WindowVerdict),
     End,
     Failed(Status),
     Idle,
@@ -728,14 +807,26 @@ enum Next {
 }
 
 impl StreamTask {
-    async fn next(&mut self, shutdown: &mut watch::Receiver<bool>, idle: Duration) -> Next {
+    async fn next(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        idle: Duration,
+        remote: Option<&mut StreamModeration>,
+    ) -> Next {
         if *shutdown.borrow() {
             return Next::Shutdown;
         }
+        let verdict = async {
+            match remote {
+                Some(r) => r.rx.recv().await,
+                None => None,
+            }
+        };
         tokio::select! {
             biased;
             _ = shutdown.changed() => Next::Shutdown,
             _ = self.tx.closed() => Next::ClientGone,
+            Some(v) = verdict => Next::Remote(v),
             msg = tokio::time::timeout(idle, self.inbound.message()) => match msg {
                 Err(_) => Next::Idle,
                 Ok(Ok(Some(m))) => Next::Message(m),
@@ -760,7 +851,7 @@ impl StreamTask {
         let mut shutdown = shared.shutdown.clone();
         let idle = limits.stream_idle_timeout;
 
-        let first = match self.next(&mut shutdown, idle).await {
+        let first = match self.next(&mut shutdown, idle, None).await {
             Next::Message(m) => m,
             other => return self.end_early(other).await,
         };
@@ -795,6 +886,7 @@ impl StreamTask {
             level: 0,
             bytes: 0,
             text: shared.records.as_ref().map(|r| r.text_hasher()),
+            model: None,
             started: self.started,
         };
         let subject = log.meta.subject;
@@ -830,6 +922,21 @@ impl StreamTask {
         session.discard_verdict_hits();
         session.compose_released_text();
         let mut chunks: u64 = 0;
+        // Remote moderation of the stream's windows, when its direction's policy may want it.
+        let mut remote = shared
+            .moderation
+            .as_ref()
+            .filter(|m| m.policy(dir) != super::config::ModerationPolicy::Never)
+            .map(|m| {
+                StreamModeration::new(
+                    m.clone(),
+                    engine.clone(),
+                    dir,
+                    subject.as_ref().map(SubjectKey::hex),
+                    first.moderate,
+                )
+            });
+        let mut remote_seen = RemoteSeen::default();
         let mut pending = Some(first);
         // What the client was last told it may forward.
         let mut released: u64 = 0;
@@ -837,8 +944,51 @@ impl StreamTask {
         let (step, reason) = loop {
             let msg = match pending.take() {
                 Some(m) => m,
-                None => match self.next(&mut shutdown, idle).await {
+                None => match self.next(&mut shutdown, idle, remote.as_mut()).await {
                     Next::Message(m) => m,
+                    Next::Remote(v) => {
+                        let Some(r) = remote.as_mut() else { continue };
+                        r.arrived(&v);
+                        let hits = remote_seen.take(&shared, &v.checked, &mut log);
+                        let action = session.action().max(remote_seen.action);
+                        let message =
+                            super::moderate::message_of(&engine, &hits, action, log.language);
+                        if action >= Action::Block {
+                            break (
+                                StepResult {
+                                    action,
+                                    hits,
+                                    release_offset: released,
+                                    language: log.language,
+                                    message,
+                                    released_text: None,
+                                },
+                                "blocked",
+                            );
+                        }
+                        // Strict mode: text held for this window may go now.
+                        let (offset, text) = r.release(released, None);
+                        released = offset;
+                        let response = pb::ClassifyStreamResponse {
+                            action: action_to_pb(action) as i32,
+                            hits: hits.iter().map(hit_to_pb).collect(),
+                            released_bytes: released,
+                            released_text: text,
+                            language: log.language.unwrap_or("").to_string(),
+                            escalation_level: log.level,
+                            message: message.unwrap_or_default(),
+                            decision_id: log.decision_id.clone(),
+                            r#final: false,
+                            reason: v.checked.reason().to_string(),
+                            ruleset_version: log.ruleset_version.clone(),
+                            retry_after_ms: 0,
+                        };
+                        if !self.send(Ok(response)).await {
+                            let _ = log.end(&shared, None, "cancelled").await;
+                            return;
+                        }
+                        continue;
+                    }
                     Next::End => break (session.finish(), "end_of_input"),
                     Next::Shutdown => break (session.finish(), "shutdown"),
                     Next::Idle => {
@@ -931,6 +1081,9 @@ impl StreamTask {
             metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream")
                 .increment(msg.text.len() as u64);
             let step = session.feed(&msg.text);
+            if let Some(r) = remote.as_mut() {
+                r.push(&msg.text, step.action.max(remote_seen.action));
+            }
             drop(msg);
             if step.language.is_some() {
                 log.language = step.language;
@@ -943,12 +1096,22 @@ impl StreamTask {
             if step.action >= Action::Block {
                 break (step, "blocked");
             }
-            released = step.release_offset;
+            let released_text = match remote.as_mut() {
+                Some(r) => {
+                    let (offset, text) = r.release(step.release_offset, step.released_text);
+                    released = offset;
+                    text
+                }
+                None => {
+                    released = step.release_offset;
+                    step.released_text.unwrap_or_default()
+                }
+            };
             let response = pb::ClassifyStreamResponse {
-                action: action_to_pb(step.action) as i32,
+                action: action_to_pb(step.action.max(remote_seen.action)) as i32,
                 hits: step.hits.iter().map(hit_to_pb).collect(),
                 released_bytes: released,
-                released_text: step.released_text.unwrap_or_default(),
+                released_text,
                 language: step.language.unwrap_or("").to_string(),
                 escalation_level: log.level,
                 message: step.message.unwrap_or_default(),
@@ -965,12 +1128,41 @@ impl StreamTask {
         };
 
         // The final response: the verdict of the whole stream.
+        let mut step = step;
         if reason != "blocked" && !step.hits.is_empty() {
             observe_hits(&step.hits);
             log.hits.add(&step.hits);
         }
         if step.language.is_some() {
             log.language = step.language;
+        }
+        // The last window, and every verdict still on its way (each is bounded by the deadline).
+        if let (Some(r), false) = (remote.as_mut(), reason == "blocked") {
+            r.finish(step.action.max(remote_seen.action));
+            let wait = shared
+                .moderation
+                .as_ref()
+                .map_or(Duration::ZERO, |m| m.cfg.deadline)
+                .saturating_mul(2);
+            while r.in_flight() > 0 {
+                let Ok(Some(v)) = tokio::time::timeout(wait, r.rx.recv()).await else {
+                    break;
+                };
+                r.arrived(&v);
+                let hits = remote_seen.take(&shared, &v.checked, &mut log);
+                step.hits.extend(hits);
+            }
+            let action = step.action.max(remote_seen.action);
+            if action > step.action {
+                step.message =
+                    super::moderate::message_of(&engine, &step.hits, action, log.language);
+            }
+            step.action = action;
+            if action < Action::Block {
+                let (offset, text) = r.release(step.release_offset, step.released_text.take());
+                step.release_offset = offset;
+                step.released_text = Some(text);
+            }
         }
         let action = step.action;
         let outcome = shared
@@ -1010,7 +1202,11 @@ impl StreamTask {
             message: step.message.unwrap_or_default(),
             decision_id: log.decision_id,
             r#final: true,
-            reason: reason.to_string(),
+            reason: if remote_seen.unavailable {
+                format!("{reason},moderation_unavailable")
+            } else {
+                reason.to_string()
+            },
             ruleset_version: log.ruleset_version,
             retry_after_ms: 0,
         };
@@ -1019,7 +1215,7 @@ impl StreamTask {
 
     async fn end_early(&mut self, next: Next) {
         match next {
-            Next::Message(_) => unreachable!("handled by the caller"),
+            Next::Message(_) | Next::Remote(_) => unreachable!("handled by the caller"),
             // Half-closed before any chunk: an empty stream, allowed.
             Next::End | Next::Shutdown => {
                 let decision_id = self.shared.ids.next();
@@ -1071,6 +1267,8 @@ struct StreamLog {
     bytes: u64,
     /// The keyed hash of the stream's text so far (with records on).
     text: Option<blake3::Hasher>,
+    /// The remote moderation model that answered for a window, if any.
+    model: Option<Arc<str>>,
     started: Instant,
 }
 
@@ -1119,6 +1317,7 @@ impl StreamLog {
                         .unwrap_or_default(),
                     ruleset_version: &self.ruleset_version,
                     policy_version: "",
+                    moderation_model: self.model.as_deref().unwrap_or(""),
                     started: self.started,
                 },
                 None,

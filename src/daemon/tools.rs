@@ -294,6 +294,7 @@ impl Shared {
                 text_hash: call_hash.clone(),
                 ruleset_version: engine.version(),
                 policy_version: policies.version(),
+                moderation_model: "",
                 started,
             },
             None,

@@ -2,6 +2,8 @@
 //! `127.0.0.1:0`, the real binary, and a minimal `/metrics` scraper.
 #![allow(dead_code)]
 
+pub mod fake_mistral;
+
 use mistguard::daemon::pb::guard_client::GuardClient;
 use mistguard::daemon::{prepare, serve_with, Config, Control, Listeners, Sources};
 use std::collections::HashMap;
@@ -167,15 +169,24 @@ impl Daemon {
     }
 
     pub async fn start_with(rules: TestRules, settings: &[(&str, &str)]) -> Daemon {
+        Daemon::start_keyed(rules, settings, "").await
+    }
+
+    /// As [`Daemon::start_with`], with `keys` as `MISTRAL_API_KEYS` (comma-separated; "" for
+    /// none).
+    pub async fn start_keyed(rules: TestRules, settings: &[(&str, &str)], keys: &str) -> Daemon {
         let mut flags: HashMap<String, String> = settings
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         flags.insert("rulesets".into(), rules.path().display().to_string());
-        let config = Config::from_sources(&Sources {
-            flags,
-            ..Default::default()
-        })
+        let config = Config::from_sources(
+            &Sources {
+                flags,
+                ..Default::default()
+            }
+            .with_env([("MISTRAL_API_KEYS", keys)]),
+        )
         .expect("config");
         let prepared = prepare(&config).expect("prepare");
         let ruleset_version = prepared.engine.version().to_string();

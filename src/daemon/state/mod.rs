@@ -329,6 +329,7 @@ impl State {
                     }
                     if o.alert {
                         super::escalation::alert(
+                            "level2_subjects",
                             self.params.level3_subjects as usize,
                             Duration::from_millis(self.params.level3_window_ms),
                         );

@@ -1,13 +1,92 @@
 //! *Edge*: the client of Mistral's moderation API (issue 19). The core part (request bodies,
 //! parsing, the category table) is [`crate::moderation`]; this module does the I/O around it.
 //!
-//! INTERFACE SKELETON: the types and signatures below are the contract between the daemon and
-//! the client; the bodies are being written.
+//! - [`Moderator::moderate`]: cache (a keyed BLAKE3 hash of model and text) → budgets (total and
+//!   per subject, estimated tokens per hour) → the batcher, which gathers texts for up to
+//!   `batch_window` into one `POST /v1/moderations`, and gives each caller its own result.
+//! - [`Moderator::send`]: one direct call (`mistguard moderate`).
+//! - Every API call: keys (round-robin, 401/403 benched), client-side limits per minute, retries
+//!   (429, 5xx, network errors, timeouts; backoff with jitter, `Retry-After`, a retry budget), the
+//!   circuit breaker, all within `call_timeout`.
+//!
+//! Keys are never in a log line, an error, a metric or a panic; texts and response bodies are
+//! never in a log line or an error either.
 
-use crate::moderation::{ModerationResponse, ModerationResult};
+use crate::moderation::ModerationResult;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod breaker;
+mod client;
+mod keys;
+mod retry;
+
+pub use client::{estimated_tokens, Moderator};
+
+/// The client's metrics (the daemon registers them at zero and documents them): name, help.
+pub const METRICS: &[(&str, &str)] = &[
+    (
+        "mistguard_moderation_requests_total",
+        "HTTP requests to the moderation API, by endpoint (moderations, chat) and status (the HTTP code, or error)",
+    ),
+    (
+        "mistguard_moderation_request_seconds",
+        "Duration of one HTTP attempt to the moderation API, by endpoint",
+    ),
+    (
+        "mistguard_moderation_errors_total",
+        "Moderation calls that gave no answer, by kind",
+    ),
+    (
+        "mistguard_moderation_retries_total",
+        "Retries of moderation calls, by outcome (done, refused by the retry budget)",
+    ),
+    (
+        "mistguard_moderation_breaker_state",
+        "The moderation circuit breaker's state: 0 closed, 1 open, 2 half-open",
+    ),
+    (
+        "mistguard_moderation_breaker_transitions_total",
+        "Moderation circuit breaker transitions, by the state entered",
+    ),
+    (
+        "mistguard_moderation_cache_hits_total",
+        "Moderation answers served from the cache",
+    ),
+    (
+        "mistguard_moderation_cache_misses_total",
+        "Moderation cache lookups that missed",
+    ),
+    (
+        "mistguard_moderation_batch_size",
+        "Texts per moderation API call",
+    ),
+    (
+        "mistguard_moderation_batch_limit",
+        "The current batch size (halved when the API refuses a batch with 400/413)",
+    ),
+    (
+        "mistguard_moderation_tokens_total",
+        "Estimated tokens (bytes / 4) sent to the moderation API: the spend",
+    ),
+    (
+        "mistguard_moderation_budget_tokens",
+        "The configured hourly moderation budgets in estimated tokens, by scope (total, subject; 0: none)",
+    ),
+    (
+        "mistguard_moderation_budget_refused_total",
+        "Texts not moderated because a budget was spent, by scope",
+    ),
+    (
+        "mistguard_moderation_keys",
+        "Moderation API keys, by state (usable, benched after a 401/403)",
+    ),
+    (
+        "mistguard_moderation_auth_outage",
+        "1 while every moderation API key is refused (401/403), else 0",
+    ),
+];
 
 /// Where API keys come from. All sources are used together, de-duplicated, in this order.
 #[derive(Clone, Default)]
@@ -64,6 +143,39 @@ pub struct ClientConfig {
     pub breaker_cooldown: Duration,
     /// How long a key answered 401/403 stays out of the rotation.
     pub key_cooldown: Duration,
+    /// The first retry's backoff (then ×1.5 per retry, capped at 60 s, with jitter); 500 ms by
+    /// default (tests shorten it).
+    pub backoff_base: Duration,
+}
+
+impl Default for ClientConfig {
+    /// `https://api.mistral.ai`, `mistral-moderation-latest`, no key; 2 s per attempt, 5 s per
+    /// call, 2 retries within a 10% retry budget; batches of 16 within 5 ms; no client-side
+    /// limits or budgets; 10 000 answers cached for an hour; the breaker opens after 5 failed
+    /// calls for 30 s; a refused key is benched for 5 minutes.
+    fn default() -> ClientConfig {
+        ClientConfig {
+            url: "https://api.mistral.ai".into(),
+            model: "mistral-moderation-latest".into(),
+            keys: KeySource::default(),
+            attempt_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(5),
+            retries: 2,
+            retry_budget: 0.1,
+            batch_size: 16,
+            batch_window: Duration::from_millis(5),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            budget_tokens_per_hour: 0,
+            subject_budget_tokens_per_hour: 0,
+            cache_entries: 10_000,
+            cache_ttl: Duration::from_secs(3600),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            key_cooldown: Duration::from_secs(300),
+            backoff_base: Duration::from_millis(500),
+        }
+    }
 }
 
 /// A moderated text's answer.

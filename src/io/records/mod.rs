@@ -94,6 +94,10 @@ pub struct DecisionRecord {
     pub ruleset_version: String,
     /// "" when none.
     pub policy_version: String,
+    /// The remote moderation model that answered (`mistral-moderation-2411`); absent when none
+    /// did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub moderation_model: String,
     pub text_bytes: u64,
     /// Hex keyed BLAKE3 of the text (computed by the caller).
     pub text_hash: String,

@@ -53,6 +53,7 @@ fn rec(i: u64) -> DecisionRecord {
         reason: "r".into(),
         ruleset_version: "1".into(),
         policy_version: String::new(),
+        moderation_model: String::new(),
         text_bytes: 10 + i,
         text_hash: format!("{i:064x}"),
         latency_us: 100,
