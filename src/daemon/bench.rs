@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// `records.commit_delay` of that daemon (e.g. `1ms`).
     #[arg(long, value_name = "DURATION", default_value = "0ms")]
     pub records_commit_delay: String,
+    /// Also measure remote moderation (`moderation.input = always`) against the moderation API
+    /// at this base URL (a fake on loopback: `benches/fake_mistral.py`), in turns with a daemon
+    /// without it: once with the same text (answered from the cache), once with a new text per
+    /// call (each asks the API, batched). The key is `bench-key`. Not with --target.
+    #[arg(long, value_name = "URL")]
+    pub moderation_url: Option<String>,
     /// Concurrent unary calls in the closed-loop phases.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -157,8 +163,12 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
         eprintln!("mistguard bench: --seconds must be 1..=60; counts must be positive");
         return ExitCode::from(super::EXIT_CONFIG);
     }
-    if args.target.is_some() && (args.records_dir.is_some() || args.redis_url.is_some()) {
-        eprintln!("mistguard bench: --records-dir and --redis-url are for the in-process daemons; a --target has its own");
+    if args.target.is_some()
+        && (args.records_dir.is_some()
+            || args.redis_url.is_some()
+            || args.moderation_url.is_some())
+    {
+        eprintln!("mistguard bench: --records-dir, --redis-url and --moderation-url are for the in-process daemons; a --target has its own");
         return ExitCode::from(super::EXIT_CONFIG);
     }
     if let Some(t) = args.target {
@@ -387,6 +397,72 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
         }
         _ => None,
     };
+    // Remote moderation against local verdicts alone, taking turns (with --moderation-url).
+    let with_moderation = match (&args.target, &args.moderation_url) {
+        (None, Some(url)) => {
+            let keys = std::env::temp_dir().join(format!(
+                "mistguard-bench-moderation-{}.keys",
+                std::process::id()
+            ));
+            std::fs::write(&keys, "bench-key\n")
+                .map_err(|e| format!("{}: {e}", keys.display()))?;
+            let started = start_daemon(
+                &args,
+                &[
+                    ("moderation.url", url.clone()),
+                    ("moderation.keys_file", keys.display().to_string()),
+                    ("moderation.input", "always".into()),
+                    ("moderation.deadline", "1s".into()),
+                ],
+            )
+            .await;
+            let (maddr, mserver) = started?;
+            let mch = connect(maddr, args.connections).await?;
+            // The API must answer (not fail open at once), or the figures mean nothing.
+            let probe = GuardClient::new(mch[0].clone())
+                .classify(ClassifyRequest {
+                    text: "bench probe #cat:hate_and_discrimination".into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if !probe
+                .hits
+                .iter()
+                .any(|h| h.trigger_id == "moderation.hate_and_discrimination")
+            {
+                let _ = std::fs::remove_file(&keys);
+                stop_daemon(mserver).await;
+                return Err(format!(
+                    "the moderation API at {url} gave no answer to a probe (reason {:?}); is benches/fake_mistral.py running?",
+                    probe.reason
+                )
+                .into());
+            }
+            let cached = turns(
+                ("Classify 1 KiB, no moderation", unary_channels),
+                ("Classify 1 KiB, moderation cached", &mch),
+                args.concurrency,
+                secs,
+                text_1k.clone(),
+            )
+            .await;
+            let vary = Arc::new(format!("{VARY}{}", args.payload.text(1024)));
+            let remote = turns(
+                ("Classify 1 KiB new, no moderation", unary_channels),
+                ("Classify 1 KiB new, moderation", &mch),
+                args.concurrency,
+                secs,
+                vary,
+            )
+            .await;
+            drop(mch);
+            stop_daemon(mserver).await;
+            let _ = std::fs::remove_file(&keys);
+            Some([cached, remote])
+        }
+        _ => None,
+    };
     let c16k = closed_loop(
         "Classify 16 KiB",
         unary_channels,
@@ -431,6 +507,7 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let turns: Vec<&PhaseResult> = with_records
         .iter()
         .chain(with_redis.iter())
+        .chain(with_moderation.iter().flatten())
         .flat_map(|(a, b)| [a, b])
         .collect();
     for r in [&ping, &c1k]
@@ -477,6 +554,18 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
             shared.rate() / local.rate()
         );
     }
+    if let Some([(off, cached), (off_new, remote)]) = &with_moderation {
+        println!(
+            "Classify 1 KiB with remote moderation, answered from the cache: {:.2} of none",
+            cached.rate() / off.rate()
+        );
+        println!(
+            "Classify 1 KiB with remote moderation, a new text per call: {:.2} of none (p50 {} µs against {} µs)",
+            remote.rate() / off_new.rate(),
+            remote.percentile(0.5).map_or("-".into(), |v| format!("{v:.0}")),
+            off_new.percentile(0.5).map_or("-".into(), |v| format!("{v:.0}")),
+        );
+    }
     let p99 = open.percentile(0.99).unwrap_or(f64::INFINITY);
     println!(
         "Classify 1 KiB p99 at half that rate: {p99:.0} µs (target < 1000 µs): {}",
@@ -497,6 +586,10 @@ const AUTHORIZE: &str = "\u{0}authorize";
 
 /// The prefix of a Classify text sent with subjects (`bench-<caller>-<n % 64>`).
 const SUBJECTS: &str = "\u{0}subjects:";
+
+/// The prefix of a Classify text made new at each call (a counter appended): nothing is cached.
+const VARY: &str = "\u{0}vary:";
+static VARY_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn hex_bytes(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -561,12 +654,18 @@ async fn closed_loop(
                         .is_ok(),
                     Some(s) => {
                         let (text, subject) = match s.strip_prefix(SUBJECTS) {
-                            Some(t) => (t, format!("bench-{i}-{}", lat.len() % 64)),
-                            None => (s.as_str(), String::new()),
+                            Some(t) => (t.to_owned(), format!("bench-{i}-{}", lat.len() % 64)),
+                            None => match s.strip_prefix(VARY) {
+                                Some(t) => (
+                                    format!("{t} {}", VARY_SEQ.fetch_add(1, Ordering::Relaxed)),
+                                    String::new(),
+                                ),
+                                None => (s.to_string(), String::new()),
+                            },
                         };
                         client
                             .classify(ClassifyRequest {
-                                text: text.to_owned(),
+                                text,
                                 subject,
                                 ..Default::default()
                             })

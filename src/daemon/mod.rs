@@ -349,7 +349,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 fn check_summary(config: &Config, prepared: &Prepared) -> String {
     let rules = prepared.engine.ruleset();
     format!(
-        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}, policies {}, admin tokens {}, approvals {}, state {}, records {}",
+        "mistguard: configuration OK: rulesets {} (version {}, {} rules), listen {}, metrics {}, TLS {}, auth tokens {}, log level {}, policies {}, admin tokens {}, approvals {}, state {}, records {}, moderation {}",
         rules.source,
         rules.version,
         rules.rules.len(),
@@ -402,6 +402,18 @@ fn check_summary(config: &Config, prepared: &Prepared) -> String {
                 if config.records.sync { "sync" } else { "async" }
             ),
             None => "log lines only".to_string(),
+        },
+        if config.moderation.enabled() {
+            format!(
+                "input {}, output {}, model {}, deadline {} ms, {} keys",
+                config.moderation.input.as_str(),
+                config.moderation.output.as_str(),
+                config.moderation.client.model,
+                config.moderation.deadline.as_millis(),
+                config.moderation.client.keys.count()
+            )
+        } else {
+            "off".to_string()
         }
     )
 }

@@ -110,6 +110,13 @@ impl std::fmt::Debug for KeySource {
     }
 }
 
+impl KeySource {
+    /// The distinct keys the sources hold now (the file read once), for a start-up summary.
+    pub fn count(&self) -> usize {
+        keys::Keys::new(self, Duration::from_secs(1)).counts().1
+    }
+}
+
 /// The client's settings (the daemon fills them from `moderation.*`).
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
