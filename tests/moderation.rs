@@ -315,6 +315,15 @@ async fn failures_fail_open_by_default_and_closed_where_set() {
         value(&d2, "mistguard_moderation_fail_closed_total", &["input"]).await,
         closed + 1.0
     );
+    // An outage is not the subject's violation: fail-closed blocks do not suspend it.
+    for i in 0..4 {
+        let r = within(c2.classify(subject_req(&format!("call {i}"), "outage-subject")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.action, pb::Action::Block as i32);
+        assert_eq!(r.reason, "moderation_unavailable", "call {i}");
+    }
     // Completions still fail open.
     let mut out = req("anything at all, as a completion");
     out.direction = pb::Direction::Output as i32;
@@ -537,40 +546,45 @@ async fn novel_attacks_feed_level_3() {
     assert!(records(&recs2, "novel").is_empty());
 }
 
-/// Sends `chunks` on a stream of completions and returns every response.
-async fn stream(d: &Daemon, chunks: &[&str]) -> Vec<pb::ClassifyStreamResponse> {
+/// Sends `chunks` on a stream of completions, pausing `pause` after each, and returns every
+/// response until the final one.
+async fn stream(d: &Daemon, chunks: &[&str], pause: Duration) -> Vec<pb::ClassifyStreamResponse> {
     let mut c = d.client().await;
     let (tx, rx) = mpsc::channel(16);
     let mut responses = within(c.classify_stream(ReceiverStream::new(rx)))
         .await
         .unwrap()
         .into_inner();
-    let mut out = Vec::new();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(r) = within(responses.message()).await.unwrap() {
+            let last = r.r#final;
+            out.push(r);
+            if last {
+                break;
+            }
+        }
+        out
+    });
     for (i, ch) in chunks.iter().enumerate() {
-        tx.send(pb::ClassifyStreamRequest {
-            text: ch.to_string(),
-            direction: if i == 0 {
-                pb::Direction::Output as i32
-            } else {
-                0
-            },
-            language: if i == 0 { "en".into() } else { String::new() },
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        // Each chunk's own response comes before the next chunk is sent.
-        out.push(within(responses.message()).await.unwrap().unwrap());
+        let first = i == 0;
+        // The stream may have ended (a remote block): later chunks then go nowhere.
+        let _ = tx
+            .send(pb::ClassifyStreamRequest {
+                text: ch.to_string(),
+                direction: if first {
+                    pb::Direction::Output as i32
+                } else {
+                    0
+                },
+                language: if first { "en".into() } else { String::new() },
+                ..Default::default()
+            })
+            .await;
+        tokio::time::sleep(pause).await;
     }
     drop(tx);
-    while let Some(r) = within(responses.message()).await.unwrap() {
-        let last = r.r#final;
-        out.push(r);
-        if last {
-            break;
-        }
-    }
-    out
+    reader.await.unwrap()
 }
 
 fn released_text(rs: &[pb::ClassifyStreamResponse]) -> String {
@@ -579,7 +593,8 @@ fn released_text(rs: &[pb::ClassifyStreamResponse]) -> String {
 
 /// Streams: windows are moderated in the background and their verdicts arrive as later
 /// responses; a remote block ends the stream. In strict mode nothing is released before its
-/// window's remote verdict, and nothing of a blocked window ever is.
+/// window's remote verdict, and nothing of a blocked window ever is; a window whose answer is late
+/// gets its fail mode (open: released, marked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_moderated_in_windows() {
     let _t = turn().await;
@@ -596,26 +611,50 @@ async fn streams_are_moderated_in_windows() {
         "The weather is mild today. ",
         "Bring a coat anyway, just in case. ",
     ];
-    let rs = stream(&d, &benign).await;
+    let rs = stream(&d, &benign, Duration::ZERO).await;
     let last = rs.last().unwrap();
     assert!(last.r#final);
     assert_eq!(last.action, pb::Action::Allow as i32);
+    assert_eq!(last.reason, "end_of_input");
     assert_eq!(released_text(&rs), benign.concat());
     assert!(fake.count() >= 1);
 
+    // The bad window's verdict comes while the client waits: a later, non-final response that
+    // ends the stream.
     let bad = [
         "The weather is mild today. ",
         "Then #cat:violence_and_threats follows here. ",
         "More text after it. ",
     ];
-    let rs = stream(&d, &bad).await;
+    let rs = stream(&d, &bad, Duration::from_millis(500)).await;
     let last = rs.last().unwrap();
     assert!(last.r#final);
     assert_eq!(last.action, pb::Action::Block as i32);
-    assert!(rs
+    assert_eq!(last.reason, "blocked");
+    // Its verdict ended the stream before the third chunk: two chunk responses, then the final
+    // one carrying the remote hit.
+    assert_eq!(rs.len(), 3, "{rs:?}");
+    assert!(last
+        .hits
         .iter()
-        .flat_map(|r| &r.hits)
         .any(|h| h.trigger_id == "moderation.violence_and_threats"));
+    // A FLAG category's verdict arrives as a later, non-final response; the stream goes on.
+    let flagged = [
+        "Hello there, friend. ",
+        "This is #cat:sexual in a way. ",
+        "Goodbye for now. ",
+    ];
+    let rs = stream(&d, &flagged, Duration::from_millis(500)).await;
+    let carrier = rs
+        .iter()
+        .find(|r| r.hits.iter().any(|h| h.trigger_id == "moderation.sexual"))
+        .unwrap();
+    assert!(!carrier.r#final, "{rs:?}");
+    assert_eq!(carrier.action, pb::Action::Flag as i32);
+    let last = rs.last().unwrap();
+    assert_eq!(last.action, pb::Action::Flag as i32);
+    assert_eq!(last.reason, "end_of_input");
+    assert_eq!(released_text(&rs), flagged.concat());
 
     // Strict: a slow API holds the release back until each window's verdict is in.
     let fake2 = FakeMistral::start();
@@ -629,14 +668,14 @@ async fn streams_are_moderated_in_windows() {
         ],
     )
     .await;
-    let rs = stream(&d2, &benign).await;
+    let rs = stream(&d2, &benign, Duration::ZERO).await;
     assert_eq!(
         rs[0].released_bytes, 0,
         "released before its verdict: {rs:?}"
     );
     assert_eq!(released_text(&rs), benign.concat());
     assert_eq!(rs.last().unwrap().action, pb::Action::Allow as i32);
-    let rs = stream(&d2, &bad).await;
+    let rs = stream(&d2, &bad, Duration::ZERO).await;
     assert_eq!(rs.last().unwrap().action, pb::Action::Block as i32);
     let shown = released_text(&rs);
     assert!(
@@ -644,6 +683,24 @@ async fn streams_are_moderated_in_windows() {
         "unmoderated text released: {shown:?}"
     );
     assert!(bad[0].starts_with(&shown) || shown.is_empty(), "{shown:?}");
+
+    // Strict, and the API answers past the deadline: fail open releases the text, marked.
+    let fake3 = FakeMistral::start();
+    fake3.set_default(Behaviour::Slow(Duration::from_millis(1500)));
+    let d3 = daemon(
+        &fake3,
+        &[
+            ("moderation.stream_window", "64"),
+            ("moderation.stream_mode", "strict"),
+            ("moderation.deadline", "200ms"),
+        ],
+    )
+    .await;
+    let rs = stream(&d3, &benign, Duration::ZERO).await;
+    assert_eq!(released_text(&rs), benign.concat());
+    let last = rs.last().unwrap();
+    assert_eq!(last.action, pb::Action::Allow as i32);
+    assert_eq!(last.reason, "end_of_input,moderation_unavailable");
 }
 
 /// A canary key and a canary text never appear in the daemon's logs (at debug), its metrics, its

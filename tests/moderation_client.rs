@@ -34,6 +34,30 @@ fn score(a: &mistguard::io::moderation::Answer, cat: &str) -> f64 {
     a.result.category_scores[cat]
 }
 
+/// Moderates the texts concurrently (a batcher with a long window and `batch_size` = their
+/// number sends them as one batch); the results in the texts' order.
+async fn together(
+    m: &Moderator,
+    texts: &[String],
+) -> Vec<Result<mistguard::io::moderation::Answer, Failure>> {
+    let tasks: Vec<_> = texts
+        .iter()
+        .map(|t| {
+            let (m, t) = (m.clone(), t.clone());
+            tokio::spawn(async move { m.moderate(&t, None).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(within(t).await.unwrap());
+    }
+    out
+}
+
+fn inputs(fake: &FakeMistral) -> Vec<usize> {
+    fake.requests().iter().map(|r| r.inputs).collect()
+}
+
 async fn kind_of(m: &Moderator, text: &str) -> FailureKind {
     within(m.moderate(text, None))
         .await
@@ -143,6 +167,11 @@ async fn rejections_are_not_retried() {
     // The texts were not cached as answers: asking again goes out.
     within(m.moderate("x", None)).await.unwrap();
     assert_eq!(fake.count(), 4);
+    // An empty text is refused at once, without a request.
+    let e = within(m.moderate("", None)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Rejected);
+    assert_eq!(e.detail, "empty text");
+    assert_eq!(fake.count(), 4);
 }
 
 #[tokio::test]
@@ -182,7 +211,7 @@ async fn a_retry_after_past_the_call_time_fails_fast_and_holds_later_calls() {
     // Rate limiting is not an API failure.
     assert_eq!(m.breaker_state(), BreakerState::Closed);
 
-    // The same as a date, on a 503: Server, at once.
+    // The same with Retry-After as a date: RateLimited, at once.
     let fake = FakeMistral::start();
     let m = Moderator::new(ClientConfig {
         call_timeout: Duration::from_secs(5),
@@ -192,6 +221,43 @@ async fn a_retry_after_past_the_call_time_fails_fast_and_holds_later_calls() {
     fake.push(Behaviour::TooManyDate { in_secs: 120 });
     assert_eq!(kind_of(&m, "a").await, FailureKind::RateLimited);
     assert_eq!(fake.count(), 1);
+
+    // More seconds than anything can wait: no panic, RateLimited, later calls held.
+    let fake = FakeMistral::start();
+    let m = Moderator::new(cfg(&fake, "k")).unwrap();
+    fake.push(Behaviour::TooMany {
+        retry_after: u64::MAX,
+    });
+    assert_eq!(kind_of(&m, "a").await, FailureKind::RateLimited);
+    assert_eq!(kind_of(&m, "b").await, FailureKind::RateLimited);
+    assert_eq!(fake.count(), 1);
+
+    // A 503 with a Retry-After past the call's time: Server, at once, and later calls are not
+    // held (only a 429 sets the wait for every call).
+    let fake = FakeMistral::start();
+    let m = Moderator::new(ClientConfig {
+        call_timeout: Duration::from_secs(5),
+        ..cfg(&fake, "k")
+    })
+    .unwrap();
+    fake.push(Behaviour::Unavailable { retry_after: 120 });
+    let e = within(m.moderate("a", None)).await.unwrap_err();
+    assert_eq!(e.kind, FailureKind::Server);
+    assert!(e.detail.contains("503"), "{e}");
+    assert_eq!(fake.count(), 1);
+    within(m.moderate("b", None)).await.unwrap();
+    assert_eq!(fake.count(), 2);
+}
+
+#[tokio::test]
+async fn a_503_with_a_retry_after_that_fits_is_retried_after_it() {
+    let fake = FakeMistral::start();
+    let m = Moderator::new(cfg(&fake, "k")).unwrap();
+    fake.push(Behaviour::Unavailable { retry_after: 1 });
+    let a = within(m.moderate("u #cat:health", None)).await.unwrap();
+    assert_eq!(score(&a, "health"), 0.97);
+    assert_eq!(fake.count(), 2);
+    assert_eq!(m.breaker_state(), BreakerState::Closed);
 }
 
 #[tokio::test]
@@ -323,40 +389,130 @@ async fn concurrent_texts_are_batched_and_each_caller_gets_its_own_result() {
     assert_eq!(reqs.iter().map(|r| r.inputs).sum::<usize>(), 8);
 }
 
-#[tokio::test]
-async fn a_refused_batch_halves_the_batch_size_and_is_split() {
-    let fake = FakeMistral::start();
-    let m = Moderator::new(ClientConfig {
+/// A client whose batcher sends four concurrent texts as one batch.
+fn batching(fake: &FakeMistral) -> ClientConfig {
+    ClientConfig {
         batch_size: 4,
-        batch_window: Duration::from_millis(300),
-        ..cfg(&fake, "k")
-    })
-    .unwrap();
+        batch_window: Duration::from_secs(2),
+        ..cfg(fake, "k")
+    }
+}
+
+fn four(prefix: &str) -> Vec<String> {
+    CATEGORIES_2411
+        .iter()
+        .take(4)
+        .map(|c| format!("{prefix} #cat:{c}"))
+        .collect()
+}
+
+fn assert_answers(
+    texts: &[String],
+    results: &[Result<mistguard::io::moderation::Answer, Failure>],
+) {
+    for (i, r) in results.iter().enumerate() {
+        let a = r.as_ref().unwrap_or_else(|e| panic!("text {i}: {e}"));
+        assert_eq!(score(a, CATEGORIES_2411[i]), 0.97, "{}", texts[i]);
+    }
+}
+
+#[tokio::test]
+async fn a_refused_batch_halves_the_batch_size_is_split_and_the_size_grows_back() {
+    let fake = FakeMistral::start();
+    let m = Moderator::new(batching(&fake)).unwrap();
     assert_eq!(m.batch_limit(), 4);
     fake.push(Behaviour::Status(413));
-    let mut tasks = Vec::new();
-    for cat in CATEGORIES_2411.iter().take(4) {
-        let m = m.clone();
-        let text = format!("split #cat:{cat}");
-        tasks.push(tokio::spawn(
-            async move { (cat, m.moderate(&text, None).await) },
-        ));
+    let texts = four("split");
+    assert_answers(&texts, &together(&m, &texts).await);
+    // The refused batch went out again in two halves, and the batch size was halved.
+    assert_eq!(inputs(&fake), [4, 2, 2]);
+    assert_eq!(m.batch_limit(), 2);
+
+    // 64 batches answered in a row (the two halves, then 62 pairs) double it again.
+    for i in 0..62 {
+        let pair = vec![format!("pair {i} a"), format!("pair {i} b")];
+        for r in together(&m, &pair).await {
+            r.unwrap();
+        }
+        let want = if i < 61 { 2 } else { 4 };
+        assert_eq!(m.batch_limit(), want, "after pair {i}");
     }
-    for t in tasks {
-        let (cat, r) = within(t).await.unwrap();
-        assert_eq!(score(&r.unwrap(), cat), 0.97);
+    assert_eq!(fake.count(), 3 + 62);
+    assert!(inputs(&fake)[3..].iter().all(|&n| n == 2));
+    // And batches of four go out again.
+    fake.clear();
+    let texts = four("again");
+    assert_answers(&texts, &together(&m, &texts).await);
+    assert_eq!(inputs(&fake), [4]);
+}
+
+#[tokio::test]
+async fn a_batch_refused_with_422_is_bisected_without_halving_the_batch_size() {
+    let fake = FakeMistral::start();
+    let m = Moderator::new(batching(&fake)).unwrap();
+    fake.push(Behaviour::Status(422));
+    let texts = four("halves");
+    assert_answers(&texts, &together(&m, &texts).await);
+    assert_eq!(inputs(&fake), [4, 2, 2]);
+    assert_eq!(m.batch_limit(), 4);
+}
+
+#[tokio::test]
+async fn one_refused_text_fails_alone_and_the_others_are_answered() {
+    let fake = FakeMistral::start();
+    fake.set_default(Behaviour::RejectText("poison".into()));
+    let m = Moderator::new(batching(&fake)).unwrap();
+    let mut texts = four("fine");
+    texts[2] = "poison".into();
+    let results = together(&m, &texts).await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 2 {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.kind, FailureKind::Rejected, "{e}");
+            assert!(e.detail.contains("422"), "{e}");
+        } else {
+            let a = r.as_ref().unwrap_or_else(|e| panic!("text {i}: {e}"));
+            assert_eq!(score(a, CATEGORIES_2411[i]), 0.97);
+        }
     }
-    let reqs = fake.requests();
-    assert!(reqs[0].inputs > 1, "{}", reqs[0].inputs);
-    assert!(m.batch_limit() <= reqs[0].inputs / 2);
-    // The refused batch went out again in two halves.
-    assert_eq!(
-        reqs[1..].iter().map(|r| r.inputs).sum::<usize>(),
-        4,
-        "{:?}",
-        reqs.iter().map(|r| r.inputs).collect::<Vec<_>>()
-    );
-    assert!(reqs.len() >= 3);
+    // 4 → 2 + 2 → the half with the bad text → 1 + 1.
+    let mut sizes = inputs(&fake);
+    assert_eq!(sizes.len(), 5, "{sizes:?}");
+    sizes.sort_unstable();
+    assert_eq!(sizes, [1, 1, 2, 2, 4]);
+    let lone: Vec<Vec<String>> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.inputs == 1)
+        .map(|r| r.texts)
+        .collect();
+    assert!(lone.contains(&vec!["poison".to_string()]), "{lone:?}");
+    // A 422 does not halve the batch size.
+    assert_eq!(m.batch_limit(), 4);
+    // The bad text alone: Rejected, one request; nothing was cached for it.
+    fake.clear();
+    assert_eq!(kind_of(&m, "poison").await, FailureKind::Rejected);
+    assert_eq!(fake.count(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_over_the_tokens_per_minute_is_split_not_failed() {
+    let fake = FakeMistral::start();
+    let m = Moderator::new(ClientConfig {
+        tokens_per_minute: 1000,
+        ..batching(&fake)
+    })
+    .unwrap();
+    // 253 estimated tokens each: 1012 together, over the 1000 a minute; 506 per half.
+    let texts: Vec<String> = four("big")
+        .into_iter()
+        .map(|t| format!("{t} {}", "x".repeat(1012 - t.len() - 1)))
+        .collect();
+    assert!(texts.iter().all(|t| t.len() == 1012));
+    assert_answers(&texts, &together(&m, &texts).await);
+    // The whole batch never went out; its halves did.
+    assert_eq!(inputs(&fake), [2, 2]);
+    assert_eq!(m.batch_limit(), 4);
 }
 
 #[tokio::test]
@@ -484,9 +640,32 @@ async fn the_key_file_is_read_again_when_it_changes() {
         .unwrap();
     drop(f);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    within(m.moderate("two", None)).await.unwrap();
+    // The background task looks every second; on a loaded machine its read may land a little
+    // after the sleep: ask until the new key is used (bounded by `within`).
+    within(async {
+        for i in 0.. {
+            within(m.moderate(&format!("two {i}"), None)).await.unwrap();
+            let last = fake.requests().pop().and_then(|r| r.key);
+            if last.as_deref() == Some("key-file-b") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     let keys: Vec<String> = fake.requests().into_iter().filter_map(|r| r.key).collect();
-    assert_eq!(keys, ["key-file-a", "key-file-b"]);
+    assert_eq!(keys.first().map(String::as_str), Some("key-file-a"));
+    assert_eq!(keys.last().map(String::as_str), Some("key-file-b"));
+    assert_eq!(m.keys(), (1, 1));
+
+    // The file disappears (a secret mount being swapped): the keys read last stay.
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(m.keys(), (1, 1));
+    fake.clear();
+    within(m.moderate("three", None)).await.unwrap();
+    let keys: Vec<String> = fake.requests().into_iter().filter_map(|r| r.key).collect();
+    assert_eq!(keys, ["key-file-b"]);
 }
 
 #[tokio::test]

@@ -164,9 +164,7 @@ pub fn bench_main(args: BenchArgs) -> ExitCode {
         return ExitCode::from(super::EXIT_CONFIG);
     }
     if args.target.is_some()
-        && (args.records_dir.is_some()
-            || args.redis_url.is_some()
-            || args.moderation_url.is_some())
+        && (args.records_dir.is_some() || args.redis_url.is_some() || args.moderation_url.is_some())
     {
         eprintln!("mistguard bench: --records-dir, --redis-url and --moderation-url are for the in-process daemons; a --target has its own");
         return ExitCode::from(super::EXIT_CONFIG);
@@ -404,8 +402,7 @@ async fn run(args: BenchArgs) -> Result<(), BoxError> {
                 "mistguard-bench-moderation-{}.keys",
                 std::process::id()
             ));
-            std::fs::write(&keys, "bench-key\n")
-                .map_err(|e| format!("{}: {e}", keys.display()))?;
+            std::fs::write(&keys, "bench-key\n").map_err(|e| format!("{}: {e}", keys.display()))?;
             let started = start_daemon(
                 &args,
                 &[

@@ -834,6 +834,11 @@ pub fn parse_categories(s: &str) -> Result<Mapping, String> {
             None => (rest.trim(), None),
         };
         let target = match target {
+            "" => {
+                return Err(format!(
+                    "category {cat} has no target (a rule id, `flag` or `off`)"
+                ))
+            }
             "off" => {
                 m.remove(cat);
                 continue;
@@ -1306,6 +1311,22 @@ impl Config {
     }
 }
 
+/// A base URL for the moderation API: `http(s)://HOST[:PORT][/PATH]`, with a host, and without
+/// credentials, a query or a fragment (the client refuses those too; checked here so
+/// `--check-config` does).
+fn parse_base_url(s: &str) -> Option<String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let ok = !authority.is_empty()
+        && !authority.starts_with(':')
+        && !authority.contains('@')
+        && !s.contains(['?', '#'])
+        && !s.contains(char::is_whitespace);
+    ok.then(|| s.trim_end_matches('/').to_string())
+}
+
 /// A URL with its password (`redis://user:secret@host`) replaced by `***`.
 fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -1360,7 +1381,12 @@ fn moderation_config(src: &Sources) -> Result<ModerationConfig, ConfigError> {
         file: keys_file,
         ..src.api_keys.clone()
     };
-    let have_keys = keys.single.is_some() || keys.list.is_some() || keys.file.is_some();
+    let have_keys = keys.single.is_some()
+        || keys
+            .list
+            .as_deref()
+            .is_some_and(|l| l.split(',').any(|k| !k.trim().is_empty()))
+        || keys.file.is_some();
     let auto = if have_keys {
         ModerationPolicy::WhenUnsure
     } else {
@@ -1407,10 +1433,11 @@ fn moderation_config(src: &Sources) -> Result<ModerationConfig, ConfigError> {
             parse_off_or_count(s).and_then(|n| u32::try_from(n).ok())
         })
     };
-    let url = src.parse("moderation.url", "an http:// or https:// URL", |s| {
-        (s.starts_with("https://") || s.starts_with("http://"))
-            .then(|| s.trim_end_matches('/').to_string())
-    })?;
+    let url = src.parse(
+        "moderation.url",
+        "an http:// or https:// base URL with a host and no credentials, query or fragment",
+        parse_base_url,
+    )?;
     let client = ClientConfig {
         url,
         model: src.parse("moderation.model", "a model name", |s| {
@@ -1707,6 +1734,14 @@ mod tests {
             ("moderation.categories", "sexual", "category=TARGET"),
             ("moderation.input", "sometimes", "when_unsure"),
             ("moderation.url", "ftp://x", "URL"),
+            (
+                "moderation.url",
+                "https://user:pw@api.mistral.ai",
+                "credentials",
+            ),
+            ("moderation.url", "https://api.mistral.ai/?x=1", "query"),
+            ("moderation.url", "https://", "host"),
+            ("moderation.categories", "sexual=", "no target"),
             ("moderation.stream_mode", "eager", "strict"),
         ] {
             let e = keyed(&[(k, v)]).unwrap_err();

@@ -199,7 +199,9 @@ impl Moderation {
         }
     }
 
-    fn unavailable(
+    /// What a call gets when no answer came (`kind` says why): the fail-closed rules' hits,
+    /// counted; fail-open rules counted.
+    pub fn unavailable(
         &self,
         rs: &crate::rules::CompiledRuleset,
         dir: Direction,
@@ -328,6 +330,8 @@ pub struct StreamModeration {
     tx: mpsc::UnboundedSender<WindowVerdict>,
     pub rx: mpsc::UnboundedReceiver<WindowVerdict>,
     in_flight: usize,
+    /// Windows sent whose verdict has not arrived: start -> end.
+    pending: BTreeMap<u64, u64>,
     /// Windows whose verdict is in, not yet contiguous with `moderated`.
     done: BTreeMap<u64, u64>,
     /// Every byte before this has its remote verdict (or needed none).
@@ -338,33 +342,34 @@ pub struct StreamModeration {
     released: u64,
 }
 
+/// Windows of one stream waiting for their remote verdict at most; past it a window is not sent
+/// and its fail mode applies (`stream_backlog`), so one stream of huge chunks cannot flood the
+/// client's queue.
+const MAX_IN_FLIGHT: usize = 64;
+
 /// Where a window may end: after a sentence end (`.`, `!`, `?`, a newline, CJK full stops) once
 /// it holds `min` bytes; else at `max` bytes (on a character boundary).
+///
+/// Reads at most `max` bytes of `text`, whatever its length.
 fn window_end(text: &str, min: usize, max: usize) -> Option<usize> {
     if text.len() < min {
         return None;
     }
-    let mut from = min;
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    if let Some((i, c)) = text[from..]
+    let boundary = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let from = boundary(min);
+    let to = boundary(text.len().min(max));
+    if let Some((i, c)) = text[from..to]
         .char_indices()
         .find(|(_, c)| matches!(c, '.' | '!' | '?' | '\n' | '。' | '！' | '？'))
     {
-        let end = from + i + c.len_utf8();
-        if end <= max {
-            return Some(end);
-        }
+        return Some(from + i + c.len_utf8());
     }
-    if text.len() >= max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        return Some(end);
-    }
-    None
+    (text.len() >= max).then_some(to)
 }
 
 impl StreamModeration {
@@ -389,6 +394,7 @@ impl StreamModeration {
             tx,
             rx,
             in_flight: 0,
+            pending: BTreeMap::new(),
             done: BTreeMap::new(),
             moderated: 0,
             held: VecDeque::new(),
@@ -397,14 +403,17 @@ impl StreamModeration {
     }
 
     /// Adds a chunk; every window it closes is sent (when the policy wants it with the local
-    /// verdict so far) in the background.
+    /// verdict so far) in the background. Work is linear in the chunk: each window is searched
+    /// within its own bytes, and the rest is moved once.
     pub fn push(&mut self, chunk: &str, local: Action) {
         self.buf.push_str(chunk);
-        while let Some(end) = window_end(&self.buf, self.window / 4, self.window) {
-            let rest = self.buf.split_off(end);
-            let text = std::mem::replace(&mut self.buf, rest);
+        let mut at = 0;
+        while let Some(end) = window_end(&self.buf[at..], self.window / 4, self.window) {
+            let text = self.buf[at..at + end].to_string();
+            at += end;
             self.send(text, local);
         }
+        self.buf.drain(..at);
     }
 
     /// Closes the last window (the stream ended).
@@ -423,6 +432,23 @@ impl StreamModeration {
             self.mark(start, end);
             return;
         }
+        if self.in_flight >= MAX_IN_FLIGHT {
+            // A flood of windows (a huge chunk): this one is not sent; its fail mode applies.
+            let checked = self.m.unavailable(
+                self.engine.ruleset(),
+                self.dir,
+                (start, end),
+                "stream_backlog",
+            );
+            self.in_flight += 1;
+            let _ = self.tx.send(WindowVerdict {
+                start,
+                end,
+                checked,
+            });
+            return;
+        }
+        self.pending.insert(start, end);
         self.in_flight += 1;
         let (m, engine, dir, subject, tx) = (
             self.m.clone(),
@@ -452,8 +478,34 @@ impl StreamModeration {
 
     /// Takes a window's verdict into account (its bytes count as moderated).
     pub fn arrived(&mut self, v: &WindowVerdict) {
-        self.in_flight -= 1;
-        self.mark(v.start, v.end);
+        if self.pending.remove(&v.start).is_some()
+            || v.checked.unavailable == Some("stream_backlog")
+        {
+            self.in_flight -= 1;
+            self.mark(v.start, v.end);
+        }
+    }
+
+    /// Gives up on the windows still in flight (the end of the stream waited long enough): each
+    /// gets its fail mode, as a late answer would. Their verdicts, if they come, are ignored.
+    pub fn give_up(&mut self) -> Vec<WindowVerdict> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut out = Vec::new();
+        for (start, end) in pending {
+            self.in_flight -= 1;
+            self.mark(start, end);
+            out.push(WindowVerdict {
+                start,
+                end,
+                checked: self.m.unavailable(
+                    self.engine.ruleset(),
+                    self.dir,
+                    (start, end),
+                    "deadline",
+                ),
+            });
+        }
+        out
     }
 
     /// Windows sent whose verdict has not arrived.
@@ -501,5 +553,7 @@ mod tests {
         // A multi-byte character is never split.
         assert_eq!(window_end("aaaaaaaaaé", 2, 10), Some(9));
         assert_eq!(window_end("日本語です。続き", 3, 64), Some(18));
+        // A sentence end past the size does not count: the window ends at the size.
+        assert_eq!(window_end("abcdefghij. more", 2, 8), Some(8));
     }
 }

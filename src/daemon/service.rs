@@ -293,21 +293,28 @@ impl RemoteSeen {
         &mut self,
         shared: &Shared,
         c: &super::moderate::Checked,
+        local: Action,
         log: &mut StreamLog,
     ) -> Vec<Hit> {
         self.unavailable |= c.unavailable.is_some();
         if c.model.is_some() {
             log.model.clone_from(&c.model);
         }
-        if log.hits.rules.is_empty() && !c.categories.is_empty() {
+        // Novel: the remote model flags what the local rules passed (as in Classify).
+        if local == Action::Allow && !c.categories.is_empty() {
             if let Some(m) = &shared.moderation {
                 m.novel(&c.categories, now_ms());
             }
         }
         if !c.hits.is_empty() {
             observe_hits(&c.hits);
-            log.hits.add(&c.hits);
-            log.level = log.level.max(1);
+            if c.unavailable.is_some() {
+                // Fail-closed hits: in the record, not counted toward escalation.
+                log.hits.keep_only(&c.hits);
+            } else {
+                log.hits.add(&c.hits);
+                log.level = log.level.max(1);
+            }
         }
         for h in &c.hits {
             self.action = self.action.max(h.action);
@@ -332,11 +339,34 @@ impl StreamHits {
         }
     }
 
+    /// Keeps hits for the record's file without counting their rules (fail-closed hits).
+    fn keep_only(&mut self, hits: &[Hit]) {
+        for h in hits {
+            if self.keep && self.kept.len() < MAX_RECORD_HITS {
+                self.kept.push(h.clone());
+            }
+        }
+    }
+
     fn rules(&self) -> Vec<&str> {
         let mut rules: Vec<&str> = self.rules.iter().map(|r| &**r).collect();
         rules.sort_unstable();
         rules
     }
+}
+
+/// What escalation counts of a decision's hits: the most severe action and the distinct rules of
+/// every hit but the fail-closed ones (`moderation.unavailable`: an outage, not a violation).
+fn violations(hits: &[Hit]) -> (Action, Vec<&str>) {
+    let real: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| &*h.trigger_id != crate::moderation::UNAVAILABLE_TRIGGER)
+        .collect();
+    let action = real.iter().map(|h| h.action).max().unwrap_or_default();
+    let mut rules: Vec<&str> = real.iter().map(|h| &*h.rule_id).collect();
+    rules.sort_unstable();
+    rules.dedup();
+    (action, rules)
 }
 
 fn distinct_rules(hits: &[Hit]) -> Vec<&str> {
@@ -539,7 +569,7 @@ impl Shared {
         let mut model = None;
         let mut novel = false;
         if let Some(m) = &self.moderation {
-            if m.wants(meta.opts.direction, verdict.action, req.moderate) {
+            if !req.text.is_empty() && m.wants(meta.opts.direction, verdict.action, req.moderate) {
                 let subject_hex = subject.map(SubjectKey::hex);
                 let checked = m
                     .check(
@@ -564,8 +594,10 @@ impl Shared {
         let sample = (rules.contains(&"RULE-MIST-007")
             && self.records.as_ref().is_some_and(|r| r.keeps_samples()))
         .then_some(&req.text);
+        // A rule failed closed in an outage was not violated: it does not escalate.
+        let (esc_action, esc_rules) = violations(&verdict.hits);
         let outcome = self
-            .record_outcome(subject, &decision_id, verdict.action, &rules)
+            .record_outcome(subject, &decision_id, esc_action, &esc_rules)
             .await;
         log_escalation(subject, &decision_id, &outcome, self.state.suspension());
         observe_hits(&verdict.hits);
@@ -949,7 +981,8 @@ impl StreamTask {
                     Next::Remote(v) => {
                         let Some(r) = remote.as_mut() else { continue };
                         r.arrived(&v);
-                        let hits = remote_seen.take(&shared, &v.checked, &mut log);
+                        let hits =
+                            remote_seen.take(&shared, &v.checked, session.action(), &mut log);
                         let action = session.action().max(remote_seen.action);
                         let message =
                             super::moderate::message_of(&engine, &hits, action, log.language);
@@ -968,6 +1001,11 @@ impl StreamTask {
                         }
                         // Strict mode: text held for this window may go now.
                         let (offset, text) = r.release(released, None);
+                        if hits.is_empty() && v.checked.unavailable.is_none() && offset == released
+                        {
+                            // Nothing to tell the client.
+                            continue;
+                        }
                         released = offset;
                         let response = pb::ClassifyStreamResponse {
                             action: action_to_pb(action) as i32,
@@ -1081,7 +1119,7 @@ impl StreamTask {
             metrics::counter!("mistguard_bytes_scanned_total", "rpc" => "classify_stream")
                 .increment(msg.text.len() as u64);
             let step = session.feed(&msg.text);
-            if let Some(r) = remote.as_mut() {
+            if let (Some(r), true) = (remote.as_mut(), step.action < Action::Block) {
                 r.push(&msg.text, step.action.max(remote_seen.action));
             }
             drop(msg);
@@ -1144,13 +1182,18 @@ impl StreamTask {
                 .as_ref()
                 .map_or(Duration::ZERO, |m| m.cfg.deadline)
                 .saturating_mul(2);
+            let local = step.action;
             while r.in_flight() > 0 {
-                let Ok(Some(v)) = tokio::time::timeout(wait, r.rx.recv()).await else {
-                    break;
+                let v = match tokio::time::timeout(wait, r.rx.recv()).await {
+                    Ok(Some(v)) => vec![v],
+                    // Waited long enough: what is still out gets its fail mode.
+                    _ => r.give_up(),
                 };
-                r.arrived(&v);
-                let hits = remote_seen.take(&shared, &v.checked, &mut log);
-                step.hits.extend(hits);
+                for v in v {
+                    r.arrived(&v);
+                    let hits = remote_seen.take(&shared, &v.checked, local, &mut log);
+                    step.hits.extend(hits);
+                }
             }
             let action = step.action.max(remote_seen.action);
             if action > step.action {

@@ -62,6 +62,11 @@ pub enum Behaviour {
     TooMany { retry_after: u64 },
     /// 429 with `Retry-After` as an HTTP date this many seconds ahead.
     TooManyDate { in_secs: u64 },
+    /// 503 with `Retry-After: <seconds>`.
+    Unavailable { retry_after: u64 },
+    /// 422 (as [`Behaviour::Unprocessable`]) when any input holds this string, else as
+    /// [`Behaviour::Ok`]: an API that refuses one text and fails its whole batch.
+    RejectText(String),
     /// Waits, then answers as [`Behaviour::Ok`].
     Slow(Duration),
     /// Closes the connection abruptly (RST), without an answer.
@@ -398,8 +403,15 @@ async fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
             serde_json::json!({"id": "fake-mod-1", "model": model, "object": "moderation", "results": results})
                 .to_string()
         };
+        if let Behaviour::RejectText(bad) = &behaviour {
+            behaviour = if texts.iter().any(|t| t.contains(bad.as_str())) {
+                Behaviour::Unprocessable
+            } else {
+                Behaviour::Ok
+            };
+        }
         let r = match behaviour {
-            Behaviour::Ok | Behaviour::Slow(_) => {
+            Behaviour::Ok | Behaviour::Slow(_) | Behaviour::RejectText(_) => {
                 respond(
                     &mut s,
                     200,
@@ -463,6 +475,15 @@ async fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
                     429,
                     &[("retry-after", date)],
                     &error_body("Requests rate limit exceeded"),
+                )
+                .await
+            }
+            Behaviour::Unavailable { retry_after } => {
+                respond(
+                    &mut s,
+                    503,
+                    &[("retry-after", retry_after.to_string())],
+                    &error_body("Service unavailable"),
                 )
                 .await
             }

@@ -2,26 +2,103 @@
 //! retries and the breaker.
 
 use super::breaker::{Breaker, Outcome};
-use super::keys::{ApiKey, Keys, Pick};
-use super::retry::{backoff, parse_retry_after, unit_random, RetryBudget};
+use super::keys::{look, ApiKey, Keys, Pick};
+use super::retry::{backoff, later, parse_retry_after, unit_random, RetryBudget};
 use super::{Answer, BreakerState, ClientConfig, Failure, FailureKind, Request};
 use crate::moderation::{
     chat_body, moderations_body, parse_response, Message, ModerationResponse, ParseError,
 };
 use governor::clock::{Clock, DefaultClock};
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 const LOG: &str = "mistguard::moderation";
 /// Texts waiting for the batcher, at most.
 const QUEUE: usize = 4096;
+/// Distinct subjects the per-subject budget tracks, at most (see [`Shared::check_budgets`]).
+const SUBJECTS_CAP: usize = 100_000;
+/// How often the background task sweeps subjects whose budget is whole again out of the map.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the background task looks at the key file.
+const KEY_FILE_EVERY: Duration = Duration::from_secs(1);
+/// Consecutive successful batches after which a halved batch size doubles again.
+const GROW_AFTER: u32 = 64;
 
 type Direct = governor::DefaultDirectRateLimiter;
-type Keyed = governor::RateLimiter<String, DashMapStateStore<String>, DefaultClock>;
+type Keyed = governor::RateLimiter<String, Subjects, DefaultClock>;
+
+/// The per-subject budget's state store: governor's DashMap, shared with the client so that it
+/// can ask how many subjects are tracked and whether one is.
+#[derive(Clone, Default)]
+struct Subjects(Arc<DashMapStateStore<String>>);
+
+impl StateStore for Subjects {
+    type Key = String;
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<String> for Subjects {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+    }
+    fn shrink_to_fit(&self) {
+        self.0.shrink_to_fit();
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The per-subject budget: the limiter and its map, capped at `cap` subjects.
+struct SubjectBudget {
+    limiter: Keyed,
+    subjects: Subjects,
+    cap: usize,
+}
+
+impl SubjectBudget {
+    fn new(quota: governor::Quota, cap: usize) -> SubjectBudget {
+        let subjects = Subjects::default();
+        SubjectBudget {
+            limiter: governor::RateLimiter::new(quota, subjects.clone(), DefaultClock::default()),
+            subjects,
+            cap,
+        }
+    }
+
+    /// `Some(within the budget)`; `None` when the subject is not tracked and the map is full
+    /// (the subject's budget is then not checked).
+    fn check(&self, subject: &str, n: NonZeroU32) -> Option<bool> {
+        let map = &self.subjects.0;
+        if map.len() >= self.cap && !map.contains_key(subject) {
+            return None;
+        }
+        Some(matches!(
+            self.limiter.check_key_n(&subject.to_string(), n),
+            Ok(Ok(()))
+        ))
+    }
+
+    /// Drops the subjects whose budget is whole again.
+    fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
 
 /// Estimated tokens of a text: its bytes / 4, rounded up.
 pub fn estimated_tokens(text: &str) -> u32 {
@@ -100,11 +177,12 @@ struct Shared {
     rpm: Option<Direct>,
     tpm: Option<Direct>,
     total_budget: Option<Direct>,
-    subject_budget: Option<Keyed>,
-    budget_checks: AtomicU64,
+    subject_budget: Option<SubjectBudget>,
     cache: Option<quick_cache::sync::Cache<[u8; 32], (Instant, Answer)>>,
     hash_key: [u8; 32],
     batch_limit: AtomicUsize,
+    /// Successful batches in a row at the current batch limit (below `batch_size`).
+    batch_streak: Mutex<u32>,
 }
 
 struct Handle {
@@ -145,8 +223,11 @@ pub(crate) fn cache_key(hash_key: &[u8; 32], model: &str, text: &str) -> [u8; 32
 }
 
 impl Moderator {
-    /// Builds the client and spawns its batcher task (call inside a tokio runtime). A missing
-    /// key is not an error: calls then fail with [`FailureKind::NoKeys`].
+    /// Builds the client and spawns its batcher task and its background task (call inside a
+    /// tokio runtime): every second it looks at the key file (off the async threads) and swaps
+    /// the keys read in; every 10 s it drops the subjects whose budget is whole again. Both tasks
+    /// end once the client is dropped. A missing key is not an error: calls then fail with
+    /// [`FailureKind::NoKeys`]. The key file is read once here, synchronously.
     ///
     /// # Errors
     /// A bad URL (or one holding credentials), an empty model, a batch size of 0, zero
@@ -204,20 +285,21 @@ impl Moderator {
             tpm: per_minute(cfg.tokens_per_minute),
             total_budget: per_hour(cfg.budget_tokens_per_hour).map(governor::RateLimiter::direct),
             subject_budget: per_hour(cfg.subject_budget_tokens_per_hour)
-                .map(governor::RateLimiter::dashmap),
-            budget_checks: AtomicU64::new(0),
+                .map(|q| SubjectBudget::new(q, SUBJECTS_CAP)),
             cache: (cfg.cache_entries > 0)
                 .then(|| quick_cache::sync::Cache::new(cfg.cache_entries)),
             hash_key,
             batch_limit: AtomicUsize::new(cfg.batch_size),
+            batch_streak: Mutex::new(0),
             cfg,
         });
         let (usable, loaded) = shared.keys.counts();
         metrics::gauge!("mistguard_moderation_keys", "state" => "usable").set(usable as f64);
         metrics::gauge!("mistguard_moderation_keys", "state" => "benched")
-            .set((loaded - usable) as f64);
+            .set(loaded.saturating_sub(usable) as f64);
         let (tx, rx) = mpsc::channel(QUEUE);
         rt.spawn(batcher(shared.clone(), rx));
+        rt.spawn(maintain(Arc::downgrade(&shared)));
         Ok(Moderator {
             inner: Arc::new(Handle { shared, tx }),
         })
@@ -227,7 +309,8 @@ impl Moderator {
     /// already-hashed subject id for the per-subject budget.
     ///
     /// # Errors
-    /// Every [`FailureKind`]; the failure is counted in `mistguard_moderation_errors_total`.
+    /// Every [`FailureKind`]; the failure is counted in `mistguard_moderation_errors_total`. An
+    /// empty text is [`FailureKind::Rejected`] at once, without a request.
     pub async fn moderate(&self, text: &str, subject: Option<&str>) -> Result<Answer, Failure> {
         let r = self.moderate_inner(text, subject).await;
         if let Err(f) = &r {
@@ -237,6 +320,9 @@ impl Moderator {
     }
 
     async fn moderate_inner(&self, text: &str, subject: Option<&str>) -> Result<Answer, Failure> {
+        if text.is_empty() {
+            return Err(fail(FailureKind::Rejected, "empty text"));
+        }
         let s = &self.inner.shared;
         let key = cache_key(&s.hash_key, &s.cfg.model, text);
         if let Some(cache) = &s.cache {
@@ -341,7 +427,8 @@ impl Moderator {
         self.inner.shared.keys.counts()
     }
 
-    /// The batcher's current batch size (halved when a batch is refused with 400/413).
+    /// The batcher's current batch size (halved when a batch is refused with 400/413, doubled
+    /// again, up to `batch_size`, after 64 successful batches in a row).
     pub fn batch_limit(&self) -> usize {
         self.inner.shared.batch_limit.load(Ordering::Relaxed)
     }
@@ -364,6 +451,42 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
         }
         tokio::spawn(shared.clone().run_batch(jobs));
     }
+}
+
+/// The client's background task: looks at the key file every second (the request path only
+/// reads the keys in memory) and sweeps the per-subject budget's map every 10 s. It holds the
+/// client weakly and ends once the client is gone.
+async fn maintain(shared: Weak<Shared>) {
+    let mut tick = tokio::time::interval(KEY_FILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last_sweep = Instant::now();
+    loop {
+        tick.tick().await;
+        let file = {
+            let Some(s) = shared.upgrade() else { return };
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = Instant::now();
+                if let Some(b) = &s.subject_budget {
+                    b.sweep();
+                }
+            }
+            s.keys.file()
+        };
+        if let Some((path, stamp)) = file {
+            let Ok(found) = tokio::task::spawn_blocking(move || look(&path, stamp)).await else {
+                continue;
+            };
+            let Some(s) = shared.upgrade() else { return };
+            s.keys.apply(found);
+        }
+    }
+}
+
+/// A batch refusal worth splitting: a 4xx that is about the request (not 401/403/429).
+fn splittable(e: &CallError) -> bool {
+    e.failure.kind == FailureKind::Rejected
+        && matches!(e.status, Some(c) if (400..=499).contains(&c) && !matches!(c, 401 | 403 | 429))
 }
 
 impl Shared {
@@ -396,14 +519,14 @@ impl Shared {
         Ok(())
     }
 
+    /// The subject's budget, then the total. The subjects tracked are bounded: at most
+    /// [`SUBJECTS_CAP`] (100 000) at once (the background task drops those whose budget is whole
+    /// again every 10 s); while the map is full, a subject not in it is checked against the total
+    /// budget only.
     fn check_budgets(&self, tokens: u32, subject: Option<&str>) -> Result<(), Failure> {
         let n = NonZeroU32::new(tokens.max(1)).unwrap_or(NonZeroU32::MIN);
         if let (Some(lim), Some(subject)) = (&self.subject_budget, subject) {
-            if self.budget_checks.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-                lim.retain_recent();
-                lim.shrink_to_fit();
-            }
-            if !matches!(lim.check_key_n(&subject.to_string(), n), Ok(Ok(()))) {
+            if lim.check(subject, n) == Some(false) {
                 metrics::counter!("mistguard_moderation_budget_refused_total", "scope" => "subject")
                     .increment(1);
                 return Err(fail(
@@ -425,18 +548,32 @@ impl Shared {
         Ok(())
     }
 
+    /// Sends a batch and answers its callers. A batch of more than one text is split in two
+    /// halves, each sent again (and split again as needed), when the API refuses it with a 4xx
+    /// other than 401/403/429 (only the offending text then fails, Rejected), or when its
+    /// estimated tokens are over the client-side tokens per minute (it could never go out whole).
+    /// A 400 or 413 also halves the batch size (once per batch the batcher formed).
     async fn run_batch(self: Arc<Self>, jobs: Vec<Job>) {
         let mut work = vec![jobs];
+        let mut shrunk = false;
         while let Some(mut jobs) = work.pop() {
+            let n = jobs.len();
+            let tokens = jobs
+                .iter()
+                .fold(0u32, |a, j| a.saturating_add(estimated_tokens(&j.text)));
+            let tpm = self.cfg.tokens_per_minute;
+            if n > 1 && tpm > 0 && tokens > tpm {
+                let second = jobs.split_off(n / 2);
+                work.push(second);
+                work.push(jobs);
+                continue;
+            }
             let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
             let body = moderations_body(&self.cfg.model, &texts);
-            let tokens = texts
-                .iter()
-                .fold(0u32, |a, t| a.saturating_add(estimated_tokens(t)));
-            let n = jobs.len();
             metrics::histogram!("mistguard_moderation_batch_size").record(n as f64);
             match self.call(Endpoint::Moderations, body, n, tokens).await {
                 Ok(resp) => {
+                    self.batch_succeeded();
                     let model: Arc<str> = if resp.model.is_empty() {
                         self.cfg.model.as_str().into()
                     } else {
@@ -455,13 +592,19 @@ impl Shared {
                         let _ = job.tx.send(Ok(ans));
                     }
                 }
-                Err(e) if matches!(e.status, Some(400 | 413)) && n > 1 => {
-                    self.shrink_batches(n);
+                Err(e) if n > 1 && splittable(&e) => {
+                    if matches!(e.status, Some(400 | 413)) && !shrunk {
+                        shrunk = true;
+                        self.shrink_batches(n);
+                    } else {
+                        self.batch_failed();
+                    }
                     let second = jobs.split_off(n / 2);
                     work.push(second);
                     work.push(jobs);
                 }
                 Err(e) => {
+                    self.batch_failed();
                     for job in jobs {
                         let _ = job.tx.send(Err(e.failure.clone()));
                     }
@@ -470,32 +613,58 @@ impl Shared {
         }
     }
 
-    /// A batch of `n` texts was refused: the batch size becomes half of the smaller of `n` and
-    /// the current size (at least 1).
-    fn shrink_batches(&self, n: usize) {
-        let mut cur = self.batch_limit.load(Ordering::Relaxed);
-        loop {
-            let new = (cur.min(n) / 2).max(1);
-            if new >= cur {
-                return;
-            }
-            match self
-                .batch_limit
-                .compare_exchange(cur, new, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    metrics::gauge!("mistguard_moderation_batch_limit").set(new as f64);
-                    tracing::info!(
-                        target: LOG,
-                        from = cur,
-                        to = new,
-                        "the moderation API refused a batch (400/413): batch size halved"
-                    );
-                    return;
-                }
-                Err(now) => cur = now,
-            }
+    fn streak(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.batch_streak.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch was answered: after [`GROW_AFTER`] in a row below `batch_size`, the batch size
+    /// doubles (up to `batch_size`).
+    fn batch_succeeded(&self) {
+        let mut streak = self.streak();
+        let cur = self.batch_limit.load(Ordering::Relaxed);
+        if cur >= self.cfg.batch_size {
+            *streak = 0;
+            return;
         }
+        *streak += 1;
+        if *streak < GROW_AFTER {
+            return;
+        }
+        *streak = 0;
+        let new = cur.saturating_mul(2).min(self.cfg.batch_size);
+        self.batch_limit.store(new, Ordering::Relaxed);
+        metrics::gauge!("mistguard_moderation_batch_limit").set(new as f64);
+        tracing::info!(
+            target: LOG,
+            from = cur,
+            to = new,
+            "moderation batches answered {GROW_AFTER} times in a row: batch size doubled"
+        );
+    }
+
+    /// A batch failed: the streak of successes starts again.
+    fn batch_failed(&self) {
+        *self.streak() = 0;
+    }
+
+    /// A batch of `n` texts was refused (400/413): the batch size becomes half of the smaller of
+    /// `n` and the current size (at least 1).
+    fn shrink_batches(&self, n: usize) {
+        let mut streak = self.streak();
+        *streak = 0;
+        let cur = self.batch_limit.load(Ordering::Relaxed);
+        let new = (cur.min(n) / 2).max(1);
+        if new >= cur {
+            return;
+        }
+        self.batch_limit.store(new, Ordering::Relaxed);
+        metrics::gauge!("mistguard_moderation_batch_limit").set(new as f64);
+        tracing::info!(
+            target: LOG,
+            from = cur,
+            to = new,
+            "the moderation API refused a batch (400/413): batch size halved"
+        );
     }
 
     /// Waits for the client-side limit when the wait fits before `deadline`.
@@ -517,7 +686,10 @@ impl Shared {
                 }
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(DefaultClock::default().now());
-                    if Instant::now() + wait >= deadline {
+                    if Instant::now()
+                        .checked_add(wait)
+                        .is_none_or(|t| t >= deadline)
+                    {
                         return Err(fail(
                             FailureKind::ClientLimit,
                             format!("over the client-side {what} per minute"),
@@ -713,7 +885,7 @@ impl Shared {
                 } => {
                     self.keys.accepted();
                     if let Some(ra) = retry_after {
-                        let nb = Instant::now() + ra;
+                        let nb = later(Instant::now(), ra);
                         let mut g = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
                         if g.is_none_or(|old| old < nb) {
                             *g = Some(nb);
@@ -753,7 +925,7 @@ impl Shared {
             let now = Instant::now();
             let wait = match retry_after {
                 Some(ra) => {
-                    if now + ra >= deadline {
+                    if now.checked_add(ra).is_none_or(|t| t >= deadline) {
                         return Err(give_up(format!(
                             "Retry-After of {} s is past the call's time left",
                             ra.as_secs()
@@ -763,7 +935,7 @@ impl Shared {
                 }
                 None => backoff(self.cfg.backoff_base, attempt, unit_random()),
             };
-            if now + wait >= deadline {
+            if now.checked_add(wait).is_none_or(|t| t >= deadline) {
                 return Err(give_up("no time left for a retry".into()));
             }
             if !self.retry_budget.try_retry(now) {
@@ -802,6 +974,53 @@ mod tests {
         assert_eq!(estimated_tokens("abcd"), 1);
         assert_eq!(estimated_tokens("abcde"), 2);
         assert_eq!(estimated_tokens("é"), 1);
+    }
+
+    #[test]
+    fn the_subject_map_is_capped_and_new_subjects_past_the_cap_go_unchecked() {
+        let q = governor::Quota::per_hour(NonZeroU32::new(10).unwrap());
+        let b = SubjectBudget::new(q, 2);
+        let n = NonZeroU32::new(8).unwrap();
+        assert_eq!(b.check("s1", n), Some(true));
+        assert_eq!(b.check("s2", n), Some(true));
+        assert_eq!(b.subjects.0.len(), 2);
+        // Full: a new subject is not tracked (the total budget alone applies) ...
+        assert_eq!(b.check("s3", n), None);
+        assert_eq!(b.check("s3", n), None);
+        assert_eq!(b.subjects.0.len(), 2);
+        // ... while the tracked ones are still held to their budget.
+        assert_eq!(b.check("s1", n), Some(false));
+        assert_eq!(b.check("s2", NonZeroU32::new(2).unwrap()), Some(true));
+        // A sweep keeps subjects whose budget is not whole again.
+        b.sweep();
+        assert_eq!(b.subjects.0.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_background_tasks_end_with_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "k\n").unwrap();
+        let m = Moderator::new(ClientConfig {
+            keys: super::super::KeySource {
+                file: Some(path),
+                ..Default::default()
+            },
+            subject_budget_tokens_per_hour: 100,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        assert_eq!(m.keys(), (1, 1));
+        let weak = Arc::downgrade(&m.inner.shared);
+        drop(m);
+        // The batcher ends when its queue closes; the background task holds the client weakly.
+        for _ in 0..200 {
+            if weak.upgrade().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the client is still held after it was dropped");
     }
 
     #[tokio::test]

@@ -1,11 +1,15 @@
-//! API keys: the union of `MISTRAL_API_KEY`, `MISTRAL_API_KEYS` and a mounted file (re-read when
-//! it changes, checked at most once per second), round-robin over the keys not benched. A key
-//! answered 401/403 is benched for a while. A key is held in [`ApiKey`], whose `Debug` and
-//! `Display` print `***`: no log line, error or panic can show one.
+//! API keys: the union of `MISTRAL_API_KEY`, `MISTRAL_API_KEYS` and a mounted file, round-robin
+//! over the keys not benched. A key answered 401/403 is benched for a while. A key is held in
+//! [`ApiKey`], whose `Debug` and `Display` print `***`: no log line, error or panic can show one.
+//!
+//! The file is read once, synchronously, by [`Keys::new`]; after that the client's background
+//! task looks at it every second ([`look`], off the async threads) and swaps what it read in with
+//! [`Keys::apply`]. The request path only reads the keys in memory. A file that disappears (a
+//! secret mount being swapped) or cannot be read leaves the last keys read in place.
 
 use super::KeySource;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,27 +70,47 @@ struct State {
     keys: Vec<ApiKey>,
     benched: HashMap<ApiKey, Instant>,
     file_stamp: Option<Stamp>,
-    last_check: Option<Instant>,
     next: usize,
     outage: bool,
-    /// The file could not be read last time (warned once).
+    /// The file could not be read last time (warned once until it is read again).
     file_missing: bool,
 }
 
 /// The key rotation.
 pub(crate) struct Keys {
-    file: Option<std::path::PathBuf>,
+    file: Option<PathBuf>,
     cooldown: Duration,
     state: Mutex<State>,
 }
 
 /// A file's modification time and length: re-read when it changes.
-type Stamp = (Option<SystemTime>, u64);
+pub(crate) type Stamp = (Option<SystemTime>, u64);
 
-fn read_file(path: &Path) -> Option<(Stamp, Vec<String>)> {
-    let meta = std::fs::metadata(path).ok()?;
-    let text = std::fs::read_to_string(path).ok()?;
-    Some(((meta.modified().ok(), meta.len()), parse_file(&text)))
+/// What a look at the key file found.
+#[derive(Debug)]
+pub(crate) enum Look {
+    /// The same modification time and length as last read.
+    Unchanged,
+    /// Read: its stamp and keys.
+    Read(Stamp, Vec<String>),
+    /// Gone, or not readable.
+    Missing,
+}
+
+/// Looks at the key file (blocking file I/O: call it off the async threads), reading it when its
+/// stamp is not `last`.
+pub(crate) fn look(path: &Path, last: Option<Stamp>) -> Look {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Look::Missing;
+    };
+    let stamp = (meta.modified().ok(), meta.len());
+    if last == Some(stamp) {
+        return Look::Unchanged;
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Look::Read(stamp, parse_file(&text)),
+        Err(_) => Look::Missing,
+    }
 }
 
 fn union(fixed: &[ApiKey], more: Vec<String>) -> Vec<ApiKey> {
@@ -121,72 +145,76 @@ impl Keys {
                 fixed,
                 benched: HashMap::new(),
                 file_stamp: None,
-                last_check: None,
                 next: 0,
                 outage: false,
                 file_missing: false,
             }),
         };
-        {
-            let mut st = keys.state.lock().unwrap_or_else(|e| e.into_inner());
-            keys.refresh(&mut st, Instant::now());
+        // The first read is synchronous (start-up, and `KeySource::count` without a runtime).
+        if let Some(path) = &keys.file {
+            keys.apply(look(path, None));
         }
         keys
     }
 
-    /// Re-reads the key file when its modification time or length changed (checked at most once
-    /// per second).
-    fn refresh(&self, st: &mut State, now: Instant) {
+    /// The key file, if any, and the stamp last read (for [`look`]).
+    pub(crate) fn file(&self) -> Option<(PathBuf, Option<Stamp>)> {
+        let path = self.file.clone()?;
+        let st = self.lock();
+        Some((path, st.file_stamp))
+    }
+
+    /// Swaps in what [`look`] found. A missing or unreadable file keeps the last keys read (one
+    /// WARN until the file is read again).
+    pub(crate) fn apply(&self, found: Look) {
         let Some(path) = &self.file else { return };
-        if st
-            .last_check
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            return;
-        }
-        st.last_check = Some(now);
-        let stamp = std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()));
-        if stamp.is_some() && stamp == st.file_stamp {
-            return;
-        }
-        let before = st.keys.len();
-        match read_file(path) {
-            Some((stamp, from_file)) => {
-                st.file_stamp = Some(stamp);
-                st.file_missing = false;
-                st.keys = union(&st.fixed, from_file);
-            }
-            None => {
+        let mut st = self.lock();
+        match found {
+            Look::Unchanged => return,
+            Look::Missing => {
+                // Re-read the file whatever its stamp once it is back.
+                st.file_stamp = None;
                 if !st.file_missing {
                     st.file_missing = true;
                     tracing::warn!(
                         target: "mistguard::moderation",
                         path = %path.display(),
-                        "moderation key file cannot be read; using the environment's keys only"
+                        keys = st.keys.len(),
+                        "moderation key file cannot be read; keeping the keys read last"
                     );
                 }
-                st.file_stamp = None;
-                st.keys = st.fixed.clone();
+                return;
+            }
+            Look::Read(stamp, from_file) => {
+                st.file_stamp = Some(stamp);
+                st.file_missing = false;
+                let keys = union(&st.fixed, from_file);
+                if keys == st.keys {
+                    return;
+                }
+                st.keys = keys;
             }
         }
-        let keys = st.keys.clone();
-        st.benched.retain(|k, _| keys.contains(k));
-        if st.keys.len() != before {
-            tracing::info!(
-                target: "mistguard::moderation",
-                keys = st.keys.len(),
-                "moderation keys (re)loaded"
-            );
-        }
+        let State { keys, benched, .. } = &mut *st;
+        benched.retain(|k, _| keys.contains(k));
+        let n = st.keys.len();
+        let b = st.benched.len();
+        set_key_gauges(n.saturating_sub(b), b);
+        tracing::info!(
+            target: "mistguard::moderation",
+            keys = n,
+            "moderation keys (re)loaded"
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The next usable key, round-robin.
     pub(crate) fn pick(&self) -> Pick {
         let now = Instant::now();
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.refresh(&mut st, now);
+        let mut st = self.lock();
         st.benched.retain(|_, until| *until > now);
         let n = st.keys.len();
         if n == 0 {
@@ -199,7 +227,8 @@ impl Keys {
             if !st.benched.contains_key(k) {
                 let k = k.clone();
                 st.next = (idx + 1) % n;
-                set_key_gauges(n - st.benched.len(), st.benched.len());
+                let b = st.benched.len();
+                set_key_gauges(n.saturating_sub(b), b);
                 return Pick::Key(k);
             }
         }
@@ -216,14 +245,20 @@ impl Keys {
         Pick::AllBenched
     }
 
-    /// Takes a key refused with 401/403 out of the rotation for the cooldown.
+    /// Takes a key refused with 401/403 out of the rotation for the cooldown. A key no longer
+    /// loaded (a file reload dropped it while a request with it was in flight) is not benched.
     pub(crate) fn bench(&self, key: &ApiKey) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.benched
-            .insert(key.clone(), Instant::now() + self.cooldown);
+        let mut st = self.lock();
+        if !st.keys.contains(key) {
+            return;
+        }
+        let until = Instant::now()
+            .checked_add(self.cooldown)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        st.benched.insert(key.clone(), until);
         let n = st.keys.len();
-        let b = st.benched.len().min(n);
-        set_key_gauges(n - b, b);
+        let b = st.benched.len();
+        set_key_gauges(n.saturating_sub(b), b);
         tracing::warn!(
             target: "mistguard::moderation",
             benched = b,
@@ -234,7 +269,7 @@ impl Keys {
 
     /// A key was accepted: ends an auth outage.
     pub(crate) fn accepted(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
         if st.outage {
             st.outage = false;
             metrics::gauge!("mistguard_moderation_auth_outage").set(0.0);
@@ -242,14 +277,13 @@ impl Keys {
         }
     }
 
-    /// (usable now, loaded).
+    /// (usable now, loaded): the keys in memory, no file I/O.
     pub(crate) fn counts(&self) -> (usize, usize) {
         let now = Instant::now();
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.refresh(&mut st, now);
+        let mut st = self.lock();
         st.benched.retain(|_, until| *until > now);
         let n = st.keys.len();
-        (n - st.benched.len().min(n), n)
+        (n.saturating_sub(st.benched.len()), n)
     }
 }
 
@@ -318,5 +352,99 @@ mod tests {
         assert!(matches!(keys.pick(), Pick::AllBenched));
         std::thread::sleep(Duration::from_millis(60));
         assert!(matches!(keys.pick(), Pick::Key(_)));
+    }
+
+    fn bearer(p: Pick) -> String {
+        match p {
+            Pick::Key(k) => k.bearer(),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    /// Rewrites the key file with a modification time of its own (the stamp changes even when
+    /// the length does not), then looks at it as the background task does.
+    fn rewrite(keys: &Keys, path: &Path, text: &str, secs: u64) {
+        std::fs::write(path, text).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs))
+            .unwrap();
+        drop(f);
+        let (p, stamp) = keys.file().unwrap();
+        keys.apply(look(&p, stamp));
+    }
+
+    #[test]
+    fn benching_a_key_a_reload_dropped_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "key-a\nkey-b\n").unwrap();
+        let src = KeySource {
+            file: Some(path.clone()),
+            ..Default::default()
+        };
+        let keys = Keys::new(&src, Duration::from_secs(60));
+        assert_eq!(keys.counts(), (2, 2));
+        // A request goes out with key-a ...
+        let a = match keys.pick() {
+            Pick::Key(k) => k,
+            p => panic!("{p:?}"),
+        };
+        assert_eq!(a.bearer(), "Bearer key-a");
+        // ... the file is reloaded without it ...
+        rewrite(&keys, &path, "key-b\n", 1);
+        assert_eq!(keys.counts(), (1, 1));
+        // ... and the answer is a 401: no panic, and key-a is not counted anywhere.
+        keys.bench(&a);
+        assert_eq!(keys.counts(), (1, 1));
+        assert_eq!(bearer(keys.pick()), "Bearer key-b");
+        assert_eq!(bearer(keys.pick()), "Bearer key-b");
+        // Benching the key still loaded works as before.
+        keys.bench(&ApiKey("key-b".into()));
+        assert_eq!(keys.counts(), (0, 1));
+        assert!(matches!(keys.pick(), Pick::AllBenched));
+    }
+
+    #[test]
+    fn a_key_file_that_disappears_keeps_the_last_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# keys\nfile-a\n").unwrap();
+        let src = KeySource {
+            single: Some("env-a".into()),
+            file: Some(path.clone()),
+            ..Default::default()
+        };
+        let keys = Keys::new(&src, Duration::from_secs(60));
+        assert_eq!(keys.counts(), (2, 2));
+        // Unchanged: nothing happens.
+        let (p, stamp) = keys.file().unwrap();
+        assert!(matches!(look(&p, stamp), Look::Unchanged));
+        // Gone (twice: warned once): the keys stay.
+        std::fs::remove_file(&path).unwrap();
+        for _ in 0..2 {
+            let (p, stamp) = keys.file().unwrap();
+            let found = look(&p, stamp);
+            assert!(matches!(found, Look::Missing));
+            keys.apply(found);
+            assert_eq!(keys.counts(), (2, 2));
+        }
+        assert_eq!(bearer(keys.pick()), "Bearer env-a");
+        assert_eq!(bearer(keys.pick()), "Bearer file-a");
+        // Back with another key: swapped in.
+        rewrite(&keys, &path, "file-b\n", 2);
+        assert_eq!(keys.counts(), (2, 2));
+        let picked: Vec<String> = (0..2).map(|_| bearer(keys.pick())).collect();
+        assert!(picked.contains(&"Bearer file-b".to_string()), "{picked:?}");
+        assert!(!picked.contains(&"Bearer file-a".to_string()), "{picked:?}");
+        // A file missing at start: the environment's keys only.
+        let none = Keys::new(
+            &KeySource {
+                single: Some("env-a".into()),
+                file: Some(dir.path().join("absent")),
+                ..Default::default()
+            },
+            Duration::from_secs(60),
+        );
+        assert_eq!(none.counts(), (1, 1));
     }
 }

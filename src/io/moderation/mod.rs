@@ -64,7 +64,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     (
         "mistguard_moderation_batch_limit",
-        "The current batch size (halved when the API refuses a batch with 400/413)",
+        "The current batch size (halved when the API refuses a batch with 400/413, doubled again after 64 answered batches in a row)",
     ),
     (
         "mistguard_moderation_tokens_total",
@@ -96,7 +96,8 @@ pub struct KeySource {
     /// `MISTRAL_API_KEYS` (comma-separated).
     pub list: Option<String>,
     /// A mounted file, one key per line (`#` comments and blank lines ignored), re-read when it
-    /// changes (checked at most once per second).
+    /// changes (the client's background task looks at it every second). A file that disappears
+    /// or cannot be read keeps the keys read last.
     pub file: Option<PathBuf>,
 }
 
@@ -132,7 +133,8 @@ pub struct ClientConfig {
     pub retries: u32,
     /// Retries may be at most this fraction of calls (plus a floor of 10 per minute).
     pub retry_budget: f64,
-    /// Texts per API call (halved, down to 1, when a batch is refused with 400 or 413).
+    /// Texts per API call (halved, down to 1, when a batch is refused with 400 or 413; doubled
+    /// again, up to this, after 64 batches in a row are answered).
     pub batch_size: usize,
     /// How long the batcher waits for more texts after the first.
     pub batch_window: Duration,

@@ -28,14 +28,28 @@ pub(crate) fn unit_random() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// A `Retry-After` value: whole seconds, or an HTTP date (a date in the past is no wait).
+/// A `Retry-After` value: whole seconds, or an HTTP date (a date in the past is no wait),
+/// clamped to [`BACKOFF_CAP`]: one bad header (`Retry-After: 86400`, or more seconds than a `u64`
+/// holds) cannot hold every call for longer than a minute.
 pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: seconds; too many for a u64 is simply "a long time".
+        let secs = v.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(BACKOFF_CAP));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(BACKOFF_CAP),
+    )
+}
+
+/// `now + wait`, with `wait` clamped to [`BACKOFF_CAP`]; never panics (an `Instant` that cannot
+/// be represented is `now`).
+pub(crate) fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait.min(BACKOFF_CAP)).unwrap_or(now)
 }
 
 /// One second's counts.
@@ -131,6 +145,29 @@ mod tests {
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_clamped_and_never_overflows() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(BACKOFF_CAP)
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(BACKOFF_CAP)
+        );
+        assert_eq!(parse_retry_after("86400", now), Some(BACKOFF_CAP));
+        assert_eq!(parse_retry_after("60", now), Some(BACKOFF_CAP));
+        assert_eq!(parse_retry_after("59", now), Some(Duration::from_secs(59)));
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(86_400));
+        assert_eq!(parse_retry_after(&far, now), Some(BACKOFF_CAP));
+        let t = Instant::now();
+        assert_eq!(later(t, Duration::MAX), t + BACKOFF_CAP);
+        assert_eq!(later(t, Duration::from_secs(u64::MAX)), t + BACKOFF_CAP);
+        assert_eq!(later(t, Duration::from_secs(3)), t + Duration::from_secs(3));
     }
 
     #[test]
