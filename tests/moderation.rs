@@ -11,7 +11,6 @@
 mod support;
 
 use mistguard::daemon::pb;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support::fake_mistral::{Behaviour, FakeMistral};
@@ -76,28 +75,6 @@ fn triggers(r: &pb::ClassifyResponse) -> Vec<(String, String)> {
         .iter()
         .map(|h| (h.rule_id.clone(), h.trigger_id.clone()))
         .collect()
-}
-
-/// Every complete line of the `<stream>-*.jsonl` segments of `dir`, parsed.
-fn records(dir: &Path, stream: &str) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    let mut files: Vec<_> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let n = p.file_name().unwrap().to_string_lossy();
-            n.starts_with(&format!("{stream}-")) && n.ends_with(".jsonl")
-        })
-        .collect();
-    files.sort();
-    for f in files {
-        for line in std::fs::read_to_string(&f).unwrap().lines() {
-            out.push(serde_json::from_str(line).unwrap());
-        }
-    }
-    out
 }
 
 /// Remote hits join the local verdict as ordinary hits (`moderation.<category>`), with their
@@ -172,7 +149,7 @@ async fn remote_hits_join_the_verdict() {
     );
     let _ = d.control.send(mistguard::daemon::Control::Shutdown).await;
     let _ = d.task.await;
-    let models: Vec<String> = records(&recs, "decisions")
+    let models: Vec<String> = record_lines(&recs, "decisions")
         .iter()
         .map(|r| r["moderation_model"].as_str().unwrap_or("").to_string())
         .collect();
@@ -527,7 +504,7 @@ async fn novel_attacks_feed_level_3() {
     );
     let _ = d.control.send(mistguard::daemon::Control::Shutdown).await;
     let _ = d.task.await;
-    let samples = records(&recs, "novel");
+    let samples = record_lines(&recs, "novel");
     assert_eq!(samples.len(), 3);
     assert!(samples[0]["text"]
         .as_str()
@@ -543,7 +520,7 @@ async fn novel_attacks_feed_level_3() {
         .unwrap();
     let _ = d2.control.send(mistguard::daemon::Control::Shutdown).await;
     let _ = d2.task.await;
-    assert!(records(&recs2, "novel").is_empty());
+    assert!(record_lines(&recs2, "novel").is_empty());
 }
 
 /// Sends `chunks` on a stream of completions, pausing `pause` after each, and returns every

@@ -13,27 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
 
-/// Every complete line of every `<stream>-*.jsonl` segment, parsed.
-fn records(dir: &Path, stream: &str) -> Vec<serde_json::Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let n = p.file_name().unwrap().to_string_lossy();
-            n.starts_with(&format!("{stream}-")) && n.ends_with(".jsonl")
-        })
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
-        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
-            out.push(serde_json::from_str(line).unwrap());
-        }
-    }
-    out
-}
-
 fn verify(dir: &Path) -> (Option<i32>, String) {
     let out = Command::new(binary())
         .arg("records")
@@ -93,7 +72,7 @@ async fn kill_9_loses_no_answered_decision() {
     }
     let _ = p.wait_exit(STEP);
     let got: Vec<String> = received.lock().unwrap().clone();
-    let on_disk: HashSet<String> = records(&recs, "decisions")
+    let on_disk: HashSet<String> = record_lines(&recs, "decisions")
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect();
@@ -113,7 +92,7 @@ async fn kill_9_loses_no_answered_decision() {
         .await
         .unwrap()
         .into_inner();
-    let after = records(&recs, "decisions");
+    let after = record_lines(&recs, "decisions");
     assert_eq!(after.last().unwrap()["id"], r.decision_id.as_str());
     let (code, out) = verify(&recs);
     assert_eq!(code, Some(0), "{out}");
@@ -219,7 +198,7 @@ async fn records_hold_no_text_key_or_subject() {
     ids.push(t.decision_id);
     drop(p);
 
-    let decisions = records(&recs, "decisions");
+    let decisions = record_lines(&recs, "decisions");
     let on_disk: HashSet<&str> = decisions
         .iter()
         .map(|r| r["id"].as_str().unwrap())
@@ -253,10 +232,10 @@ async fn records_hold_no_text_key_or_subject() {
         );
     }
     // The report sink holds the RULE-MIST-005 decision, and only it.
-    let reports = records(&recs, "reports");
+    let reports = record_lines(&recs, "reports");
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0]["id"], ids[2].as_str());
-    let samples = records(&recs, "samples");
+    let samples = record_lines(&recs, "samples");
     assert_eq!(samples.len(), 1);
     assert_eq!(samples[0]["decision_id"], sample_id.as_str());
     // A record carries the hits (rule, trigger, span), the text's length and keyed hash.

@@ -863,6 +863,15 @@ pub fn parse_categories(s: &str) -> Result<Mapping, String> {
     Ok(m)
 }
 
+/// A count within `lo..=hi`.
+fn count_between(lo: u32, hi: u32) -> impl Fn(&str) -> Option<u32> {
+    move |s| {
+        parse_u64(s)
+            .filter(|n| (u64::from(lo)..=u64::from(hi)).contains(n))
+            .map(|n| n as u32)
+    }
+}
+
 /// `off`, or a positive count.
 fn parse_off_or_count(s: &str) -> Option<u64> {
     if s == "off" || s == "0" {
@@ -1024,11 +1033,7 @@ impl Config {
             max_streams_per_connection: src.parse(
                 "max_streams_per_connection",
                 "a count between 1 and 65535",
-                |s| {
-                    parse_u64(s)
-                        .filter(|n| (1..=65535).contains(n))
-                        .map(|n| n as u32)
-                },
+                count_between(1, 65535),
             )?,
             max_streams: src.parse("max_streams", "a positive count", |s| {
                 nonzero_u64(s).map(|n| n as usize)
@@ -1080,11 +1085,7 @@ impl Config {
             level2_hits: src.parse(
                 "escalation.level2_hits",
                 "a count between 1 and 1000",
-                |s| {
-                    parse_u64(s)
-                        .filter(|n| (1..=1000).contains(n))
-                        .map(|n| n as u32)
-                },
+                count_between(1, 1000),
             )?,
             level2_window: src.parse(
                 "escalation.level2_window",
@@ -1104,11 +1105,7 @@ impl Config {
             level3_subjects: src.parse(
                 "escalation.level3_subjects",
                 "a count between 1 and 100000",
-                |s| {
-                    parse_u64(s)
-                        .filter(|n| (1..=100_000).contains(n))
-                        .map(|n| n as u32)
-                },
+                count_between(1, 100_000),
             )?,
             level3_window: src.parse(
                 "escalation.level3_window",
@@ -1118,11 +1115,7 @@ impl Config {
             level3_novel: src.parse(
                 "escalation.level3_novel",
                 "a count between 1 and 1000000",
-                |s| {
-                    parse_u64(s)
-                        .filter(|n| (1..=1_000_000).contains(n))
-                        .map(|n| n as u32)
-                },
+                count_between(1, 1_000_000),
             )?,
             max_subjects: src.parse("escalation.max_subjects", "a positive count", |s| {
                 nonzero_u64(s).map(|n| n as usize)
@@ -1464,9 +1457,7 @@ fn moderation_config(src: &Sources) -> Result<ModerationConfig, ConfigError> {
             |s| s.parse::<f64>().ok().filter(|f| (0.0..=1.0).contains(f)),
         )?,
         batch_size: src.parse("moderation.batch_size", "a count between 1 and 128", |s| {
-            parse_u64(s)
-                .filter(|n| (1..=128).contains(n))
-                .map(|n| n as usize)
+            count_between(1, 128)(s).map(|n| n as usize)
         })?,
         batch_window: src.parse(
             "moderation.batch_window",
@@ -1496,11 +1487,7 @@ fn moderation_config(src: &Sources) -> Result<ModerationConfig, ConfigError> {
         breaker_failures: src.parse(
             "moderation.breaker_failures",
             "a count between 1 and 1000",
-            |s| {
-                parse_u64(s)
-                    .filter(|n| (1..=1000).contains(n))
-                    .map(|n| n as u32)
-            },
+            count_between(1, 1000),
         )?,
         breaker_cooldown: src.parse(
             "moderation.breaker_cooldown",

@@ -553,3 +553,27 @@ pub fn shared_subject_key(dir: &Path) -> PathBuf {
     std::fs::write(&p, "0123456789abcdef0123456789abcdef-shared-test-key\n").unwrap();
     p
 }
+
+/// Every complete line of every `<stream>-*.jsonl` record segment in `dir`, parsed, oldest
+/// first (none when the directory does not exist; a torn last line is left out).
+pub fn record_lines(dir: &Path, stream: &str) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&format!("{stream}-")) && n.ends_with(".jsonl")
+        })
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            out.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    out
+}
