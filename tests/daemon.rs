@@ -629,6 +629,30 @@ async fn health_and_reflection_are_served() {
         "{second:?}"
     );
 
+    // v1alpha too (grpcio-reflection and several GUI clients speak only it).
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut refl = ServerReflectionClient::new(channel.clone());
+        let reqs = tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]);
+        let mut resp = within(refl.server_reflection_info(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = within(resp.message()).await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("{first:?}")
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"mistguard.v1.Guard"), "{names:?}");
+    }
+
     // Shutdown: health turns NOT_SERVING, new calls are refused.
     let mut c = d.client().await;
     d.control.send(Control::Shutdown).await.unwrap();

@@ -392,10 +392,15 @@ pub async fn serve_with(
         shared.clone(),
         admin_tokens.clone(),
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1, and v1alpha for the clients that speak only it (Python's grpcio-reflection,
+    // several GUI clients): their `list` would fail with UNIMPLEMENTED.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let resolver = prepared.tls.map(|key| Arc::new(CertResolver::new(key)));
@@ -415,6 +420,7 @@ pub async fn serve_with(
         .http2_max_header_list_size(16 * 1024)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(guard)
         .add_service(admin);
     // The rulesets are loaded (`prepare`): SERVING before the first connection is accepted, so a
