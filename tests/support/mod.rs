@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, the real binary, and a minimal `/metrics` scraper.
 #![allow(dead_code)]
 
+pub mod fake_chat;
 pub mod fake_mistral;
 
 use mistguard::daemon::pb::guard_client::GuardClient;

@@ -1,0 +1,347 @@
+//! A fake Mistral chat completions API, for the client examples (`tests/examples.rs`): a real
+//! HTTP/1.1 server (keep-alive, Content-Length request bodies) on `127.0.0.1:0`, in its own
+//! thread with its own tokio runtime, stopped on drop. It answers what the official SDKs
+//! (`mistralai` for Python, `@mistralai/mistralai` for TypeScript) and a hand-written client
+//! parse:
+//!
+//! - `POST /v1/chat/completions` with `Authorization: Bearer <key>` (401 without);
+//! - `"stream": true`: 200 `text/event-stream` (chunked transfer encoding), one
+//!   `data: {chat.completion.chunk}\n\n` event per programmed piece of text (the first with the
+//!   role, the last with `finish_reason: "stop"` and `usage`), then `data: [DONE]\n\n`;
+//! - otherwise: 200 `application/json`, a `chat.completion` whose message holds the programmed
+//!   `tool_calls` (`finish_reason: "tool_calls"`) when the request sent `tools`, else the
+//!   programmed text (`finish_reason: "stop"`), with `usage`.
+//!
+//! Every request is recorded.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the fake answers.
+#[derive(Clone, Debug, Default)]
+pub struct Script {
+    /// The streamed completion, one SSE event per piece.
+    pub chunks: Vec<String>,
+    /// The tool calls of a non-streamed completion asked with `tools`: (function name, arguments
+    /// as a JSON string).
+    pub tool_calls: Vec<(String, String)>,
+    /// The pause before each streamed event.
+    pub pause: Duration,
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    /// The bearer key, if any.
+    pub key: Option<String>,
+    /// The parsed JSON body (`Null` when it did not parse).
+    pub body: serde_json::Value,
+}
+
+impl Recorded {
+    pub fn streamed(&self) -> bool {
+        self.body.get("stream").and_then(|s| s.as_bool()) == Some(true)
+    }
+
+    /// The content of the request's last message.
+    pub fn last_content(&self) -> String {
+        self.body
+            .get("messages")
+            .and_then(|m| m.as_array())
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The names of the functions the request offered as `tools`.
+    pub fn tool_names(&self) -> Vec<String> {
+        self.body
+            .get("tools")
+            .and_then(|t| t.as_array())
+            .map(|tools| {
+                tools
+                    .iter()
+                    .filter_map(|t| t.pointer("/function/name")?.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+struct State {
+    script: Script,
+    requests: Vec<Recorded>,
+}
+
+/// The fake API. `url` is the base URL (`http://127.0.0.1:<port>`, no `/v1`), what the SDKs
+/// take as their server URL.
+pub struct FakeChat {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeChat {
+    pub fn start(script: Script) -> FakeChat {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake chat API");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            script,
+            requests: Vec::new(),
+        }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let accept = async {
+                    loop {
+                        if let Ok((s, _)) = listener.accept().await {
+                            tokio::spawn(serve(s, st.clone()));
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = accept => {}
+                }
+            });
+        });
+        FakeChat {
+            url: format!("http://{addr}"),
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+}
+
+impl Drop for FakeChat {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const MODEL: &str = "mistral-small-latest";
+const CREATED: u64 = 1_767_225_600;
+
+fn usage() -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
+}
+
+/// One `chat.completion.chunk` event.
+fn chunk(i: usize, content: &str, last: bool) -> String {
+    let mut delta = serde_json::json!({"content": content});
+    if i == 0 {
+        delta["role"] = "assistant".into();
+    }
+    let mut v = serde_json::json!({
+        "id": "fake-chat-stream-1",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [{
+            "index": 0,
+            "delta": delta,
+            "finish_reason": if last { serde_json::json!("stop") } else { serde_json::Value::Null },
+        }],
+    });
+    if last {
+        v["usage"] = usage();
+    }
+    format!("data: {v}\n\n")
+}
+
+/// A non-streamed `chat.completion`.
+fn completion(script: &Script, with_tools: bool) -> String {
+    let message = if with_tools && !script.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = script
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, args))| {
+                serde_json::json!({
+                    "id": format!("call{i:05}"),
+                    "type": "function",
+                    "index": i,
+                    "function": {"name": name, "arguments": args},
+                })
+            })
+            .collect();
+        serde_json::json!({"role": "assistant", "content": "", "tool_calls": calls})
+    } else {
+        serde_json::json!({"role": "assistant", "content": script.chunks.concat(), "tool_calls": null})
+    };
+    let finish = if message["tool_calls"].is_array() {
+        "tool_calls"
+    } else {
+        "stop"
+    };
+    serde_json::json!({
+        "id": "fake-chat-1",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": usage(),
+    })
+    .to_string()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn respond(s: &mut TcpStream, code: u16, reason: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.flush().await
+}
+
+/// Streams the events with chunked transfer encoding, one HTTP chunk per event.
+async fn stream(s: &mut TcpStream, script: &Script) -> std::io::Result<()> {
+    s.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await?;
+    s.flush().await?;
+    let n = script.chunks.len();
+    let mut events: Vec<String> = script
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| chunk(i, c, i + 1 == n))
+        .collect();
+    events.push("data: [DONE]\n\n".to_string());
+    for e in events {
+        if !script.pause.is_zero() {
+            tokio::time::sleep(script.pause).await;
+        }
+        s.write_all(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes())
+            .await?;
+        s.flush().await?;
+    }
+    s.write_all(b"0\r\n\r\n").await?;
+    s.flush().await
+}
+
+async fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 16 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(p) = find(&buf, b"\r\n\r\n") {
+                break p;
+            }
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default();
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut length = 0usize;
+        let mut key = None;
+        let mut expect_continue = false;
+        for l in lines {
+            let Some((name, value)) = l.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("authorization") {
+                key = value.strip_prefix("Bearer ").map(|k| k.trim().to_string());
+            } else if name.eq_ignore_ascii_case("expect") {
+                expect_continue = value.eq_ignore_ascii_case("100-continue");
+            }
+        }
+        if expect_continue && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return;
+        }
+        let start = head_end + 4;
+        while buf.len() < start + length {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(&buf[start..start + length]).unwrap_or(serde_json::Value::Null);
+        buf.drain(..start + length);
+        let rec = Recorded {
+            path: path.clone(),
+            key: key.clone(),
+            body,
+        };
+        let script = {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.requests.push(rec.clone());
+            st.script.clone()
+        };
+        let path_only = path.split('?').next().unwrap_or_default();
+        let r = if key.as_deref().is_none_or(str::is_empty) {
+            respond(
+                &mut s,
+                401,
+                "Unauthorized",
+                r#"{"message":"Unauthorized","request_id":"fake-chat-401"}"#,
+            )
+            .await
+        } else if method != "POST" || path_only != "/v1/chat/completions" {
+            respond(
+                &mut s,
+                404,
+                "Not Found",
+                r#"{"object":"error","message":"Not Found","type":"fake_error"}"#,
+            )
+            .await
+        } else if rec.streamed() {
+            stream(&mut s, &script).await
+        } else {
+            let with_tools = rec
+                .body
+                .get("tools")
+                .and_then(|t| t.as_array())
+                .is_some_and(|t| !t.is_empty());
+            respond(&mut s, 200, "OK", &completion(&script, with_tools)).await
+        };
+        if r.is_err() {
+            return;
+        }
+    }
+}
