@@ -563,3 +563,65 @@ async fn drive(b: &fantoccini::Client, url: &str, id: &str) -> Result<(), String
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// With `tls_cert` and `tls_key` the console is HTTPS, with the gRPC certificate; plain HTTP
+/// gets no page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_https_with_the_grpc_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = admin_tokens(dir.path());
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let d = Daemon::start(&[
+        ("models", "off"),
+        ("admin_tokens_file", tokens.to_str().unwrap()),
+        ("console_listen", "127.0.0.1:0"),
+        ("tls_cert", cert.to_str().unwrap()),
+        ("tls_key", key.to_str().unwrap()),
+    ])
+    .await;
+    let port = d.console_addr.unwrap().port();
+    let h = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", d.console_addr.unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{port}");
+    let r = h.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("content-security-policy"));
+    let r = h
+        .get(format!("{base}/api/session"))
+        .header("authorization", format!("Bearer {PLATFORM_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await["admin"], "alice");
+    // Same-origin for the HTTPS origin: an action with `Origin: https://localhost:PORT` passes
+    // the origin check (and fails only on the unknown approval: 404).
+    let s = json_of(
+        h.get(format!("{base}/api/session"))
+            .header("authorization", format!("Bearer {PLATFORM_TOKEN}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let r = h
+        .post(format!("{base}/api/approvals/{}/decide", "0".repeat(32)))
+        .header("authorization", format!("Bearer {PLATFORM_TOKEN}"))
+        .header("x-csrf-token", s["csrf"].as_str().unwrap())
+        .header("content-type", "application/json")
+        .header("origin", base.clone())
+        .body(r#"{"approve":false}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let plain = http().get(format!("http://127.0.0.1:{port}/")).send().await;
+    assert!(plain.map_or(true, |r| r.status() != 200));
+}

@@ -16,6 +16,10 @@
 //! Served over HTTPS when TLS is configured, with the same certified key as gRPC (swapped by the
 //! same SIGHUP), ALPN `http/1.1`.
 
+// The handlers' helpers return the error response itself (`Result<_, Response>`): it is the
+// answer, built once per refused request, not an error carried up a hot path.
+#![allow(clippy::result_large_err)]
+
 use super::admin::{AdminService, AdminTokens};
 use super::approvals::{find_admin, Approver};
 use super::pb::{self, admin_server::Admin};
