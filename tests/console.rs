@@ -355,7 +355,7 @@ fn the_console_needs_admin_tokens() {
 fn browser() -> Result<(PathBuf, PathBuf), String> {
     let find = |env: &str, names: &[&str]| -> Option<PathBuf> {
         if let Some(p) = std::env::var_os(env) {
-            return Some(PathBuf::from(p));
+            return Some(PathBuf::from(p)).filter(|p| p.is_file());
         }
         let path = std::env::var_os("PATH")?;
         names.iter().find_map(|n| {
