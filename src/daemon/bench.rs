@@ -233,6 +233,7 @@ async fn start_daemon(
         Listeners {
             grpc,
             metrics: None,
+            console: None,
         },
         rx,
     ));

@@ -49,6 +49,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "Prometheus `/metrics` listen address (`off` disables it)",
     },
     Setting {
+        key: "console_listen",
+        default: "off",
+        help: "review console (HTTP, HTTPS with `tls_cert`) listen address; needs `admin_tokens_file` (`off` disables it)",
+    },
+    Setting {
         key: "rulesets",
         default: "bundled",
         help: "rulesets directory (`bundled`: the rulesets compiled into the binary)",
@@ -930,6 +935,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `None`: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// `None`: no review console (the default).
+    pub console_listen: Option<SocketAddr>,
     /// `None`: the bundled rulesets.
     pub rulesets: Option<PathBuf>,
     /// The learned tier's model.
@@ -973,6 +980,17 @@ impl Config {
             "an address like 127.0.0.1:9464 (a host name only if it resolves to loopback, like localhost:9464) or `off`",
             |s| {
                 if s == "off" {
+                    Some(None)
+                } else {
+                    addr(s).map(Some)
+                }
+            },
+        )?;
+        let console_listen = src.parse(
+            "console_listen",
+            "an address like 127.0.0.1:9465 (a host name only if it resolves to loopback) or `off`",
+            |s| {
+                if s == "off" || s.is_empty() {
                     Some(None)
                 } else {
                     addr(s).map(Some)
@@ -1257,6 +1275,11 @@ impl Config {
                 "redis.url needs subject_key_file: replicas that share state must hash subjects with the same key (give each the same file of 32 or more random bytes)".into(),
             ));
         }
+        if console_listen.is_some() && tools.admin_tokens_file.is_none() {
+            return Err(ConfigError(
+                "console_listen needs admin_tokens_file: the review console is only for holders of an admin token".into(),
+            ));
+        }
         if protect.ttl > protect.max_ttl {
             return Err(ConfigError(format!(
                 "protect.ttl ({}s) is longer than protect.max_ttl ({}s)",
@@ -1271,6 +1294,7 @@ impl Config {
                 addr,
             )?,
             metrics_listen,
+            console_listen,
             rulesets,
             models,
             log_format: src.parse("log_format", "`text` or `json`", |s| match s {

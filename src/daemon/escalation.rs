@@ -86,6 +86,8 @@ pub struct Escalation {
     level2_recent: Mutex<Level3Window>,
     /// The review queue: suspended subjects by hash (32 hex digits).
     reviews: Mutex<BTreeMap<String, ReviewEntry>>,
+    /// The recent level-3 alerts of this daemon (the review console shows them).
+    pub alerts: Alerts,
 }
 
 #[derive(Default)]
@@ -105,6 +107,7 @@ impl Escalation {
             subjects: DashMap::new(),
             level2_recent: Mutex::new(Level3Window::default()),
             reviews: Mutex::new(BTreeMap::new()),
+            alerts: Alerts::default(),
         }
     }
 
@@ -401,7 +404,8 @@ impl Escalation {
             .is_some_and(|t| now.saturating_sub(t) <= window);
         if w.entries.len() >= self.cfg.level3_subjects as usize && !recently_alerted {
             w.alerted_at = Some(now);
-            alert("level2_subjects", w.entries.len(), self.cfg.level3_window);
+            self.alerts
+                .raise("level2_subjects", w.entries.len(), self.cfg.level3_window);
             return true;
         }
         false
@@ -417,6 +421,48 @@ impl Escalation {
         });
         metrics::gauge!("mistguard_escalation_subjects").set(self.subjects.len() as f64);
         self.reviews_lock().retain(|_, e| e.until_unix_ms > now);
+    }
+}
+
+/// A level-3 alert as the review console lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentAlert {
+    pub unix_ms: u64,
+    pub cause: &'static str,
+    pub count: usize,
+    pub window_s: u64,
+}
+
+/// The newest level-3 alerts of one daemon, at most [`Alerts::KEEP`], newest last. Held by the
+/// daemon (not a global), so daemons sharing a process do not see each other's alerts.
+#[derive(Clone, Default)]
+pub struct Alerts(std::sync::Arc<Mutex<VecDeque<RecentAlert>>>);
+
+impl Alerts {
+    pub const KEEP: usize = 50;
+
+    /// Raises the alert ([`alert`]) and keeps it in the list.
+    pub fn raise(&self, cause: &'static str, count: usize, window: std::time::Duration) {
+        alert(cause, count, window);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, ms);
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() == Self::KEEP {
+            list.pop_front();
+        }
+        list.push_back(RecentAlert {
+            unix_ms: now,
+            cause,
+            count,
+            window_s: window.as_secs(),
+        });
+    }
+
+    /// The kept alerts, newest first.
+    pub fn recent(&self) -> Vec<RecentAlert> {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().rev().cloned().collect()
     }
 }
 

@@ -20,6 +20,7 @@ pub mod approvals;
 pub mod approvals_redis;
 pub mod bench;
 pub mod config;
+pub mod console;
 pub mod convert;
 pub mod escalation;
 pub mod front;

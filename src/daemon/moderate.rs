@@ -44,6 +44,8 @@ pub struct Moderation {
     novel: std::sync::Mutex<NovelWindow>,
     level3_novel: u32,
     level3_window: std::time::Duration,
+    /// Where the `novel_attack` alerts are kept for the review console.
+    alerts: super::escalation::Alerts,
 }
 
 #[derive(Default)]
@@ -99,7 +101,14 @@ impl Moderation {
             novel: std::sync::Mutex::new(NovelWindow::default()),
             level3_novel: escalation.level3_novel,
             level3_window: escalation.level3_window,
+            alerts: super::escalation::Alerts::default(),
         }
+    }
+
+    /// Keeps this daemon's level-3 alerts in `alerts` (the review console's list).
+    pub fn with_alerts(mut self, alerts: super::escalation::Alerts) -> Moderation {
+        self.alerts = alerts;
+        self
     }
 
     /// Counts a remote hit on text the local rules passed (a novel attack vector) per category,
@@ -131,7 +140,8 @@ impl Moderation {
             .is_some_and(|t| now_ms.saturating_sub(t) <= window);
         if w.times.len() >= self.level3_novel as usize && !recently {
             w.alerted_at = Some(now_ms);
-            super::escalation::alert("novel_attack", w.times.len(), self.level3_window);
+            self.alerts
+                .raise("novel_attack", w.times.len(), self.level3_window);
             return true;
         }
         false

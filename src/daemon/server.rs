@@ -33,6 +33,8 @@ pub enum Control {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
+    /// The review console (`console_listen`); `None`: off.
+    pub console: Option<TcpListener>,
 }
 
 /// Everything loaded from files before any port is bound.
@@ -350,11 +352,14 @@ pub async fn serve_with(
                 "remote moderation is on but no API key could be read: every call fails open (or closed, per rule) until one appears"
             );
         }
-        Some(Arc::new(super::moderate::Moderation::new(
-            Arc::new(client),
-            config.moderation.clone(),
-            &config.escalation,
-        )))
+        Some(Arc::new(
+            super::moderate::Moderation::new(
+                Arc::new(client),
+                config.moderation.clone(),
+                &config.escalation,
+            )
+            .with_alerts(state.alerts()),
+        ))
     } else {
         None
     };
@@ -373,6 +378,7 @@ pub async fn serve_with(
         placeholder_key,
         tools,
         moderation,
+        decision_counts: Default::default(),
     });
     metrics::gauge!("mistguard_ruleset_info", "version" => version.clone()).set(1.0);
     m::set_model_info(None, shared.engine.load().model_version());
@@ -408,7 +414,7 @@ pub async fn serve_with(
         Some(r) => Some(tls::server_config(r.clone())?),
         None => None,
     };
-    let (incoming, acceptor) = tls::incoming(listeners.grpc, tls_config);
+    let (incoming, acceptor) = tls::incoming(listeners.grpc, tls_config.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
         .tcp_nodelay(true)
@@ -433,6 +439,34 @@ pub async fn serve_with(
         let _ = stop_rx.await;
     }));
 
+    let console_task = match (listeners.console, &admin_tokens) {
+        (Some(l), Some(t)) => {
+            let console = super::console::Console::new(
+                shared.clone(),
+                t.clone(),
+                tls_config.is_some(),
+                config.records.dir.clone(),
+                config.escalation.level2_window,
+            )
+            .map_err(PrepareError)?;
+            let tls = tls_config.as_deref().map(super::console::tls_config);
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(console_addr = %addr, https = tls.is_some(), "review console listening");
+            }
+            Some(tokio::spawn(super::console::serve(
+                l,
+                tls,
+                Arc::new(console),
+            )))
+        }
+        (Some(_), None) => {
+            return Err(PrepareError(
+                "console_listen needs admin_tokens_file: the review console is only for holders of an admin token".into(),
+            )
+            .into())
+        }
+        _ => None,
+    };
     let metrics_task = listeners.metrics.map(|l| {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(metrics_addr = %addr, "metrics listening on /metrics");
@@ -516,6 +550,9 @@ pub async fn serve_with(
         if let Some(t) = metrics_task {
             t.abort();
         }
+        if let Some(t) = console_task {
+            t.abort();
+        }
         return match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
@@ -568,6 +605,9 @@ pub async fn serve_with(
         r.flush().await;
     }
     if let Some(t) = metrics_task {
+        t.abort();
+    }
+    if let Some(t) = console_task {
         t.abort();
     }
     Ok(())
@@ -707,7 +747,19 @@ pub async fn bind(config: &Config) -> Result<Listeners, String> {
         None => None,
         Some(addr) => Some(bind_metrics(addr).await?),
     };
-    Ok(Listeners { grpc, metrics })
+    let console = match config.console_listen {
+        None => None,
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (console): {e}"))?,
+        ),
+    };
+    Ok(Listeners {
+        grpc,
+        metrics,
+        console,
+    })
 }
 
 async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, String> {

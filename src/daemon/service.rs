@@ -68,6 +68,8 @@ pub struct Shared {
     pub tools: super::tools::Tools,
     /// Remote moderation (`moderation.*`); `None` when no call can be moderated.
     pub moderation: Option<Arc<super::moderate::Moderation>>,
+    /// Decisions since start by rule and action (the review console shows them).
+    pub decision_counts: super::console::DecisionCounts,
 }
 
 #[derive(Clone)]
@@ -457,6 +459,7 @@ impl Shared {
         sample: Option<&str>,
     ) -> Result<(), Status> {
         log_decision(r);
+        self.decision_counts.count(r.rules, r.action);
         self.persist_record(r, sample).await
     }
 

@@ -277,6 +277,8 @@ impl Shared {
         }
         let hits: Vec<crate::verdict::Hit> = scan.hits.iter().map(|h| h.hit.clone()).collect();
         let rules: Vec<&str> = scan_rules.iter().map(String::as_str).collect();
+        // The console's counts: a tool decision under the policy rule that made it.
+        self.decision_counts.count(&[policy.as_ref()], name);
         self.persist_record(
             &super::service::Record {
                 rpc: RPC,

@@ -156,6 +156,8 @@ impl TestRules {
 pub struct Daemon {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The review console's address, when the settings turn it on (`console_listen`).
+    pub console_addr: Option<SocketAddr>,
     pub control: mpsc::Sender<Control>,
     pub task: tokio::task::JoinHandle<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
     pub rules: TestRules,
@@ -195,6 +197,11 @@ impl Daemon {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
+        let console = match config.console_listen {
+            Some(a) => Some(TcpListener::bind(a).await.unwrap()),
+            None => None,
+        };
+        let console_addr = console.as_ref().map(|l| l.local_addr().unwrap());
         let (control, rx) = mpsc::channel(4);
         let task = tokio::spawn(serve_with(
             config,
@@ -202,12 +209,14 @@ impl Daemon {
             Listeners {
                 grpc,
                 metrics: Some(metrics),
+                console,
             },
             rx,
         ));
         Daemon {
             addr,
             metrics_addr,
+            console_addr,
             control,
             task,
             rules,

@@ -136,6 +136,11 @@ pub struct Limited {
 }
 
 impl State {
+    /// This daemon's recent level-3 alerts (the review console's list).
+    pub fn alerts(&self) -> super::escalation::Alerts {
+        self.local.esc.alerts.clone()
+    }
+
     /// # Errors
     /// A bad Redis URL, or a state file that does not open (one line).
     pub fn new(
@@ -328,7 +333,7 @@ impl State {
                             Some(now.saturating_add(self.params.suspension_ms));
                     }
                     if o.alert {
-                        super::escalation::alert(
+                        self.local.esc.alerts.raise(
                             "level2_subjects",
                             self.params.level3_subjects as usize,
                             Duration::from_millis(self.params.level3_window_ms),
