@@ -14,11 +14,11 @@
 //!
 //! Every request is recorded.
 
+use super::loopback::{find, Loopback};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// What the fake answers.
 #[derive(Clone, Debug, Default)]
@@ -84,46 +84,21 @@ struct State {
 pub struct FakeChat {
     pub url: String,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Loopback,
 }
 
 impl FakeChat {
     pub fn start(script: Script) -> FakeChat {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake chat API");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             script,
             requests: Vec::new(),
         }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).unwrap();
-                let accept = async {
-                    loop {
-                        if let Ok((s, _)) = listener.accept().await {
-                            tokio::spawn(serve(s, st.clone()));
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = stopped => {}
-                    _ = accept => {}
-                }
-            });
-        });
+        let server = Loopback::start("the fake chat API", move |s| serve(s, st.clone()));
         FakeChat {
-            url: format!("http://{addr}"),
+            url: server.url.clone(),
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -134,17 +109,6 @@ impl FakeChat {
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
-    }
-}
-
-impl Drop for FakeChat {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -212,10 +176,6 @@ fn completion(script: &Script, with_tools: bool) -> String {
         "usage": usage(),
     })
     .to_string()
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn respond(s: &mut TcpStream, code: u16, reason: &str, body: &str) -> std::io::Result<()> {

@@ -12,12 +12,12 @@
 //! Behaviour: a default plus a FIFO of one-shot behaviours for the next requests (a request with
 //! a refused or missing key is answered 401 without taking one). Every request is recorded.
 
+use super::loopback::{find, Loopback};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The categories of `mistral-moderation-2411`.
 pub const CATEGORIES_2411: &[&str] = &[
@@ -103,16 +103,12 @@ struct State {
 pub struct FakeMistral {
     pub url: String,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Loopback,
 }
 
 impl FakeMistral {
     /// Starts the server (behaviour Ok, every key accepted).
     pub fn start() -> FakeMistral {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake API");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             default: Behaviour::Ok,
             queue: VecDeque::new(),
@@ -120,33 +116,12 @@ impl FakeMistral {
             refuse_all: false,
             requests: Vec::new(),
         }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).unwrap();
-                let accept = async {
-                    loop {
-                        if let Ok((s, _)) = listener.accept().await {
-                            tokio::spawn(serve(s, st.clone()));
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = stopped => {}
-                    _ = accept => {}
-                }
-            });
-        });
+        let server = Loopback::start("the fake API", move |s| serve(s, st.clone()));
         FakeMistral {
-            url: format!("http://{addr}"),
+            url: server.url.clone(),
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -192,17 +167,6 @@ impl FakeMistral {
     /// Forgets the requests received.
     pub fn clear(&self) {
         self.lock().requests.clear();
-    }
-}
-
-impl Drop for FakeMistral {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -257,10 +221,6 @@ fn texts_of(path: &str, body: &serde_json::Value) -> Option<Vec<String>> {
         }
         _ => None,
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn respond(

@@ -4,6 +4,7 @@
 
 pub mod fake_chat;
 pub mod fake_mistral;
+pub mod loopback;
 
 use mistguard::daemon::pb::guard_client::GuardClient;
 use mistguard::daemon::{prepare, serve_with, Config, Control, Listeners, Sources};
