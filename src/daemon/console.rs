@@ -391,12 +391,12 @@ fn now_ms() -> u64 {
     super::state::now_ms()
 }
 
-async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let (admin, token) = match authenticate(&c, &headers) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    json_response(
+/// What a handler answers: an error is a response too (401, 403, ...), so `?` ends the call.
+type Answer = Result<Response, Response>;
+
+async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    let (admin, token) = authenticate(&c, &headers)?;
+    Ok(json_response(
         StatusCode::OK,
         &json!({
             "admin": admin.name,
@@ -405,28 +405,22 @@ async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
             "now_unix_ms": now_ms(),
             "https": c.https,
         }),
-    )
+    ))
 }
 
-async fn approvals(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let (_, token) = match authenticate(&c, &headers) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let req = match admin_request(pb::ListApprovalsRequest { limit: 500 }, &token) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match c.admin.list_approvals(req).await {
-        Ok(list) => {
-            let list: Vec<Value> = list.get_ref().approvals.iter().map(approval_json).collect();
-            json_response(
-                StatusCode::OK,
-                &json!({ "now_unix_ms": now_ms(), "approvals": list }),
-            )
-        }
-        Err(s) => status_response(&s),
-    }
+async fn approvals(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    let (_, token) = authenticate(&c, &headers)?;
+    let req = admin_request(pb::ListApprovalsRequest { limit: 500 }, &token)?;
+    let list = c
+        .admin
+        .list_approvals(req)
+        .await
+        .map_err(|s| status_response(&s))?;
+    let list: Vec<Value> = list.get_ref().approvals.iter().map(approval_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "now_unix_ms": now_ms(), "approvals": list }),
+    ))
 }
 
 /// The body of an action: `{"approve": bool, "note": "..."}` (decide) or `{"note": "..."}`.
@@ -455,34 +449,30 @@ async fn decide(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let result = async {
-        let (_, token) = authenticate(&c, &headers)?;
-        check_action(&c, &headers, &token)?;
-        let b = action_body(&body)?;
-        let approve = b.approve.ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "the body must say {\"approve\": true} or {\"approve\": false}",
-            )
-        })?;
-        let req = admin_request(
-            pb::DecideApprovalRequest {
-                approval_id: id,
-                approve,
-                note: b.note,
-            },
-            &token,
-        )?;
-        let a = c
-            .admin
-            .decide_approval(req)
-            .await
-            .map_err(|s| status_response(&s))?;
-        Ok::<_, Response>(json_response(StatusCode::OK, &approval_json(a.get_ref())))
-    }
-    .await;
-    result.unwrap_or_else(|r| r)
+) -> Answer {
+    let (_, token) = authenticate(&c, &headers)?;
+    check_action(&c, &headers, &token)?;
+    let b = action_body(&body)?;
+    let approve = b.approve.ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "the body must say {\"approve\": true} or {\"approve\": false}",
+        )
+    })?;
+    let req = admin_request(
+        pb::DecideApprovalRequest {
+            approval_id: id,
+            approve,
+            note: b.note,
+        },
+        &token,
+    )?;
+    let a = c
+        .admin
+        .decide_approval(req)
+        .await
+        .map_err(|s| status_response(&s))?;
+    Ok(json_response(StatusCode::OK, &approval_json(a.get_ref())))
 }
 
 /// `mistguard records query` from a while before the suspension: its decisions are in there.
@@ -499,39 +489,33 @@ fn records_hint(c: &Console, suspended_unix_ms: u64) -> Option<String> {
     ))
 }
 
-async fn reviews(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let (_, token) = match authenticate(&c, &headers) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let req = match admin_request(pb::ListReviewsRequest { limit: 500 }, &token) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match c.admin.list_reviews(req).await {
-        Ok(list) => {
-            let list: Vec<Value> = list
-                .get_ref()
-                .reviews
-                .iter()
-                .map(|r| {
-                    json!({
-                        "subject_hash": r.subject_hash,
-                        "rules": r.rules.iter().map(|x| json!({"rule": x.rule_id, "count": x.count})).collect::<Vec<_>>(),
-                        "suspended_unix_ms": r.suspended_unix_ms,
-                        "until_unix_ms": r.until_unix_ms,
-                        "decision_ids": r.record_ids,
-                        "records_query": records_hint(&c, r.suspended_unix_ms),
-                    })
-                })
-                .collect();
-            json_response(
-                StatusCode::OK,
-                &json!({ "now_unix_ms": now_ms(), "reviews": list }),
-            )
-        }
-        Err(s) => status_response(&s),
-    }
+async fn reviews(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    let (_, token) = authenticate(&c, &headers)?;
+    let req = admin_request(pb::ListReviewsRequest { limit: 500 }, &token)?;
+    let list = c
+        .admin
+        .list_reviews(req)
+        .await
+        .map_err(|s| status_response(&s))?;
+    let list: Vec<Value> = list
+        .get_ref()
+        .reviews
+        .iter()
+        .map(|r| {
+            json!({
+                "subject_hash": r.subject_hash,
+                "rules": r.rules.iter().map(|x| json!({"rule": x.rule_id, "count": x.count})).collect::<Vec<_>>(),
+                "suspended_unix_ms": r.suspended_unix_ms,
+                "until_unix_ms": r.until_unix_ms,
+                "decision_ids": r.record_ids,
+                "records_query": records_hint(&c, r.suspended_unix_ms),
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "now_unix_ms": now_ms(), "reviews": list }),
+    ))
 }
 
 async fn lift(
@@ -539,36 +523,30 @@ async fn lift(
     Path(subject): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let result = async {
-        let (_, token) = authenticate(&c, &headers)?;
-        check_action(&c, &headers, &token)?;
-        let b = action_body(&body)?;
-        let req = admin_request(
-            pb::LiftSuspensionRequest {
-                subject_hash: subject,
-                note: b.note,
-            },
-            &token,
-        )?;
-        let r = c
-            .admin
-            .lift_suspension(req)
-            .await
-            .map_err(|s| status_response(&s))?;
-        Ok::<_, Response>(json_response(
-            StatusCode::OK,
-            &json!({ "lifted": r.get_ref().lifted }),
-        ))
-    }
-    .await;
-    result.unwrap_or_else(|r| r)
+) -> Answer {
+    let (_, token) = authenticate(&c, &headers)?;
+    check_action(&c, &headers, &token)?;
+    let b = action_body(&body)?;
+    let req = admin_request(
+        pb::LiftSuspensionRequest {
+            subject_hash: subject,
+            note: b.note,
+        },
+        &token,
+    )?;
+    let r = c
+        .admin
+        .lift_suspension(req)
+        .await
+        .map_err(|s| status_response(&s))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "lifted": r.get_ref().lifted }),
+    ))
 }
 
-async fn alerts(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&c, &headers) {
-        return r;
-    }
+async fn alerts(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    authenticate(&c, &headers)?;
     let list: Vec<Value> = c
         .shared
         .state
@@ -584,16 +562,14 @@ async fn alerts(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
             })
         })
         .collect();
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &json!({ "now_unix_ms": now_ms(), "alerts": list }),
-    )
+    ))
 }
 
-async fn decisions(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&c, &headers) {
-        return r;
-    }
+async fn decisions(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    authenticate(&c, &headers)?;
     let rows: Vec<Value> = c
         .shared
         .decision_counts
@@ -607,8 +583,8 @@ async fn decisions(State(c): State<Arc<Console>>, headers: HeaderMap) -> Respons
             json!({ "rule": rule, "actions": by_action })
         })
         .collect();
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &json!({ "now_unix_ms": now_ms(), "rules": rows }),
-    )
+    ))
 }

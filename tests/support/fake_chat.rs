@@ -14,10 +14,10 @@
 //!
 //! Every request is recorded.
 
-use super::loopback::{find, Loopback};
+use super::loopback::{Loopback, Reader, Request};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// What the fake answers.
@@ -216,53 +216,14 @@ async fn stream(s: &mut TcpStream, script: &Script) -> std::io::Result<()> {
 }
 
 async fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut tmp = vec![0u8; 16 * 1024];
-    loop {
-        let head_end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
-                break p;
-            }
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default();
-        let mut parts = request_line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let mut length = 0usize;
-        let mut key = None;
-        let mut expect_continue = false;
-        for l in lines {
-            let Some((name, value)) = l.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse().unwrap_or(0);
-            } else if name.eq_ignore_ascii_case("authorization") {
-                key = value.strip_prefix("Bearer ").map(|k| k.trim().to_string());
-            } else if name.eq_ignore_ascii_case("expect") {
-                expect_continue = value.eq_ignore_ascii_case("100-continue");
-            }
-        }
-        if expect_continue && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-            return;
-        }
-        let start = head_end + 4;
-        while buf.len() < start + length {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-        let body: serde_json::Value =
-            serde_json::from_slice(&buf[start..start + length]).unwrap_or(serde_json::Value::Null);
-        buf.drain(..start + length);
+    let mut reader = Reader::default();
+    while let Some(Request {
+        method,
+        path,
+        key,
+        body,
+    }) = reader.next(&mut s).await
+    {
         let rec = Recorded {
             path: path.clone(),
             key: key.clone(),

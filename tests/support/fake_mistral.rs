@@ -12,11 +12,11 @@
 //! Behaviour: a default plus a FIFO of one-shot behaviours for the next requests (a request with
 //! a refused or missing key is answered 401 without taking one). Every request is recorded.
 
-use super::loopback::{find, Loopback};
+use super::loopback::{Loopback, Reader, Request};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The categories of `mistral-moderation-2411`.
@@ -263,51 +263,14 @@ fn error_body(message: &str) -> String {
 }
 
 async fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut tmp = vec![0u8; 16 * 1024];
-    loop {
-        // The head.
-        let head_end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
-                break p;
-            }
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default();
-        let path = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
-        let mut length = 0usize;
-        let mut key = None;
-        for l in lines {
-            let Some((name, value)) = l.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse().unwrap_or(0);
-            } else if name.eq_ignore_ascii_case("authorization") {
-                key = value.strip_prefix("Bearer ").map(|k| k.trim().to_string());
-            }
-        }
-        // The body.
-        let start = head_end + 4;
-        while buf.len() < start + length {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-        let body: serde_json::Value =
-            serde_json::from_slice(&buf[start..start + length]).unwrap_or(serde_json::Value::Null);
-        buf.drain(..start + length);
+    let mut reader = Reader::default();
+    while let Some(Request {
+        method: _,
+        path,
+        key,
+        body,
+    }) = reader.next(&mut s).await
+    {
         let texts = texts_of(&path, &body);
         let inputs = texts.as_ref().map_or(0, Vec::len);
         let behaviour = {
